@@ -191,6 +191,11 @@ def _read(path: Path, limit: int = 2_000_000) -> Optional[str]:
         return None
 
 
+_DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+_STMT_CONTAINERS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef, ast.If, ast.Try, ast.With,
+                    ast.For, ast.While, ast.ExceptHandler) + ((ast.TryStar,) if hasattr(ast, "TryStar") else ())
+
+
 def _docstrings(path: Path) -> Iterator[str]:
     src = _read(path)
     if not src or '"""' not in src and "'''" not in src:
@@ -199,14 +204,20 @@ def _docstrings(path: Path) -> Iterator[str]:
         tree = ast.parse(src, filename=str(path))
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+    # walk statements only (docstrings never live inside expressions): far cheaper than ast.walk
+    stack: list[ast.AST] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, _DOC_NODES):
             name = getattr(node, "name", "")
-            if name.startswith("_") and not name.startswith("__init__"):
-                continue
-            doc = ast.get_docstring(node, clean=True)
-            if doc:
-                yield doc
+            if not (name.startswith("_") and name != "__init__"):
+                doc = ast.get_docstring(node, clean=True)
+                if doc:
+                    yield doc
+        for attr in ("body", "orelse", "finalbody", "handlers"):
+            children = getattr(node, attr, None)
+            if isinstance(children, list):
+                stack.extend(c for c in reversed(children) if isinstance(c, _STMT_CONTAINERS))
 
 
 def _language_reference() -> Iterator[tuple[str, str]]:
