@@ -100,7 +100,7 @@ def _user_frame(exc: BaseException) -> str:
     # torch.export often records the user line in the message itself
     msg = str(exc)
     for line in msg.splitlines():
-        if ('File "' in line or ".py:" in line) and "site-packages/torch" not in line and not best:
+        if 'File "' in line and "torch" not in line and "_export" not in line and not best:
             best = line.strip()
     return best
 

@@ -1,0 +1,211 @@
+"""Offload cost model: how much memory a mode needs where, and how much time it adds to a step.
+
+Pure functions of sizes and rates (no torch, no device), so the planner can price offload for any
+stage on any machine, and the engine can check its own choices against the same numbers::
+
+    >>> from rannc_hf.offload.cost import offload_cost
+    >>> c = offload_cost(param_bytes=2.7e9 * 4, grad_bytes=2.7e9 * 2, optim_bytes=2.7e9 * 8,
+    ...                  fwd_time=0.14, bwd_time=0.28, link_gbps=55.0, cpu_adam_params_per_s=4.0e9,
+    ...                  mode="all", num_blocks=32, prefetch_blocks=2)
+    >>> round(c.optimizer_time, 3), c.hidden_fraction > 0.5
+    (0.675, True)
+
+Conventions: ``param_bytes`` is the fp32 master size (4 bytes per parameter); ``grad_bytes`` the
+size of the gradients as they leave the GPU (compute dtype, 2 bytes per parameter for bf16);
+``optim_bytes`` the optimizer state (8 bytes per parameter for Adam/AdamW). ``link_gbps`` is the
+host<->GPU bandwidth in **gigabytes** per second, one direction (55 for pinned PCIe Gen5 on an H200);
+``duplex_gbps`` the sum of both directions at once (101 there). Times are seconds per micro-batch
+(``fwd_time``, ``bwd_time``, without recompute) on the GPU with all weights resident.
+
+Model (what the engine does, see ``engine.py``):
+
+* ``params`` / ``all``: every block's compute-dtype weights cross the link before its forward and
+  again before its backward, except the ``prefetch_blocks + 1`` last blocks, which stay resident
+  from forward to backward. Copies of block ``i+1`` overlap with the compute of block ``i``; the
+  exposed time per block is ``max(0, copy - compute)``, plus the first block of each pass.
+* all modes: gradients stream to the host during backward (sharing the link with the backward
+  weight fetches: both directions at once, bounded by ``duplex_gbps``).
+* ``optimizer`` / ``all``: the optimizer step runs on the CPU (``cpu_adam_params_per_s``) after the
+  last micro-batch; in ``optimizer`` mode the updated weights go back to the GPU block by block,
+  overlapped with the CPU step of the next block (exposed: one block's copy).
+* ``params``: optimizer state stays on the GPU; the step streams fp32 master + gradient in and the
+  master out, block by block (``12`` bytes per parameter over the link), GPU math time ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+MODES = ("none", "optimizer", "params", "all")
+
+#: Bytes of optimizer state per parameter for optimizers the engine knows (fp32 state).
+OPTIM_STATE_BYTES_PER_PARAM = {
+    "Adam": 8, "AdamW": 8, "Adamax": 8, "NAdam": 8, "RAdam": 8, "Adadelta": 8,
+    "SGD": 4, "RMSprop": 4, "Adagrad": 4, "Adafactor": 1,
+}
+
+
+@dataclass
+class OffloadCost:
+    """What offload costs one optimizer step (all fields in seconds or bytes)."""
+
+    mode: str
+    h2d_bytes: float          #: host -> GPU bytes per optimizer step
+    d2h_bytes: float          #: GPU -> host bytes per optimizer step
+    copy_time: float          #: time the link is busy per step
+    exposed_copy_time: float  #: copy time not hidden behind compute
+    optimizer_time: float     #: CPU (or streamed GPU) optimizer step time
+    extra_step_time: float    #: predicted step time minus the step time without offload
+    step_time: float          #: predicted step time with offload
+    hidden_fraction: float    #: share of copy time hidden behind compute (1.0 when nothing is copied)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_time: float, bwd_time: float,
+                 link_gbps: float, cpu_adam_params_per_s: float, *, mode: str = "all", num_blocks: int = 1,
+                 prefetch_blocks: int = 2, microbatches: int = 1, compute_itemsize: int = 2,
+                 duplex_gbps: Optional[float] = None, recompute: bool = False,
+                 gpu_optim_params_per_s: float = 50e9, no_offload_optim_time: float = 0.0) -> OffloadCost:
+    """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
+
+    Args:
+        param_bytes: fp32 master bytes of the parameters handled (4 per parameter).
+        grad_bytes: gradient bytes leaving the GPU per micro-batch (compute dtype).
+        optim_bytes: optimizer state bytes (used for the streamed GPU step of ``params`` mode).
+        fwd_time, bwd_time: GPU compute seconds per micro-batch (bwd without recompute).
+        link_gbps: one-direction host<->GPU bandwidth in GB/s (10**9 bytes per second).
+        cpu_adam_params_per_s: CPU optimizer throughput (parameters per second), 4e9 for fused AdamW
+            on 16 cores of an H200 host.
+        mode: ``none`` | ``optimizer`` | ``params`` | ``all``.
+        num_blocks: offloaded blocks (transformer layers) the parameters are spread over.
+        prefetch_blocks: blocks fetched ahead (the engine keeps ``prefetch_blocks + 1`` resident).
+        microbatches: micro-batches per optimizer step (gradient accumulation).
+        compute_itemsize: bytes per element of the GPU working copies (2 for bf16, 4 for fp32).
+        duplex_gbps: bandwidth with both directions busy; default ``1.85 * link_gbps``.
+        recompute: activation recompute (the block's forward runs again in backward; weights are
+            fetched once for both).
+        gpu_optim_params_per_s: GPU optimizer throughput for ``params`` mode's streamed step.
+        no_offload_optim_time: the step time of the optimizer without offload (GPU fused AdamW), which
+            offload replaces; subtracted from ``extra_step_time``.
+
+    Returns:
+        :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
+        copies + optimizer``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    bw = float(link_gbps) * 1e9
+    duplex = (duplex_gbps * 1e9) if duplex_gbps else 1.85 * bw
+    nb = max(1, int(num_blocks))
+    mb = max(1, int(microbatches))
+    n_params = param_bytes / 4.0
+    bwd_eff = bwd_time + (fwd_time if recompute else 0.0)
+    compute = mb * (fwd_time + bwd_eff)
+    if mode == "none":
+        return OffloadCost(mode, 0.0, 0.0, 0.0, 0.0, no_offload_optim_time, 0.0, compute + no_offload_optim_time, 1.0)
+
+    w_bytes = n_params * compute_itemsize          # working copy of all blocks
+    per_block_w = w_bytes / nb
+    per_block_g = grad_bytes / nb
+    fwd_b, bwd_b = fwd_time / nb, bwd_eff / nb
+    kept = min(nb, prefetch_blocks + 1)
+
+    h2d = d2h = 0.0
+    exposed = 0.0
+    link_busy = 0.0
+    # --- per micro-batch traffic ---
+    if mode in ("params", "all"):
+        f_copy = per_block_w / bw
+        # forward: first block exposed, then each copy overlaps the previous block's compute
+        exposed_f = f_copy + (nb - 1) * max(0.0, f_copy - fwd_b)
+        # backward: weight fetch (h2d) and gradient stream (d2h) share the link in both directions
+        n_fetch = nb - kept
+        b_h2d = per_block_w / bw
+        b_d2h = per_block_g / bw
+        b_both = (per_block_w + per_block_g) / duplex
+        b_copy = max(b_h2d, b_d2h, b_both)
+        exposed_b = n_fetch * max(0.0, b_copy - bwd_b) + kept * max(0.0, b_d2h - bwd_b)
+        h2d += mb * (w_bytes + per_block_w * n_fetch)
+        d2h += mb * grad_bytes
+        link_busy += mb * (nb * f_copy + n_fetch * b_copy + kept * b_d2h)
+        exposed += mb * (exposed_f + exposed_b) + per_block_g / bw  # the last gradient drains after compute
+    else:  # optimizer: weights resident, only gradients leave
+        b_d2h = per_block_g / bw
+        exposed += mb * nb * max(0.0, b_d2h - bwd_b) + per_block_g / bw
+        d2h += mb * grad_bytes
+        link_busy += mb * nb * b_d2h
+
+    # --- optimizer step ---
+    if mode in ("optimizer", "all"):
+        t_opt = n_params / cpu_adam_params_per_s
+        if mode == "optimizer":  # refresh working copies, overlapped block by block with the CPU step
+            h2d += w_bytes
+            link_busy += w_bytes / bw
+            t_opt = max(t_opt, w_bytes / bw) + per_block_w / bw
+    else:  # params: streamed GPU step over host master + grads, state on GPU
+        stream_in = n_params * 8.0
+        stream_out = n_params * 4.0
+        h2d += stream_in
+        d2h += stream_out
+        t_link = max(stream_in / bw, stream_out / bw, (stream_in + stream_out) / duplex)
+        link_busy += t_link
+        t_opt = max(t_link, n_params / gpu_optim_params_per_s)
+    hidden = 1.0 if link_busy <= 0 else max(0.0, min(1.0, 1.0 - exposed / link_busy))
+    step = compute + exposed + t_opt
+    return OffloadCost(mode, h2d, d2h, link_busy, exposed, t_opt, step - compute - no_offload_optim_time, step, hidden)
+
+
+def offload_memory(num_params: float, mode: str, *, compute_itemsize: int = 2, optim_bytes_per_param: float = 8.0,
+                   num_blocks: int = 1, prefetch_blocks: int = 2, resident_params: float = 0.0) -> dict:
+    """Bytes a mode needs on the GPU and on the host for ``num_params`` block parameters.
+
+    ``resident_params`` are parameters outside the blocks (embeddings, heads): their working copy is
+    always on the GPU; their master, gradients and state follow the mode like the blocks'.
+    Activations are not included (the planner adds them).
+
+    >>> m = offload_memory(1e9, "all", num_blocks=10, prefetch_blocks=2)
+    >>> m["gpu_bytes"] / 1e9, m["host_bytes"] / 1e9
+    (0.6, 20.0)
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    total = num_params + resident_params
+    if mode == "none":  # fp32 master + grad + state on the GPU (working copy is the master in fp32)
+        extra_work = total * compute_itemsize if compute_itemsize != 4 else 0.0
+        return {"gpu_bytes": total * (8 + optim_bytes_per_param) + extra_work, "host_bytes": 0.0}
+    nb = max(1, int(num_blocks))
+    window = min(nb, prefetch_blocks + 1) / nb
+    work_gpu = resident_params * compute_itemsize + num_params * compute_itemsize * (
+        window if mode in ("params", "all") else 1.0)
+    # host: fp32 master + fp32 grads + compute-dtype staging (+ shadow in compute dtype when not fp32)
+    host = total * (4 + 4 + compute_itemsize + (compute_itemsize if compute_itemsize != 4 else 0))
+    gpu = work_gpu
+    if mode in ("optimizer", "all"):
+        host += total * optim_bytes_per_param
+    else:  # params: state on the GPU, plus one block of fp32 master + grad while it steps
+        gpu += total * optim_bytes_per_param + 8.0 * num_params / nb
+    return {"gpu_bytes": gpu, "host_bytes": host}
+
+
+def choose_mode(num_params: float, gpu_budget_bytes: float, *, activation_bytes: float = 0.0,
+                compute_itemsize: int = 2, optim_bytes_per_param: float = 8.0, num_blocks: int = 1,
+                prefetch_blocks: int = 2, resident_params: float = 0.0,
+                host_budget_bytes: Optional[float] = None) -> Optional[str]:
+    """The lightest mode (``none`` < ``optimizer`` < ``params`` < ``all``) whose GPU bytes fit the budget.
+
+    Returns ``None`` when no mode fits (on the GPU, or on the host when ``host_budget_bytes`` is given).
+
+    >>> choose_mode(1e9, 80e9), choose_mode(1e9, 8e9), choose_mode(1e9, 1e9, num_blocks=10)
+    ('none', 'optimizer', 'all')
+    """
+    for mode in MODES:
+        m = offload_memory(num_params, mode, compute_itemsize=compute_itemsize,
+                           optim_bytes_per_param=optim_bytes_per_param, num_blocks=num_blocks,
+                           prefetch_blocks=prefetch_blocks, resident_params=resident_params)
+        if m["gpu_bytes"] + activation_bytes <= gpu_budget_bytes and (
+                host_budget_bytes is None or m["host_bytes"] <= host_budget_bytes):
+            return mode
+    return None

@@ -1,0 +1,150 @@
+"""Host store: flat (pinned) host buffers for one group of parameters, and the host-memory check.
+
+A :class:`ParamGroup` owns, for the parameters of one block (or the resident "rest" group):
+
+* ``master``  fp32 master weights, one flat host buffer (pinned when CUDA is available);
+* ``shadow``  the same values in the compute dtype, the source of host->GPU copies (``master``
+  itself in fp32 runs);
+* ``grad``    fp32 gradients, accumulated on the host across micro-batches;
+* ``staging`` compute-dtype landing area of GPU->host gradient copies (CUDA only);
+* ``work``    the GPU working copy (compute dtype); every parameter's ``.data`` is a view of it, so
+  freeing ``work``'s storage (``resize_(0)``) frees the whole block while the ``nn.Parameter``
+  objects, and every autograd view of them, stay valid; refilling the same storage brings them back.
+
+    >>> import torch
+    >>> ps = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.zeros(4))]
+    >>> g = ParamGroup(0, ps, torch.device("cpu"), torch.float32, offload=True)
+    >>> g.numel, ps[0].shape, g.resident
+    (10, torch.Size([2, 3]), True)
+    >>> g.release(); ps[0].untyped_storage().nbytes()
+    0
+    >>> g.fetch(); float(ps[0].sum())
+    6.0
+
+``check_host_memory`` refuses a store that would not fit in host RAM before anything is allocated.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import OffloadError
+from ..units import format_bytes
+
+
+def available_host_memory() -> int:
+    """Bytes of host RAM available now (``psutil.virtual_memory().available``). Tests monkeypatch this."""
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def check_host_memory(needed: int, breakdown: dict, mode: str, headroom: float = 0.9) -> None:
+    """Raise :class:`OffloadError` if ``needed`` bytes exceed ``headroom`` x the available host RAM."""
+    avail = available_host_memory()
+    if needed <= headroom * avail:
+        return
+    parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in breakdown.items() if v)
+    hint = {
+        "all": "use offload='params' (optimizer state on the GPU) if the GPU can hold it",
+        "optimizer": "use offload='params' (optimizer state stays on the GPU)",
+        "params": "use offload='optimizer' if the GPU can hold the weights",
+    }.get(mode, "use a lighter offload mode")
+    raise OffloadError(
+        f"offload mode '{mode}' needs {format_bytes(needed)} of host memory ({parts}) but only "
+        f"{format_bytes(avail)} is available ({format_bytes(headroom * avail)} usable at {headroom:.0%}). "
+        f"To fit: {hint}; split the model over more pipeline stages or GPUs so each process holds fewer "
+        f"parameters; use an optimizer with less state (SGD, Adafactor); or free host memory.")
+
+
+def _empty_host(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    return torch.empty(n, dtype=dtype, pin_memory=pin)
+
+
+class ParamGroup:
+    """Host buffers and the GPU working copy of one block of parameters (see module docstring)."""
+
+    def __init__(self, index: int, params: list[nn.Parameter], device: torch.device, compute_dtype: torch.dtype,
+                 offload: bool, pin: Optional[bool] = None):
+        self.index = index
+        self.params = list(params)
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.offload = offload
+        self.pin = (self.device.type == "cuda" and torch.cuda.is_available()) if pin is None else pin
+        self.shapes = [p.shape for p in self.params]
+        self.numels = [p.numel() for p in self.params]
+        self.offsets = []
+        off = 0
+        for n in self.numels:
+            self.offsets.append(off)
+            off += n
+        self.numel = off
+        self.has_grad = [False] * len(self.params)
+        self.ready_event = None  # CUDA event of an in-flight fetch
+        self.master = _empty_host(self.numel, torch.float32, self.pin)
+        for p, v in zip(self.params, self.views(self.master)):
+            v.copy_(p.detach().reshape(v.shape))
+        self.shadow = self.master if compute_dtype == torch.float32 else _empty_host(self.numel, compute_dtype, self.pin)
+        if self.shadow is not self.master:
+            self.shadow.copy_(self.master)
+        self.grad = _empty_host(self.numel, torch.float32, self.pin)
+        self.staging = _empty_host(self.numel, compute_dtype, True) if self.device.type == "cuda" else None
+        self.work = torch.empty(self.numel, dtype=compute_dtype, device=self.device)
+        self.work.copy_(self.shadow)
+        for p, v in zip(self.params, self.views(self.work)):
+            p.data = v
+        self.resident = True
+        # fp32 host parameters the optimizer steps: views of ``master`` with ``.grad`` views of ``grad``
+        self.host_params = [nn.Parameter(v, requires_grad=p.requires_grad)
+                            for p, v in zip(self.params, self.views(self.master))]
+
+    # -- views -------------------------------------------------------------------------------
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[o:o + n].view(s) for o, n, s in zip(self.offsets, self.numels, self.shapes)]
+
+    def view(self, flat: torch.Tensor, j: int) -> torch.Tensor:
+        return flat[self.offsets[j]:self.offsets[j] + self.numels[j]].view(self.shapes[j])
+
+    @property
+    def work_bytes(self) -> int:
+        return self.numel * self.work.element_size()
+
+    def host_bytes(self) -> int:
+        n = self.master.nbytes + self.grad.nbytes
+        if self.shadow is not self.master:
+            n += self.shadow.nbytes
+        if self.staging is not None:
+            n += self.staging.nbytes
+        return n
+
+    # -- residency (synchronous versions; the engine adds streams and events on CUDA) ----------
+    def release(self) -> None:
+        """Free the GPU working copy; parameters keep their shape, their storage becomes empty."""
+        if self.resident:
+            self.work.untyped_storage().resize_(0)
+            self.resident = False
+            self.ready_event = None
+
+    def fetch(self, non_blocking: bool = False) -> None:
+        """Allocate the working copy again and fill it from ``shadow``."""
+        if not self.resident:
+            self.work.untyped_storage().resize_(self.work_bytes)
+            self.work.copy_(self.shadow, non_blocking=non_blocking)
+            self.resident = True
+
+    def attach_host_grads(self) -> None:
+        """Point each host parameter's ``.grad`` at its gradient slice (``None`` where none arrived)."""
+        for j, hp in enumerate(self.host_params):
+            hp.grad = self.view(self.grad, j) if self.has_grad[j] else None
+
+    def detach_host_grads(self) -> None:
+        for hp in self.host_params:
+            hp.grad = None
+
+    def refresh_shadow(self) -> None:
+        if self.shadow is not self.master:
+            self.shadow.copy_(self.master)
