@@ -1,0 +1,68 @@
+"""Shared helpers for benchmark scripts: environment facts and JSON result files.
+
+    from benchmarks.common import environment, write_result
+    write_result("plan_speed", {"cases": [...]})   # -> benchmarks/results/plan_speed.json
+
+Every result file records the date, the device (GPU name or CPU model), core count and the
+versions of torch / transformers / accelerate / rannc_hf, so numbers are never quoted without
+their context.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import tempfile
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown cpu"
+
+
+def environment() -> dict:
+    import torch
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host_cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for mod in ("transformers", "accelerate", "rannc_hf", "deepspeed"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            pass
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name(0)
+        env["num_gpus"] = torch.cuda.device_count()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device"] = "cpu: " + env["host_cpu"]
+        env["num_gpus"] = 0
+    return env
+
+
+def write_result(name: str, data: dict, out_dir: str | None = None) -> str:
+    """Write ``{"environment": ..., **data}`` to ``<out_dir>/<name>.json`` atomically; return the path."""
+    out_dir = out_dir or os.environ.get("RANNC_HF_RESULTS", RESULTS_DIR)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    payload = {"benchmark": name, "environment": environment(), **data}
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, path)
+    return path
