@@ -1,0 +1,240 @@
+"""Stage modules: one ``fx.GraphModule`` per pipeline stage, cut out of the captured graph.
+
+    >>> from rannc_hf.capture import capture
+    >>> from rannc_hf.zoo import make
+    >>> from rannc_hf.runtime.stages import build_stages, run_sequential
+    >>> model, batch = make("gpt2", batch_size=2)
+    >>> g = capture(model, batch)
+    >>> cuts = [i for i, ok in enumerate(g.valid_cuts) if ok][::60][1:3]
+    >>> stages = build_stages(g, cuts)                  # 3 stages; parameters are the model's own
+    >>> loss = run_sequential(stages, batch)           # same value as model(**batch).loss
+    >>> abs(float(loss) - float(model(**batch).loss)) < 1e-5
+    True
+
+Stage ``s`` runs ops ``op_range[0]..op_range[1]`` of ``graph.ops``. Its inputs are the values that
+cross its start cut (``graph.crossing``, a fixed order: graph inputs first, then op results in
+definition order); its outputs are the values crossing its end cut, each made ``.contiguous()``
+(gloo refuses stride-0 and transposed tensors). Model inputs that later stages need (labels,
+masks) travel through the earlier stages. The last stage returns only the scalar loss.
+
+``get_attr`` nodes keep their original FQN targets and the stage ``GraphModule`` is rooted on the
+captured module (or on a structurally identical ``model``), so a stage reads and trains the user's
+own parameter objects: ``.grad`` lands on the real parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..capture.graph import Graph
+
+
+@dataclass
+class StageSpec:
+    """What one stage computes and exchanges (names are fx value names of the captured graph)."""
+
+    index: int
+    op_range: tuple[int, int]          # inclusive
+    inputs: list[str]                  # values received (stage 0: graph input placeholders)
+    outputs: list[str]                 # values sent on ([graph.loss] for the last stage)
+    params: list[str] = field(default_factory=list)   # get_attr targets read (params, buffers, constants)
+    is_first: bool = False
+    is_last: bool = False
+
+
+def stage_bounds(graph: Graph, cuts: Sequence[int]) -> list[tuple[int, int]]:
+    """``[(lo, hi), ...]`` inclusive op ranges of the stages that end at ``cuts``."""
+    cuts = sorted(int(c) for c in cuts)
+    n = len(graph.ops)
+    for c in cuts:
+        if not 0 <= c < n - 1:
+            raise ValueError(f"cut {c} is outside 0..{n - 2}")
+        if graph.valid_cuts and not graph.valid_cuts[c]:
+            raise ValueError(f"cut after op {c} ({graph.ops[c].name}) is not a valid cut position "
+                             f"(a tuple, aliased or later-written value crosses it)")
+    if len(set(cuts)) != len(cuts):
+        raise ValueError(f"cuts must be distinct, got {cuts}")
+    b = [-1, *cuts, n - 1]
+    return [(b[i] + 1, b[i + 1]) for i in range(len(b) - 1)]
+
+
+def stage_specs(graph: Graph, cuts: Sequence[int]) -> list[StageSpec]:
+    """The inputs/outputs/params of every stage for the given cut positions."""
+    nodes = {n.name: n for n in graph.module.graph.nodes}
+    bounds = stage_bounds(graph, cuts)
+    specs = []
+    for s, (lo, hi) in enumerate(bounds):
+        inputs = [i.name for i in graph.inputs] if s == 0 else graph.crossing(lo - 1)
+        outputs = [graph.loss] if s == len(bounds) - 1 else graph.crossing(hi)
+        params: list[str] = []
+        for op in graph.ops[lo:hi + 1]:
+            for a in nodes[op.name].all_input_nodes:
+                if a.op == "get_attr" and str(a.target) not in params:
+                    params.append(str(a.target))
+        specs.append(StageSpec(s, (lo, hi), inputs, outputs, params, is_first=s == 0, is_last=s == len(bounds) - 1))
+    return specs
+
+
+def _fetch(root: Any, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_graph_module(graph: Graph, spec: StageSpec, model: Optional[nn.Module] = None) -> fx.GraphModule:
+    """The ``fx.GraphModule`` of one stage (see the module docstring for its calling convention).
+
+    ``model``: resolve parameters/buffers on this module instead of the captured one (it must have the
+    same structure); lifted constants always come from the captured module.
+    """
+    src = graph.module
+    nodes = {n.name: n for n in src.graph.nodes}
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for name in spec.inputs:
+        ph = g.placeholder(name)
+        ph.meta = dict(nodes[name].meta)
+        env[name] = ph
+    root: dict[str, Any] = {}
+    lo, hi = spec.op_range
+    for op in graph.ops[lo:hi + 1]:
+        node = nodes[op.name]
+        for a in node.all_input_nodes:
+            if a.name in env:
+                continue
+            if a.op == "get_attr":
+                target = str(a.target)
+                obj = None
+                if model is not None:
+                    try:
+                        obj = _fetch(model, target)
+                    except AttributeError:
+                        obj = None
+                root[target] = obj if obj is not None else _fetch(src, target)
+                env[a.name] = g.get_attr(target)
+                env[a.name].meta = dict(a.meta)
+            else:
+                raise RuntimeError(f"stage {spec.index}: op {op.name} reads {a.name} ({a.op}) which is neither "
+                                   f"a stage input nor computed in the stage")
+        env[node.name] = g.node_copy(node, lambda n: env[n.name])
+    if spec.is_last:
+        g.output(env[spec.outputs[0]])
+    else:
+        outs = tuple(g.call_method("contiguous", (env[v],)) for v in spec.outputs)
+        g.output(outs)
+    g.lint()
+    return fx.GraphModule(root, g, class_name=f"Stage{spec.index}")
+
+
+def value_meta(graph: Graph, name: str) -> torch.Tensor:
+    """The example value (a fake tensor at microbatch size) of a graph value."""
+    for n in graph.module.graph.nodes:
+        if n.name == name:
+            return n.meta["val"]
+    raise KeyError(name)
+
+
+def meta_args(graph: Graph, names: Sequence[str], device: torch.device | str = "meta") -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped like the given values; floating ones ``requires_grad=True`` (PipelineStage static args)."""
+    vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
+    out = []
+    for name in names:
+        v = vals[name]
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"value {name} crossing a stage boundary is not a tensor ({type(v).__name__})")
+        t = torch.empty(tuple(int(s) for s in v.shape), dtype=v.dtype, device=device)
+        if t.is_floating_point() or t.is_complex():
+            t.requires_grad_(True)
+        out.append(t)
+    return tuple(out)
+
+
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StageModule(nn.Module):
+    """One stage: runs its ``GraphModule`` under autocast (``precision``) and optional full recompute.
+
+    Boundary outputs keep the dtype they had at capture (autocast results are cast back), so the static
+    ``PipelineStage`` metadata holds; the last stage's loss is returned as fp32.
+    """
+
+    def __init__(self, gm: fx.GraphModule, spec: StageSpec, out_dtypes: Sequence[torch.dtype] = (),
+                 precision: str = "fp32", recompute: str = "none", device_type: str = "cpu"):
+        super().__init__()
+        self.gm = gm
+        self.spec = spec
+        self.out_dtypes = list(out_dtypes)
+        self.precision = precision
+        self.recompute = recompute
+        self.device_type = device_type
+
+    def _autocast(self):
+        dt = _AUTOCAST[self.precision]
+        if dt is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=dt)
+
+    def _run(self, *args):
+        with self._autocast():
+            out = self.gm(*args)
+        if self.spec.is_last:
+            return out.float() if out.dtype != torch.float32 and out.is_floating_point() else out
+        if self.out_dtypes:
+            out = tuple(o.to(d) if o.dtype != d else o for o, d in zip(out, self.out_dtypes))
+        return out
+
+    def forward(self, *args):
+        if self.recompute == "full" and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=True)
+        return self._run(*args)
+
+
+def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[int]] = None,
+                 model: Optional[nn.Module] = None, precision: str = "fp32",
+                 recompute: Sequence[str] | str = "none", device_type: str = "cpu") -> list[StageModule]:
+    """Stage modules for ``cuts`` (all stages, or the indices in ``only``, in that order)."""
+    specs = stage_specs(graph, cuts)
+    vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
+    idx = list(range(len(specs))) if only is None else list(only)
+    out = []
+    for s in idx:
+        spec = specs[s]
+        rc = recompute if isinstance(recompute, str) else recompute[s]
+        dtypes = [] if spec.is_last else [vals[v].dtype for v in spec.outputs]
+        sm = StageModule(build_graph_module(graph, spec, model), spec, dtypes, precision, rc, device_type)
+        sm.graph_ref = graph
+        out.append(sm)
+    return out
+
+
+def batch_inputs(graph: Graph, batch: Any) -> tuple[torch.Tensor, ...]:
+    """The tensors of a batch (dict / tuple / tensor) in the order of ``graph.inputs`` (stage 0's args)."""
+    from ..capture.export import normalize_batch
+
+    args, kwargs = normalize_batch(batch)
+    out = []
+    for info in graph.inputs:
+        if info.key.startswith("arg") and info.key[3:].isdigit() and info.key not in kwargs:
+            out.append(args[int(info.key[3:])])
+        else:
+            out.append(kwargs[info.key])
+    return tuple(out)
+
+
+def run_sequential(stages: Sequence[StageModule], batch: Any, graph: Optional[Graph] = None) -> torch.Tensor:
+    """Run all stages one after another in this process (for tests and debugging): returns the loss."""
+    g = graph if graph is not None else stages[0].graph_ref
+    out: Any = batch_inputs(g, batch)
+    for st in stages:
+        out = st(*out)
+    return out
