@@ -1,0 +1,50 @@
+"""RanncStatsCallback with a plain transformers.Trainer in one process (one "stage")."""
+
+import json
+import math
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+
+pytest.importorskip("tensorboard")
+
+
+def test_stats_callback_plain_trainer(tmp_path):
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from trainer_common import ListDataset, tb_scalars, tiny_model
+
+    from rannc_hf.integrations.stats import RanncStatsCallback
+
+    torch.set_num_threads(1)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+                             learning_rate=1e-3, report_to=["tensorboard"],
+                             save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
+    trainer = Trainer(model=tiny_model("gpt2"), args=args, train_dataset=ListDataset("gpt2", 16))
+    cb = RanncStatsCallback(peak_tflops=1.0).attach(trainer)
+    trainer.train()
+
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    for h in logs:
+        assert h["rannc/stage0/peak_mem_gib"] > 0
+        assert h["rannc/stage0/mem_gib"] > 0
+        assert h["rannc/tokens_per_s"] > 0 and h["rannc/stage0/tokens_per_s"] > 0
+        assert h["rannc/samples_per_s"] > 0
+        assert h["rannc/step_time_s"] > 0
+        assert 0.0 <= h["rannc/bubble_fraction"] < 1.0
+        assert h["rannc/tflops"] > 0 and 0 < h["rannc/mfu"] < 1
+        # 4 samples x 16 tokens per step
+        assert math.isclose(h["rannc/tokens_per_s"] / h["rannc/samples_per_s"], 16.0, rel_tol=1e-6)
+    summary = json.loads((tmp_path / "rannc_stats.json").read_text())
+    assert summary["num_stages"] == 1 and summary["steps"] == 4
+    assert summary["stages"][0]["peak_mem_gib"] > 0
+    assert cb.summary is not None
+    tb = tb_scalars(str(tmp_path))
+    for key in ("train/rannc/stage0/peak_mem_gib", "train/rannc/tokens_per_s", "train/rannc/bubble_fraction",
+                "train/rannc/step_time_s"):
+        assert key in tb and len(tb[key]) == 2, sorted(tb)
+        assert all(v >= 0 for v in tb[key])
