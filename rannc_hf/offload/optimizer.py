@@ -71,11 +71,12 @@ def _ctor_kwargs(cls: type, defaults: dict) -> dict:
 
 
 def build_inner_optimizer(user: torch.optim.Optimizer, host_of: dict, group_params: list,
-                          step_on_cpu: bool) -> Optional[torch.optim.Optimizer]:
+                          step_on_cpu: bool, cpu_fused: bool = True) -> Optional[torch.optim.Optimizer]:
     """An optimizer of ``user``'s class over the host copies of ``group_params`` (``None`` if none is optimized).
 
-    ``host_of`` maps ``id(device_param)`` to its host master parameter. Adam/AdamW use torch's fused
-    CPU kernel when stepping on the CPU.
+    ``host_of`` maps ``id(device_param)`` to its host master parameter. With ``step_on_cpu`` and
+    ``cpu_fused``, Adam/AdamW use torch's fused CPU kernel (about 4x faster than ``foreach``; results
+    differ from the for-loop kernel in the last bits); otherwise the user's kernel choice is kept.
     """
     cls = type(user)
     members = {id(p) for p in group_params}
@@ -90,12 +91,12 @@ def build_inner_optimizer(user: torch.optim.Optimizer, host_of: dict, group_para
         return None
     kwargs = _ctor_kwargs(cls, user.defaults)
     sig = inspect.signature(cls.__init__).parameters
-    if step_on_cpu and cls.__name__ in ("Adam", "AdamW") and "fused" in sig:
+    if step_on_cpu and cpu_fused and cls.__name__ in ("Adam", "AdamW") and "fused" in sig:
         kwargs["fused"] = True
         kwargs["foreach"] = None
     elif "foreach" in sig and "foreach" in user.defaults:
         kwargs["foreach"] = user.defaults.get("foreach")
-        if "fused" in sig and user.defaults.get("fused") and not step_on_cpu:
+        if "fused" in sig and user.defaults.get("fused"):
             kwargs["fused"] = True
     try:
         return cls(groups, **kwargs)

@@ -14,8 +14,8 @@ A :class:`ParamGroup` owns, for the parameters of one block (or the resident "re
     >>> import torch
     >>> ps = [torch.nn.Parameter(torch.ones(2, 3)), torch.nn.Parameter(torch.zeros(4))]
     >>> g = ParamGroup(0, ps, torch.device("cpu"), torch.float32, offload=True)
-    >>> g.numel, ps[0].shape, g.resident
-    (10, torch.Size([2, 3]), True)
+    >>> g.numel, ps[0].shape, g.resident      # each parameter starts at a multiple of ALIGN elements
+    (128, torch.Size([2, 3]), True)
     >>> g.release(); ps[0].untyped_storage().nbytes()
     0
     >>> g.fetch(); float(ps[0].sum())
@@ -33,6 +33,10 @@ import torch.nn as nn
 
 from ..errors import OffloadError
 from ..units import format_bytes
+
+
+#: Every parameter starts at a multiple of this many elements of its flat buffer (256 bytes in fp32).
+ALIGN = 64
 
 
 def available_host_memory() -> int:
@@ -79,19 +83,21 @@ class ParamGroup:
         self.numels = [p.numel() for p in self.params]
         self.offsets = []
         off = 0
-        for n in self.numels:
+        for n in self.numels:  # aligned offsets: kernels (BLAS, vectorized CUDA loads) see aligned tensors
             self.offsets.append(off)
-            off += n
+            off += -(-n // ALIGN) * ALIGN
         self.numel = off
         self.has_grad = [False] * len(self.params)
         self.ready_event = None  # CUDA event of an in-flight fetch
         self.master = _empty_host(self.numel, torch.float32, self.pin)
+        self.master.zero_()  # padding between parameters stays zero
         for p, v in zip(self.params, self.views(self.master)):
             v.copy_(p.detach().reshape(v.shape))
         self.shadow = self.master if compute_dtype == torch.float32 else _empty_host(self.numel, compute_dtype, self.pin)
         if self.shadow is not self.master:
             self.shadow.copy_(self.master)
         self.grad = _empty_host(self.numel, torch.float32, self.pin)
+        self.grad.zero_()
         self.staging = _empty_host(self.numel, compute_dtype, True) if self.device.type == "cuda" else None
         self.work = torch.empty(self.numel, dtype=compute_dtype, device=self.device)
         self.work.copy_(self.shadow)

@@ -1,0 +1,186 @@
+"""Offload modes train exactly like plain PyTorch (fp32, CPU): losses and final weights, step for step."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from rannc_hf import zoo
+from rannc_hf.config import RanncConfig
+from rannc_hf.errors import OffloadError
+from rannc_hf.offload import offload_module
+from rannc_hf.offload import store as offload_store
+
+STEPS, ACCUM, BATCH = 3, 2, 4
+
+
+def _train(family, mode, opt_fn, *, clip=1.0, prefetch=1, use_handle=False, dtype=None):
+    model, batch_fn = zoo.make_with_batches(family, 0)
+    opt = opt_fn(model.parameters())
+    h = None
+    if mode is not None:
+        h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=prefetch, compute_dtype=dtype)
+    losses = []
+    for s in range(STEPS):
+        for m in range(ACCUM):
+            loss = zoo.loss_of(model(**batch_fn(BATCH, 100 * s + m))) / ACCUM
+            loss.backward()
+            losses.append(loss.item())
+        if clip is not None:
+            if h is not None:
+                h.clip_grad_norm_(clip)
+            else:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if use_handle:
+            h.step()
+            h.zero_grad()
+        else:
+            opt.step()
+            opt.zero_grad()
+    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    return losses, state, h, opt
+
+
+def _adamw(ps):
+    return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+
+
+def _assert_same(ref, got):
+    rl, rs = ref[0], ref[1]
+    gl, gs = got[0], got[1]
+    torch.testing.assert_close(torch.tensor(gl), torch.tensor(rl), rtol=1e-5, atol=1e-6)
+    assert rs.keys() == gs.keys()
+    for k in rs:
+        torch.testing.assert_close(gs[k], rs[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+_REFS: dict = {}
+
+
+def _ref(family, opt_name, opt_fn):
+    key = (family, opt_name)
+    if key not in _REFS:
+        _REFS[key] = _train(family, None, opt_fn)
+    return _REFS[key]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "cnn"])
+@pytest.mark.parametrize("mode", ["optimizer", "params", "all"])
+def test_adamw_accum_clip_matches_plain(family, mode):
+    ref = _ref(family, "adamw", _adamw)
+    got = _train(family, mode, _adamw)
+    _assert_same(ref, got)
+    st = got[2].stats()
+    assert st["steps"] == STEPS and st["d2h_bytes"] > 0
+    if mode != "optimizer":
+        assert 0 < st["resident_peak_blocks"] <= 2  # prefetch_blocks=1 -> at most 2 blocks resident
+
+
+@pytest.mark.parametrize("family", ["gpt2", "cnn"])
+@pytest.mark.parametrize("mode", ["optimizer", "all"])
+def test_sgd_momentum_matches_plain(family, mode):
+    fn = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01)  # noqa: E731
+    _assert_same(_ref(family, "sgd", fn), _train(family, mode, fn, use_handle=True))
+
+
+def test_fused_adamw_cpu_step_matches_fused_reference():
+    fn = lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True)  # noqa: E731
+    ref = _train("bert", None, fn)
+    got = _train("bert", "all", fn)
+    _assert_same(ref, got)
+
+
+def test_param_groups_and_lr_scheduler_follow_user_optimizer():
+    def fn(ps):
+        ps = list(ps)
+        return torch.optim.AdamW([{"params": ps[:5], "lr": 1e-2}, {"params": ps[5:], "weight_decay": 0.0}], lr=3e-3)
+
+    def run(mode):
+        model, batch_fn = zoo.make_with_batches("cnn", 0)
+        opt = fn(model.parameters())
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        if mode:
+            offload_module(model, opt, mode, device="cpu")
+        for s in range(3):
+            zoo.loss_of(model(**batch_fn(4, s))).backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    ref, got = run(None), run("all")
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_roundtrip_and_resume():
+    """Model + optimizer state dicts look like plain PyTorch's and resume training identically."""
+    model, batch_fn = zoo.make_with_batches("gpt2", 0)
+    opt = _adamw(model.parameters())
+    plain_keys = set(model.state_dict())
+    h = offload_module(model, opt, "all", device="cpu", prefetch_blocks=1)
+    zoo.loss_of(model(**batch_fn(4, 1))).backward()
+    opt.step()
+    opt.zero_grad()
+    sd = model.state_dict()
+    osd = copy.deepcopy(opt.state_dict())  # live state tensors would be shared by both optimizers
+    assert set(sd) == plain_keys and all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
+    assert len(osd["state"]) == len(list(model.parameters())) and "exp_avg" in osd["state"][0]
+
+    # a plain model loading this checkpoint continues exactly like the offloaded one
+    plain, _ = zoo.make_with_batches("gpt2", 0)
+    plain.load_state_dict({k: v.clone() for k, v in sd.items()})
+    popt = _adamw(plain.parameters())
+    popt.load_state_dict(osd)
+    b = batch_fn(4, 2)
+    for m, o in ((plain, popt), (model, opt)):
+        zoo.loss_of(m(**b)).backward()
+        o.step()
+        o.zero_grad()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
+
+    # loading back into the offloaded model restores masters and working copies
+    model.load_state_dict(sd)
+    opt.load_state_dict(osd)
+    for k, v in sd.items():
+        torch.testing.assert_close(model.state_dict()[k], v)
+    h.remove()
+    assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
+
+
+def test_bf16_compute_trains_close_to_fp32():
+    ref = _train("gpt2", None, _adamw, clip=None)
+    got = _train("gpt2", "all", _adamw, clip=None, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in got[2].module.parameters())
+    assert all(v.dtype == torch.float32 for v in got[1].values() if v.is_floating_point())
+    assert max(abs(a - b) for a, b in zip(ref[0], got[0])) < 0.05
+
+
+def test_config_object_and_auto_on_cpu():
+    model, batch_fn = zoo.make_with_batches("cnn", 0)
+    opt = _adamw(model.parameters())
+    h = offload_module(model, opt, RanncConfig(offload="all", precision="fp32", prefetch_blocks=1), device="cpu")
+    assert h.mode == "all" and h.engine.max_resident == 2
+    model2, _ = zoo.make_with_batches("cnn", 0)
+    h2 = offload_module(model2, _adamw(model2.parameters()), "auto", device="cpu")
+    assert h2.mode == "none" and h2.engine is None
+
+
+def test_unsupported_optimizer_is_refused():
+    model, _ = zoo.make_with_batches("cnn", 0)
+    opt = torch.optim.LBFGS(model.parameters())
+    with pytest.raises(OffloadError, match="LBFGS.*Supported: Adam, AdamW, SGD"):
+        offload_module(model, opt, "optimizer", device="cpu")
+
+
+def test_host_memory_refusal(monkeypatch):
+    model, _ = zoo.make_with_batches("gpt2", 0)
+    opt = _adamw(model.parameters())
+    monkeypatch.setattr(offload_store, "available_host_memory", lambda: 100_000)
+    with pytest.raises(OffloadError, match=r"needs .* of host memory .*optimizer state.* only 97.66 KiB is available"):
+        offload_module(model, opt, "all", device="cpu")
+    # nothing was changed: the model still trains normally
+    assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
