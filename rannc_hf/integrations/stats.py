@@ -97,45 +97,24 @@ def device_memory(device: Optional[torch.device] = None) -> tuple[int, int]:
     return cur, max(cur, _peak_rss_bytes())
 
 
-def peak_flops_of(device: Optional[torch.device], precision: str = "bf16") -> Optional[float]:
-    """Peak FLOP/s of one device from ``rannc_hf.profile.devices`` (guarded: ``None`` when unknown)."""
+def peak_flops_of(device: Optional[torch.device], precision: str = "bf16", profile: Any = None) -> Optional[float]:
+    """Peak FLOP/s of one device from ``rannc_hf.profile.devices`` (guarded: ``None`` when unknown).
+
+    ``profile`` may name a profile (``"h200"``), be a ``DeviceProfile`` or a JSON path; default: the local device
+    (a GPU when ``device`` is CUDA, else the rough ``cpu`` profile).
+    """
     try:
-        from rannc_hf.profile import devices as _dev  # noqa: WPS433 (optional, written separately)
+        from rannc_hf.profile import devices as _dev  # written separately; optional
     except Exception:
         return None
-    name = None
-    if device is not None and device.type == "cuda" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(device)
-    elif device is not None and device.type == "cpu":
-        name = "cpu"
-    for fn_name in ("peak_flops", "get_peak_flops"):
-        fn = getattr(_dev, fn_name, None)
-        if callable(fn):
-            for args in ((name, precision), (name,)):
-                try:
-                    v = fn(*args)
-                    if v:
-                        return float(v)
-                except Exception:
-                    continue
-    for fn_name in ("get_profile", "profile_for", "device_profile", "lookup", "get"):
-        fn = getattr(_dev, fn_name, None)
-        if not callable(fn):
-            continue
-        try:
-            prof = fn(name)
-        except Exception:
-            continue
-        for attr in (f"{precision}_flops", "peak_flops", "flops", f"peak_{precision}_flops"):
-            v = prof.get(attr) if isinstance(prof, dict) else getattr(prof, attr, None)
-            if isinstance(v, dict):
-                v = v.get(precision)
-            if v:
-                try:
-                    return float(v)
-                except (TypeError, ValueError):
-                    pass
-    return None
+    try:
+        if profile is None:
+            profile = "auto" if (device is not None and device.type == "cuda") else "cpu"
+        prof = _dev.get_profile(profile)
+        v = prof.peak_flops(precision)
+        return float(v) if v else None
+    except Exception:
+        return None
 
 
 def _count_batch(inputs: Any) -> tuple[int, int]:
@@ -175,14 +154,16 @@ class RanncStatsCallback(TrainerCallback):
 
     Args:
         peak_tflops: peak TFLOP/s of one device, overriding the device profile (for MFU).
+        device_profile: a ``rannc_hf.profile.devices`` profile name / object / JSON path (default: the local device).
         print_summary: print the per-stage table at the end of training (main process only).
         stats_file: name of the JSON summary written to ``args.output_dir`` (``None``: don't write).
         per_replica: also emit ``rannc/stage{s}/dp{r}/...`` keys when a stage has 2+ replicas.
     """
 
     def __init__(self, peak_tflops: Optional[float] = None, print_summary: bool = True,
-                 stats_file: Optional[str] = STATS_FILE, per_replica: bool = True):
+                 stats_file: Optional[str] = STATS_FILE, per_replica: bool = True, device_profile: Any = None):
         self.peak_tflops = peak_tflops
+        self.device_profile = device_profile
         self.print_summary = print_summary
         self.stats_file = stats_file
         self.per_replica = per_replica
@@ -353,7 +334,7 @@ class RanncStatsCallback(TrainerCallback):
     def _peak_flops(self) -> Optional[float]:
         if self.peak_tflops:
             return float(self.peak_tflops) * 1e12
-        return peak_flops_of(self.device, self.precision)
+        return peak_flops_of(self.device, self.precision, self.device_profile)
 
     def _compute(self, rows: torch.Tensor, interval: bool) -> tuple[dict[str, float], list[dict]]:
         """Turn the gathered rows into the flat key dict (and per-stage records)."""
