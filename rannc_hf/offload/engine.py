@@ -35,8 +35,8 @@ every mode; their master/gradients/state follow the mode. Parameters keep their 
 ``param.data`` is a view of its block's flat working buffer, whose storage is freed and refilled.
 
 Residency rules (what ``tests/test_offload_schedule.py`` checks): at most ``prefetch_blocks + 1``
-offloaded blocks are resident (``max_resident``), except transiently while a block's backward is
-still running. ``before_forward(i)`` releases blocks outside ``i..i+p``, makes ``i`` resident and
+offloaded blocks are resident (``max_resident``); with ``prefetch_blocks=0`` two blocks meet for an
+instant when backward hands over from block ``i+1`` to ``i`` (both hooks fire on the same tensor). ``before_forward(i)`` releases blocks outside ``i..i+p``, makes ``i`` resident and
 prefetches ``i+1..i+p``; ``after_forward(i)`` releases ``i`` unless grad is enabled and ``i`` is one of
 the last ``p + 1`` blocks (its backward comes first); ``before_backward(i)`` makes ``i`` resident and
 prefetches ``i-1..i-p``; ``after_backward(i)`` releases ``i``. A forward that runs inside a backward
@@ -158,7 +158,9 @@ class OffloadEngine:
             self.d2h_stream = torch.cuda.Stream(self.device)
         self._pending: dict[tuple[int, int], tuple] = {}
         self._resident: list[int] = []           # offloaded blocks whose working copy is allocated
-        self._bwd_active: set[int] = set()
+        self._bwd_active: set[int] = set()     # blocks whose backward started and has not finished
+        self._kept: set[int] = set()           # blocks kept resident from forward for their backward
+        self._last_fwd = -1
         self._bwd_pos: Optional[int] = None
         self._cb_queued = False
         self._copy_events: list = []
@@ -330,7 +332,7 @@ class OffloadEngine:
 
     def _release_outside(self, window: list[int]) -> None:
         for j in list(self._resident):
-            if j not in window and j not in self._bwd_active:
+            if j not in window and j not in self._bwd_active and j not in self._kept:
                 self._release(j)
 
     def _check_index(self, i: int) -> None:
@@ -349,6 +351,9 @@ class OffloadEngine:
             self._ensure(i)
             self._top_up(self._bwd_window(i)[1:])
             return
+        if i <= self._last_fwd:  # a new forward pass: blocks kept for the last one's backward go
+            self._kept.clear()
+        self._last_fwd = i
         window = self._fwd_window(i)
         self._release_outside(window)
         self._ensure(i)
@@ -361,6 +366,7 @@ class OffloadEngine:
         if not self.offload_params or _in_backward():
             return
         if torch.is_grad_enabled() and i >= self.num_blocks - 1 - self.prefetch_blocks:
+            self._kept.add(i)
             self._log("keep", i)
             return
         self._release(i)
@@ -373,6 +379,8 @@ class OffloadEngine:
             return
         if i in self._bwd_active:
             return
+        self._kept.clear()
+        self._last_fwd = -1
         self._bwd_active.add(i)
         self._bwd_pos = i
         window = self._bwd_window(i)
@@ -408,6 +416,8 @@ class OffloadEngine:
     def _on_backward_end(self) -> None:
         self._cb_queued = False
         self._bwd_active.clear()
+        self._kept.clear()
+        self._last_fwd = -1
         self._bwd_pos = None
         for j in list(self._resident):
             self._release(j)
@@ -417,6 +427,8 @@ class OffloadEngine:
     def release_all(self) -> None:
         """Release every offloaded block (e.g. after an eval forward whose backward never comes)."""
         self._bwd_active.clear()
+        self._kept.clear()
+        self._last_fwd = -1
         for j in list(self._resident):
             self._release(j)
 

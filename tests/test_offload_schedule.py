@@ -1,0 +1,238 @@
+"""Scheduling logic of the offload engine, without a GPU: what is resident when, in what order."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from rannc_hf.errors import OffloadError
+from rannc_hf.offload import (OffloadEngine, choose_mode, find_blocks, offload_cost, offload_enter, offload_exit,
+                              offload_memory, offload_module)
+
+N = 5
+
+
+class Chain(nn.Module):
+    def __init__(self, n=N, dim=8, recompute=None, probe=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = nn.Linear(dim, dim)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(dim, dim), nn.Tanh()) for _ in range(n))
+        self.out = nn.Linear(dim, 1)
+        self.recompute = recompute
+        self.probe = probe
+
+    def forward(self, x):
+        h = self.inp(x)
+        for i, layer in enumerate(self.layers):
+            if self.recompute is None:
+                h = layer(h)
+            else:
+                h = checkpoint(layer, h, use_reentrant=self.recompute == "reentrant")
+            if self.probe is not None:
+                self.probe(i)
+        return self.out(h).sum()
+
+
+def _setup(p=1, mode="all", recompute=None):
+    log = []
+    model = Chain(recompute=recompute)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=p, trace=True)
+    model.probe = lambda i: log.append((i, h.engine.resident_blocks()))
+    return model, opt, h, log
+
+
+def _events(trace, kinds):
+    return [e for e in trace if e[0] in kinds]
+
+
+def test_forward_prefetch_order_and_tail_kept():
+    model, _, h, log = _setup(p=1)
+    model(torch.randn(3, 8))
+    tr = h.engine.trace
+    assert tr[:3] == [("fetch", 0), ("forward", 0), ("prefetch", 1)]  # only block 0 waits on a copy
+    assert _events(tr, {"fetch"}) == [("fetch", 0)]
+    assert _events(tr, {"prefetch"}) == [("prefetch", i) for i in range(1, N)]
+    # after block i's forward: block i+1 was prefetched; i released unless among the last p+1
+    assert log == [(0, [1]), (1, [2]), (2, [3]), (3, [3, 4]), (4, [3, 4])]
+    assert _events(tr, {"keep"}) == [("keep", 3), ("keep", 4)]
+
+
+@pytest.mark.parametrize("p", [0, 1, 2, 3])
+def test_working_set_bounded(p):
+    model, opt, h, _ = _setup(p=p)
+    for _ in range(2):
+        model(torch.randn(3, 8)).backward()
+        opt.step()
+        opt.zero_grad()
+    st = h.stats()
+    # p + 1 blocks; with p = 0 two meet for an instant when backward hands over from block i+1 to i
+    bound = min(N, max(p + 1, 2))
+    assert st["resident_peak_blocks"] == bound
+    assert st["resident_peak_bytes"] <= bound * h.engine.blocks[0].work_bytes
+
+
+def test_backward_fetch_order_and_release():
+    model, _, h, _ = _setup(p=1)
+    model(torch.randn(3, 8)).backward()
+    tr = h.engine.trace
+    bwd = tr[tr.index(("backward", 4)):]
+    assert _events(bwd, {"backward"}) == [("backward", i) for i in reversed(range(N))]
+    # kept tail (3, 4) is not fetched again; blocks 2, 1, 0 are prefetched in reverse order
+    assert _events(bwd, {"fetch", "prefetch"}) == [("prefetch", 2), ("prefetch", 1), ("prefetch", 0)]
+    # each block is released right after its backward, before the block two below it is fetched
+    assert bwd.index(("release", 4)) < bwd.index(("prefetch", 2))
+    assert bwd.index(("release", 3)) < bwd.index(("prefetch", 1))
+    assert h.engine.resident_blocks() == []  # nothing left after backward
+    assert all(p.untyped_storage().nbytes() == 0 for layer in model.layers for p in layer.parameters())
+    assert all(p.untyped_storage().nbytes() > 0 for p in model.inp.parameters())  # rest stays resident
+
+
+def test_eval_without_grad_releases_every_block():
+    model, _, h, log = _setup(p=1)
+    with torch.no_grad():
+        model(torch.randn(3, 8))
+    assert _events(h.engine.trace, {"keep"}) == []
+    assert h.engine.resident_blocks() == []  # no backward will come: every block left after its forward
+    assert [r for _, r in log] == [[1], [2], [3], [4], []]
+    model(torch.randn(3, 8)).backward()
+    assert h.engine.stats()["resident_peak_blocks"] <= 2
+
+
+def test_optimizer_mode_keeps_every_block_resident():
+    model, opt, h, _ = _setup(p=1, mode="optimizer")
+    model(torch.randn(3, 8)).backward()
+    opt.step()
+    assert h.engine.trace == [("backward_end", -1)] and h.stats()["fetches"] == 0
+    assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
+    assert all(p.grad is None for p in model.parameters())  # gradients went to the host
+
+
+def _plain_grads(recompute):
+    model = Chain(recompute=recompute)
+    model(torch.randn(3, 8, generator=torch.Generator().manual_seed(1))).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("recompute", ["non-reentrant", "reentrant"])
+def test_recompute_refetches_in_backward(recompute):
+    ref = _plain_grads(None)
+    model, _, h, _ = _setup(p=1, recompute=recompute)
+    model(torch.randn(3, 8, generator=torch.Generator().manual_seed(1))).backward()
+    tr = h.engine.trace
+    rec = _events(tr, {"recompute"})
+    assert [i for _, i in rec] == list(reversed(range(N)))  # each block's forward runs again, last first
+    # when a block recomputes, it is resident (fetched for backward, or on demand)
+    assert h.stats()["resident_peak_blocks"] <= 2
+    assert h.engine.resident_blocks() == []
+    grads = h.engine.host_grads()
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+
+
+def test_fences_in_fx_graph_with_get_attr():
+    """The runtime's path: an fx graph reading weights through get_attr, fenced by call_function nodes."""
+
+    class Functional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = nn.ParameterList(nn.Parameter(torch.randn(8, 8) * 0.3) for _ in range(4))
+
+        def forward(self, x):
+            for w in self.w:
+                x = torch.tanh(F.linear(x, w))
+            return x.sum()
+
+    ref = Functional()
+    x = torch.randn(2, 8)
+    ref(x).backward()
+    mod = Functional()
+    gm = torch.fx.symbolic_trace(mod)
+    eng = OffloadEngine([[p] for p in mod.w], device="cpu", mode="params", prefetch_blocks=1, trace=True)
+    g = gm.graph
+    # fence each block: enter before its linear, exit after its tanh
+    lin = [n for n in g.nodes if n.op == "call_function" and n.target is F.linear]
+    assert all(n.args[1].op == "get_attr" for n in lin)
+    for i, n in enumerate(lin):
+        with g.inserting_before(n):
+            e = g.call_function(offload_enter, (eng.id, i, n.args[0]))
+        n.args = (e,) + n.args[1:]
+        th = next(iter(n.users))
+        with g.inserting_after(th):
+            ex = g.call_function(offload_exit, (eng.id, i, th))
+        th.replace_all_uses_with(ex, delete_user_cb=lambda u: u is not ex)
+    gm.recompile()
+    assert "offload_enter" in gm.code and "offload_exit" in gm.code
+    out = gm(x)
+    out.backward()
+    for r, h in zip(ref.w, eng.host_grads()):
+        torch.testing.assert_close(h, r.grad)
+    assert eng.stats()["resident_peak_blocks"] <= 2 and eng.resident_blocks() == []
+    # several tensors: a tuple comes back
+    a, b = torch.ones(2, requires_grad=True), torch.zeros(2)
+    assert offload_enter(eng.id, 0, a, b) == (a, b)
+    assert operator.getitem(offload_exit(eng.id, 0, a, b), 0) is a
+    eng.release_all()
+
+
+def test_inplace_after_fence_is_allowed():
+    model, _, h, _ = _setup(p=1)
+    x = torch.randn(3, 8, requires_grad=True)
+    y = offload_exit(h.engine.id, 0, offload_enter(h.engine.id, 0, x * 1.0))
+    y.add_(1.0)  # same tensor returned, no custom-Function view: in-place is fine
+    y.sum().backward()
+
+
+def test_engine_rejects_bad_input():
+    with pytest.raises(OffloadError, match="mode"):
+        OffloadEngine([], device="cpu", mode="none")
+    eng = OffloadEngine([[nn.Parameter(torch.ones(2))]], device="cpu", mode="all")
+    with pytest.raises(OffloadError, match="out of range"):
+        eng.before_forward(3)
+    with pytest.raises(OffloadError, match="no optimizer"):
+        eng.step()
+
+
+def test_shared_parameters_go_to_rest():
+    shared = nn.Parameter(torch.ones(3))
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    eng = OffloadEngine([[a, shared], [b, shared]], device="cpu", mode="all")
+    assert eng.blocks[0].params == [a] and eng.blocks[1].params == [b] and eng.rest.params == [shared]
+    assert shared.untyped_storage().nbytes() > 0 and a.untyped_storage().nbytes() == 0
+
+
+def test_find_blocks():
+    from rannc_hf import zoo
+
+    gpt2, _ = zoo.make("gpt2", 2)
+    assert find_blocks(gpt2) == list(gpt2.transformer.h)
+    bert, _ = zoo.make("bert", 2)
+    assert find_blocks(bert) == list(bert.bert.encoder.layer)
+    cnn, _ = zoo.make("cnn", 2)
+    assert find_blocks(cnn) == list(cnn.blocks)
+
+
+def test_cost_model():
+    kw = dict(param_bytes=2.7e9 * 4, grad_bytes=2.7e9 * 2, optim_bytes=2.7e9 * 8, fwd_time=0.14, bwd_time=0.28,
+              link_gbps=55.0, cpu_adam_params_per_s=4e9, num_blocks=32, prefetch_blocks=2)
+    none = offload_cost(mode="none", **kw)
+    costs = {m: offload_cost(mode=m, **kw) for m in ("optimizer", "params", "all")}
+    assert none.extra_step_time == 0 and none.step_time == pytest.approx(0.42)
+    assert all(c.step_time > none.step_time for c in costs.values())
+    assert costs["all"].h2d_bytes > costs["optimizer"].h2d_bytes
+    assert 0.0 <= costs["all"].hidden_fraction <= 1.0
+    slow = offload_cost(mode="all", **{**kw, "link_gbps": 1.0})
+    assert slow.exposed_copy_time > costs["all"].exposed_copy_time and slow.hidden_fraction < costs["all"].hidden_fraction
+    more_mb = offload_cost(mode="optimizer", microbatches=8, **kw)
+    assert more_mb.optimizer_time == costs["optimizer"].optimizer_time  # step once per optimizer step
+    m_all = offload_memory(1e9, "all", num_blocks=10, prefetch_blocks=2)
+    m_opt = offload_memory(1e9, "optimizer", num_blocks=10)
+    assert m_all["gpu_bytes"] < m_opt["gpu_bytes"] < offload_memory(1e9, "none")["gpu_bytes"]
+    assert choose_mode(1e9, 80e9) == "none" and choose_mode(1e9, 1e6) is None
