@@ -47,7 +47,8 @@ def bert(hidden: int, layers: int, heads: int, max_pos: int = 512, vocab: int = 
 
     return BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       intermediate_size=4 * hidden, max_position_embeddings=max_pos, type_vocab_size=2,
-                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=0)
+                      hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, pad_token_id=0,
+                      use_cache=False)
 
 
 def configs() -> dict:
