@@ -61,6 +61,7 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
+from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, recursively_apply
 
 from ..config import CONFIG_ENV, ENV_PREFIX, RanncConfig, _unknown_key_error
@@ -250,6 +251,29 @@ class _RanncOptimizer(AcceleratedOptimizer):
             self.optimizer.load_state_dict(state_dict)
 
 
+class _RanncScheduler(AcceleratedScheduler):
+    """Accelerate's scheduler wrapper, stepping once per *data-parallel replica* (not per process).
+
+    Plain Accelerate steps the scheduler ``num_processes`` times per optimizer step because every
+    process is a replica; with pipeline stages only ``dp_size`` of the processes are.
+    """
+
+    def __init__(self, *args, dp_size_fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dp_size_fn = dp_size_fn
+
+    def step(self, *args, **kwargs):
+        if not self.step_with_optimizer or self.split_batches or not self.gradient_state.sync_gradients:
+            return super().step(*args, **kwargs)
+        for opt in self.optimizers:
+            if opt.step_was_skipped:
+                return
+        for _ in range(self._dp_size_fn()):
+            if hasattr(self.scheduler, "total_steps") and self.scheduler._step_count > self.scheduler.total_steps:
+                break
+            self.scheduler.step(*args, **kwargs)
+
+
 def _world() -> tuple[int, int]:
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized():
@@ -329,6 +353,35 @@ class RanncAccelerator(Accelerator):
         return self.rannc_config is not None
 
     @property
+    def num_processes(self) -> int:
+        """Data-parallel replicas (what a plain Accelerate script means by it); see ``world_size``.
+
+        Known from the config when it sets ``num_stages`` or ``dp_size``; otherwise the world size
+        until ``prepare()`` has planned the model.
+        """
+        if not getattr(self, "rannc_config", None):
+            return super().num_processes
+        world = self.state.num_processes
+        if self.rannc_module is not None:
+            return int(self.rannc_module.dp_size)
+        cfg = self.rannc_config
+        if cfg.dp_size:
+            return cfg.dp_size
+        if cfg.num_stages and world % cfg.num_stages == 0:
+            return world // cfg.num_stages
+        self._num_processes_guessed = True
+        return world
+
+    @property
+    def world_size(self) -> int:
+        """All processes (stages x replicas)."""
+        return self.state.num_processes
+
+    @property
+    def is_last_process(self) -> bool:
+        return self.process_index == self.state.num_processes - 1
+
+    @property
     def mixed_precision(self) -> str:
         if self.rannc_enabled:
             return _PRECISION_TO_ACCELERATE[self.rannc_config.precision]
@@ -346,6 +399,19 @@ class RanncAccelerator(Accelerator):
     def dp_size(self) -> int:
         """Number of data-parallel replicas (``num_processes`` without rannc)."""
         return self._rm_attr("dp_size", self.num_processes)
+
+    def prepare_scheduler(self, scheduler):
+        if not self.rannc_enabled or getattr(scheduler, "_is_accelerate_prepared", False):
+            return super().prepare_scheduler(scheduler)
+        optimizer = self._optimizers
+        for opt in self._optimizers:
+            if getattr(scheduler, "optimizer", None) == opt.optimizer:
+                optimizer = opt
+                break
+        wrapped = _RanncScheduler(scheduler, optimizer, step_with_optimizer=self.step_scheduler_with_optimizer,
+                                  split_batches=self.split_batches, dp_size_fn=lambda: self.num_processes)
+        self._schedulers.append(wrapped)
+        return wrapped
 
     @property
     def pp_rank(self) -> int:
@@ -399,12 +465,19 @@ class RanncAccelerator(Accelerator):
         with torch.random.fork_rng(devices=[]):
             rm = RanncModule(model, optimizer, config=self.rannc_config, example_batch=example, local_batch=True)
         rm._is_accelerate_prepared = True
+        guessed = getattr(self, "_num_processes_guessed", False)
         self.rannc_module = rm
+        if guessed and int(rm.dp_size) != self.state.num_processes:
+            logger.warning("rannc_hf: accelerator.num_processes was read before prepare() as %d (world size); "
+                           "the plan has %d data-parallel replicas, which num_processes reports from now on. "
+                           "Set num_stages or dp_size in the rannc config to know it up front.",
+                           self.state.num_processes, int(rm.dp_size))
         self._rannc_originals[id(rm)] = model
         # which global rank stands for each data-parallel replica: the last stage (it has outputs)
-        info = [None] * self.num_processes
+        world = self.state.num_processes
+        info = [None] * world
         mine = (int(rm.dp_rank), int(rm.pp_rank), bool(rm.is_last_stage))
-        if self.num_processes > 1:
+        if world > 1:
             torch.distributed.all_gather_object(info, mine)
         else:
             info = [mine]
@@ -481,7 +554,7 @@ class RanncAccelerator(Accelerator):
 
     # ---- gathering over data-parallel replicas ---------------------------------------------
     def _select_reps(self, data):
-        reps, world = self._rannc_reps, self.num_processes
+        reps, world = self._rannc_reps, self.state.num_processes
 
         def pick(t):
             if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] % world:
@@ -492,7 +565,7 @@ class RanncAccelerator(Accelerator):
         return recursively_apply(pick, data, error_on_other_type=False)
 
     def _dp_active(self) -> bool:
-        return self.rannc_enabled and self._rannc_reps is not None and self.num_processes > 1
+        return self.rannc_enabled and self._rannc_reps is not None and self.state.num_processes > 1
 
     def gather(self, tensor):
         """Gather over data-parallel replicas (concatenated in replica order).
@@ -508,7 +581,7 @@ class RanncAccelerator(Accelerator):
             from accelerate.utils import gather_object
 
             return gather_object(obj)
-        out = [None] * self.num_processes
+        out = [None] * self.state.num_processes
         torch.distributed.all_gather_object(out, obj)
         picked = [out[r] for r in self._rannc_reps]
         if all(isinstance(p, (list, tuple)) for p in picked):
