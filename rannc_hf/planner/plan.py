@@ -68,6 +68,11 @@ class Plan:
     planning_time_s: float = 0.0
     notes: list[str] = field(default_factory=list)
     format: int = PLAN_FORMAT
+    # added by the automatic planner (defaults keep older plan files loadable)
+    baselines: dict[str, float] = field(default_factory=dict)   # partitioner -> predicted step time (s)
+    stage_p2p_ms: list[float] = field(default_factory=list)     # send time of each stage's output boundary
+    rank_tail_ms: list[float] = field(default_factory=list)     # per rank: all-reduces + optimizer after the pipeline
+    cost_source: str = ""                                       # analytic | measured
 
     # ---- derived -----------------------------------------------------------------------
     @property
@@ -202,6 +207,12 @@ class Plan:
 
     def __str__(self) -> str:
         return self.summary()
+
+    def plot(self, path: str | os.PathLike) -> str:
+        """Write a PNG with per-stage memory bars and the simulated pipeline timeline; returns the path."""
+        from .plot import plot_plan
+
+        return plot_plan(self, path)
 
 
 def _clip(s: str, n: int) -> str:

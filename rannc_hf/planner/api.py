@@ -1,0 +1,207 @@
+"""``rannc_hf.plan(model, example_batch, cluster=..., config=...) -> Plan``: the automatic planner.
+
+    >>> import rannc_hf
+    >>> from rannc_hf.zoo import make
+    >>> model, batch = make("gpt2", batch_size=8)
+    >>> p = rannc_hf.plan(model, batch, cluster=rannc_hf.Cluster(num_gpus=4, gpu_memory="80GiB", device="h200"),
+    ...                   progress=False)
+    >>> p.world_size, p.stages[0].op_range[0], p.stages[-1].op_range[1] == p.num_ops - 1
+    (4, 0, True)
+
+The example batch is the **global** batch (all replicas, all microbatches). The model is captured
+once at that size (meta-device models cost no memory) and batch-carrying costs are rescaled to each
+candidate microbatch size. Fixed ``num_stages`` / ``num_microbatches`` / ``schedule`` / ``dp_size`` /
+``recompute`` / ``offload`` in the config are respected; ``"auto"``/``None`` are searched. The memory
+cap per GPU is ``config.gpu_memory``, else ``cluster.gpu_memory``, else the device profile's memory
+(the local GPU's for ``device="auto"``), minus ``config.mem_margin``. When nothing fits,
+:class:`~rannc_hf.errors.PlanDoesNotFitError` names the smallest memory and GPU count that would.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from ..config import Cluster, RanncConfig
+from ..errors import PlanDoesNotFitError
+from ..units import format_bytes
+from .coarsen import describe
+from .costs import CostModel
+from .plan import Plan, StagePlan
+from .search import OFFLOAD_ORDER, Candidate, Searcher
+
+
+def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Cluster] = None,
+         config: Optional[RanncConfig] = None, progress: bool = True, costs: str = "auto",
+         max_blocks: int = 256) -> Plan:
+    """Plan stages x replicas x microbatches for a model (or a captured Graph) on a cluster.
+
+    Args:
+        model_or_graph: an ``nn.Module`` (real or on the meta device) or a :class:`~rannc_hf.capture.Graph`.
+        example_batch: the global batch (tensor, tuple or dict of kwargs); not needed for a Graph.
+        cluster: GPUs, GPUs per node, memory and the device cost profile (default: this machine).
+        config: :class:`RanncConfig`; fixed values are respected, ``None``/``"auto"`` are searched.
+        progress: show a tqdm progress bar while searching.
+        costs: ``"analytic"`` (device profile), ``"measured"`` (run blocks on this machine, cached on
+            disk), or ``"auto"`` (measured when the cluster's device is this machine's CUDA GPU and the
+            model has real weights; analytic otherwise).
+        max_blocks: coarsening target (blocks the partition works on).
+    """
+    t0 = time.perf_counter()
+    config = config or RanncConfig()
+    cluster = cluster or _local_cluster()
+    graph = _as_graph(model_or_graph, example_batch)
+    cm = CostModel.build(graph, cluster.device, config.precision, max_blocks=max_blocks)
+    source = "analytic"
+    if _want_measured(costs, model_or_graph, cluster):
+        from ..profile.measure import measure_blocks
+        cm.measured = measure_blocks(graph, example_batch, cm.blocks, model=model_or_graph,
+                                     cache_dir=config.profile_cache)
+        cm._cache.clear()
+        source = "measured"
+    mem = config.gpu_memory_bytes or cluster.gpu_memory_bytes or cm.profile.memory
+    cap = float(mem) * (1.0 - config.mem_margin)
+    partitioners = ("auto", "even", "params") if config.partitioner == "auto" else (config.partitioner,)
+
+    searcher = Searcher(cm, cluster, config, gpu_memory=int(cap), progress=progress)
+    best = searcher.run(partitioners)
+    if config.partitioner not in best and config.offload == "auto":
+        searcher = Searcher(cm, cluster, config, gpu_memory=int(cap), progress=progress, offload_modes=OFFLOAD_ORDER)
+        best = searcher.run(partitioners)
+    if config.partitioner not in best:
+        raise _does_not_fit(cm, cluster, config, cap, mem)
+    chosen = best[config.partitioner]
+    searcher._simulate(chosen)
+    p = _to_plan(chosen, cm, graph, cluster, config, cap)
+    for name, cand in best.items():
+        if name != "auto":
+            p.baselines[name] = cand.score
+    if config.partitioner == "auto":
+        for name in ("even", "params"):
+            if name in p.baselines and p.predicted_step_time > 0:
+                p.notes.append(f"{name} partitioner: {p.baselines[name] * 1e3:.1f} ms/step "
+                               f"({p.baselines[name] / p.predicted_step_time:.2f}x the auto plan)")
+            elif name not in best:
+                p.notes.append(f"{name} partitioner: no plan fits")
+    p.cost_source = source
+    p.planning_time_s = time.perf_counter() - t0
+    return p
+
+
+def _local_cluster() -> Cluster:
+    try:
+        import torch
+        n = torch.cuda.device_count()
+    except Exception:  # noqa: BLE001
+        n = 0
+    return Cluster(num_gpus=max(1, n), device="auto")
+
+
+def _as_graph(model_or_graph: Any, example_batch: Any):
+    from ..capture import Graph, capture
+
+    if isinstance(model_or_graph, Graph):
+        return model_or_graph
+    if example_batch is None:
+        from ..errors import CaptureError
+        raise CaptureError("plan(model, example_batch): an example batch is needed to capture the model "
+                           "(the global batch: a tensor, a tuple or a dict of keyword arguments)")
+    return capture(model_or_graph, example_batch)
+
+
+def _want_measured(costs: str, model: Any, cluster: Cluster) -> bool:
+    if costs == "analytic":
+        return False
+    if costs == "measured":
+        return True
+    try:
+        import torch
+        import torch.nn as nn
+        if not torch.cuda.is_available() or not isinstance(model, nn.Module):
+            return False
+        if any(p.is_meta for p in model.parameters()):
+            return False
+        return cluster.device in ("auto", "local")
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _tokens_per_sample(graph) -> int:
+    for inp in graph.inputs:
+        m = inp.meta
+        if m is not None and "int" in m.dtype and len(m.shape) >= 2:
+            return int(m.shape[1])
+    return 1
+
+
+def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: RanncConfig, cap: float) -> Plan:
+    stages = []
+    rc_name = "selective" if config.recompute == "selective" else "full"
+    for i, (lo, hi) in enumerate(c.chunks):
+        a, b = cm.op_range(lo, hi)
+        n_par, _, _ = cm.stage_params(lo, hi)
+        stages.append(StagePlan(index=i, op_range=(a, b), modules=describe(graph, a, b), num_params=int(n_par),
+                                param_bytes=int(n_par * 4), memory=dict(c.memory[i]), fwd_ms=c.fwd[i] * 1e3,
+                                bwd_ms=c.bwd[i] * 1e3, recompute=rc_name if c.recompute[i] else "none",
+                                offload=c.offload[i], replicas=c.dp))
+    t = cm.table
+    flops = float(t.flops.sum() + t.bwd_flops.sum())
+    flops += sum(float(t.flops[cm.op_range(lo, hi)[0]:cm.op_range(lo, hi)[1] + 1].sum())
+                 for (lo, hi), rc in zip(c.chunks, c.recompute) if rc)
+    p = Plan(stages=stages, num_microbatches=c.M, batch_size=graph.batch_size, dp_size=c.dp, schedule=c.schedule,
+             virtual_stages=c.v, partitioner=c.partitioner, predicted_step_time=c.score,
+             predicted_bubble=c.sim.bubble if c.sim else 0.0, gpu_memory=int(cap), device=cm.profile.name,
+             model_class=graph.model_class, graph_fingerprint=graph.fingerprint(), num_ops=len(graph.ops),
+             tokens_per_sample=_tokens_per_sample(graph), flops_per_step=flops,
+             stage_p2p_ms=[x * 1e3 for x in c.p2p], rank_tail_ms=[x * 1e3 for x in c.tail])
+    if c.v > 1:
+        p.notes.append(f"interleaved: {c.v} chunks per rank; stage i runs on pipeline rank i % {c.S}")
+    if any(o != "none" for o in c.offload):
+        p.notes.append("offload chosen because the model does not fit the GPUs otherwise")
+    host = sum(m.get("host", 0) for m in c.memory)
+    if host and cluster.host_memory_bytes and host * c.dp > cluster.host_memory_bytes * cluster.num_nodes:
+        p.notes.append(f"offload needs {format_bytes(host * c.dp)} of host memory in total")
+    return p
+
+
+def _does_not_fit(cm: CostModel, cluster: Cluster, config: RanncConfig, cap: float, mem: float) -> PlanDoesNotFitError:
+    """Binary-search the smallest per-GPU memory, and double the GPU count, until something fits."""
+    modes = OFFLOAD_ORDER if config.offload == "auto" else None
+    s = Searcher(cm, cluster, config, gpu_memory=int(cap), offload_modes=modes)
+    margin = 1.0 - config.mem_margin
+    lo, hi = cap, cap * 2
+    while not s.feasible_with(hi) and hi < cap * 2**20:
+        lo, hi = hi, hi * 2
+    need_mem = None
+    if s.feasible_with(hi):
+        for _ in range(30):
+            mid = (lo + hi) / 2
+            if s.feasible_with(mid):
+                hi = mid
+            else:
+                lo = mid
+            if hi - lo < 0.01 * hi:
+                break
+        need_mem = hi / margin
+    need_gpus = None
+    if config.num_stages is None and config.dp_size is None:
+        g = cluster.num_gpus * 2
+        while g <= cluster.num_gpus * 4096 and need_gpus is None:
+            cl = Cluster(num_gpus=g, gpus_per_node=cluster.gpus_per_node, gpu_memory=int(mem),
+                         host_memory=cluster.host_memory, device=cluster.device)
+            # enough GPUs means enough pipeline stages; replicas need a batch that divides, so test dp = 1
+            cfg = RanncConfig(**{**config.to_dict(), "dp_size": 1, "num_stages": None})
+            if g <= cm.num_blocks and Searcher(cm, cl, cfg, gpu_memory=int(cap), offload_modes=modes).feasible_with(cap):
+                need_gpus = g
+            g *= 2
+    what = [f"{cm.graph.model_class} ({cm.graph.num_params / 1e6:,.1f}M parameters) does not fit "
+            f"{cluster.num_gpus} GPU(s) of {format_bytes(mem)} (cap {format_bytes(cap)} after "
+            f"mem_margin={config.mem_margin}) with any partition, schedule, recompute or offload setting allowed."]
+    if need_mem is not None:
+        what.append(f"It needs at least {format_bytes(need_mem)} per GPU with {cluster.num_gpus} GPU(s)")
+    if need_gpus is not None:
+        what.append(f"or at least {need_gpus} GPUs of {format_bytes(mem)}")
+    if need_mem is None and need_gpus is None:
+        what.append("No memory size or GPU count tried fits; a single block is larger than any GPU.")
+    what.append("Fix: more/larger GPUs (--gpus / --gpu-memory), a smaller batch, recompute='auto' or offload='auto'.")
+    return PlanDoesNotFitError(" ".join(what[:1]) + "\n" + " ".join(what[1:-1]) + ".\n" + what[-1])

@@ -1,0 +1,508 @@
+"""The search: stages x replicas x microbatches x schedule x recompute x offload, scored by the simulator.
+
+    >>> from rannc_hf.capture import capture
+    >>> from rannc_hf.zoo import make
+    >>> from rannc_hf.config import Cluster, RanncConfig
+    >>> from rannc_hf.planner.costs import CostModel
+    >>> from rannc_hf.planner.search import Searcher
+    >>> g = capture(*make("gpt2", batch_size=8))
+    >>> s = Searcher(CostModel.build(g, "h200"), Cluster(num_gpus=4, gpu_memory="80GiB"), RanncConfig())
+    >>> best = s.run()["auto"]
+    >>> best.S * best.dp
+    4
+
+For every pipeline depth ``S`` (a divisor of the GPU count; ``dp = GPUs / S``), microbatch count
+``M`` (dividing the per-replica batch) and schedule, the block chain is split into ``S * v``
+contiguous chunks minimising the slowest chunk's time subject to every chunk's memory fitting the
+cap: a binary search on the bottleneck time ``T`` with a greedy feasibility test (fill each chunk
+with as many blocks as fit under ``T`` and the memory cap, trying recompute and offload when
+allowed; greedy filling is optimal for contiguous partitions with monotone constraints). Candidates
+are ranked by a closed-form estimate; configurations whose lower bound cannot beat the best found
+are skipped. The best few of every partitioner are then scored by the event simulator
+(:mod:`.simulate`), and ``auto`` picks the fastest of all of them, so it is never worse than the
+``even`` and ``params`` baselines by the same simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..config import Cluster, RanncConfig
+from ..profile.devices import DeviceProfile
+from .costs import BlockArrays, CostModel
+from .coarsen import layer_key
+from .memory import DDP_BUCKET_BYTES, compute_itemsize, in_flight, state_bytes, stage_memory
+from .simulate import SimResult, estimate, ring_allreduce_time, simulate
+
+OFFLOAD_ORDER = ("none", "optimizer", "params", "all")
+
+
+@dataclass
+class Candidate:
+    """One scored plan candidate (block ranges per chunk plus every choice)."""
+
+    partitioner: str
+    S: int                      #: pipeline ranks
+    v: int                      #: chunks per rank (interleaved)
+    dp: int
+    M: int
+    mb: float                   #: microbatch size (samples)
+    schedule: str
+    chunks: list[tuple[int, int]]             #: block ranges, inclusive
+    recompute: list[bool] = field(default_factory=list)
+    offload: list[str] = field(default_factory=list)
+    fwd: list[float] = field(default_factory=list)
+    bwd: list[float] = field(default_factory=list)
+    p2p: list[float] = field(default_factory=list)
+    tail: list[float] = field(default_factory=list)
+    memory: list[dict] = field(default_factory=list)   #: per chunk
+    rank_memory: list[int] = field(default_factory=list)
+    est: float = math.inf
+    sim: Optional[SimResult] = None
+
+    @property
+    def score(self) -> float:
+        return self.sim.step_time if self.sim is not None else self.est
+
+    def key(self) -> tuple:
+        return (self.S, self.v, self.dp, self.M, self.schedule, tuple(self.chunks), tuple(self.recompute),
+                tuple(self.offload))
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+class Searcher:
+    """Runs the search for one cost model, cluster and config."""
+
+    def __init__(self, cm: CostModel, cluster: Cluster, config: RanncConfig, gpu_memory: Optional[int] = None,
+                 top_k: int = 4, progress: bool = False, offload_modes: Optional[tuple[str, ...]] = None):
+        self.cm = cm
+        self.cluster = cluster
+        self.config = config
+        self.profile: DeviceProfile = cm.profile
+        self.cap = float(gpu_memory if gpu_memory is not None else
+                         (cluster.gpu_memory_bytes or self.profile.memory) * (1.0 - config.mem_margin))
+        self.G = cluster.num_gpus
+        self.gpn = cluster.gpus_per_node
+        self.B = cm.graph.batch_size
+        self.top_k = top_k
+        self.progress = progress
+        self.precision = config.precision
+        self.rc_opts = {"auto": (False, True), "none": (False,), "full": (True,), "selective": (True,)}[config.recompute]
+        if offload_modes is not None:
+            self.off_opts = offload_modes
+        else:
+            self.off_opts = ("none",) if config.offload in ("auto", "none") else (config.offload,)
+        self.N = cm.num_blocks
+        self.layer_of_block = self._layer_index()
+        self.notes: list[str] = []
+
+    # ---- configuration space ------------------------------------------------------------
+    def configs(self) -> list[tuple[int, int, int, str, int]]:
+        """(S, v, dp, schedule, M) tuples allowed by the cluster, batch and config."""
+        cfg = self.config
+        out = []
+        stages = divisors(self.G)
+        if cfg.num_stages is not None:
+            stages = [cfg.num_stages]
+        if cfg.dp_size is not None:
+            stages = [s for s in stages if s * cfg.dp_size == self.G]
+        for S in stages:
+            if self.G % S:
+                continue
+            dp = self.G // S
+            if self.B % dp or S > self.N:
+                continue
+            per_replica = self.B // dp
+            Ms = divisors(per_replica)
+            if cfg.num_microbatches is not None:
+                Ms = [cfg.num_microbatches] if per_replica % cfg.num_microbatches == 0 else []
+            scheds = ("gpipe", "1f1b", "interleaved-1f1b") if cfg.schedule == "auto" else (cfg.schedule,)
+            for sch in scheds:
+                for M in Ms:
+                    if S == 1:
+                        if sch == "interleaved-1f1b" or (sch == "gpipe" and cfg.schedule == "auto"):
+                            continue
+                        out.append((S, 1, dp, sch, M))
+                        continue
+                    if sch == "1f1b" and M < S:
+                        continue
+                    if sch == "interleaved-1f1b":
+                        if M % S:
+                            continue
+                        for v in (2, 4):
+                            if S * v <= self.N:
+                                out.append((S, v, dp, sch, M))
+                        continue
+                    out.append((S, 1, dp, sch, M))
+        return out
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _layer_index(self) -> list[int]:
+        keys = [layer_key(self.cm.graph.ops[a].module) for a, _ in self.cm.blocks]
+        idx, seen, cur = [], set(), -1
+        for k in keys:
+            if k and any(ch.isdigit() for ch in k.split(".")[-1]) and k not in seen:
+                seen.add(k)
+                cur += 1
+            idx.append(max(cur, 0))
+        return idx
+
+    def _inflight(self, c: int, S: int, v: int, M: int, sch: str) -> float:
+        return in_flight(sch, c % S, S, M, v)
+
+    def _dp_bw(self, S: int, dp: int) -> float:
+        if S * dp <= self.gpn:
+            return self.profile.intra_node_bw
+        return min(self.profile.intra_node_bw, self.profile.inter_node_bw / max(1, min(S, self.gpn)))
+
+    def _p2p_bw(self, c: int, S: int) -> float:
+        r0, r1 = c % S, (c + 1) % S
+        same = (r0 // self.gpn) == (r1 // self.gpn) if S > self.gpn else True
+        return self.profile.intra_node_bw if same else self.profile.inter_node_bw
+
+    # ---- partitioners ---------------------------------------------------------------------
+    def _greedy(self, a: BlockArrays, T: float, C: int, S: int, v: int, M: int, sch: str,
+                cap: float) -> Optional[list[tuple[int, int]]]:
+        f, b, sv, po, cr = self._lists(a)
+        N = self.N
+        pf = self.cm.params_first
+        buf = self.cm.buffer_first
+        rc_opts = self.rc_opts
+        state_rate = {off: state_bytes(1.0, self.precision, off, 8, self.config.prefetch_blocks)["total"]
+                      for off in self.off_opts}
+        min_rate = min(state_rate.values())
+        dp_buf = 2 * DDP_BUCKET_BYTES if self.G // S > 1 else 0
+        chunks = []
+        start = 0
+        for c in range(C):
+            if start >= N:
+                break
+            k = self._inflight(c, S, v, M, sch)
+            ccap = cap / v
+            F = Bw = A = Cin = P = BUF = 0.0
+            maxA = maxO = 0.0
+            cin = cr[start - 1] if start > 0 else 0.0
+            last_ok = -1
+            for j in range(start, N):
+                F += f[j]; Bw += b[j]; A += sv[j]; P += pf[j]; BUF += buf[j]
+                Cin += cr[j - 1] if j > 0 else 0.0
+                if sv[j] > maxA:
+                    maxA = sv[j]
+                if po[j] > maxO:
+                    maxO = po[j]
+                fixed = BUF + 2.0 * (cin + cr[j]) + 2.0 * maxO + dp_buf + P * min_rate
+                ok = False
+                for rc in rc_opts:
+                    t = F * (2.0 if rc else 1.0) + Bw
+                    if t > T:
+                        continue
+                    acts = k * Cin + maxA if rc else k * A
+                    if fixed + acts <= ccap:
+                        ok = True
+                        break
+                if not ok:
+                    break
+                last_ok = j
+            if last_ok < start:
+                return None
+            chunks.append((start, last_ok))
+            start = last_ok + 1
+        if start < N:
+            return None
+        return self._split_to(chunks, C, f, b)
+
+    def _split_to(self, chunks: list[tuple[int, int]], C: int, f, b) -> Optional[list[tuple[int, int]]]:
+        """Split the heaviest multi-block chunks until there are exactly ``C``."""
+        chunks = list(chunks)
+        while len(chunks) < C:
+            best, bi = -1.0, -1
+            for i, (lo, hi) in enumerate(chunks):
+                if hi > lo:
+                    t = sum(f[lo:hi + 1]) + sum(b[lo:hi + 1])
+                    if t > best:
+                        best, bi = t, i
+            if bi < 0:
+                return None
+            lo, hi = chunks[bi]
+            acc, cut = 0.0, lo
+            for j in range(lo, hi):
+                acc += f[j] + b[j]
+                cut = j
+                if acc >= best / 2:
+                    break
+            chunks[bi:bi + 1] = [(lo, cut), (cut + 1, hi)]
+        return chunks
+
+    def _lists(self, a: BlockArrays):
+        cache = getattr(a, "_lists", None)
+        if cache is None:
+            cache = (a.fwd.tolist(), a.bwd.tolist(), a.saved.tolist(), a.peak_out.tolist(), a.cross.tolist())
+            a._lists = cache  # type: ignore[attr-defined]
+        return cache
+
+    def partition_auto(self, a: BlockArrays, S: int, v: int, M: int, sch: str) -> Optional[list[tuple[int, int]]]:
+        C = S * v
+        f, b, *_ = self._lists(a)
+        per = [x + y for x, y in zip(f, b)]
+        total = sum(per) * 2.0 + 1e-12
+        lo = max(per)
+        hi = total
+        best = self._greedy(a, hi, C, S, v, M, sch, self.cap)
+        if best is None:
+            return None
+        for _ in range(40):
+            if hi - lo <= 1e-3 * hi:
+                break
+            mid = 0.5 * (lo + hi)
+            r = self._greedy(a, mid, C, S, v, M, sch, self.cap)
+            if r is None:
+                lo = mid
+            else:
+                hi, best = mid, r
+        return best
+
+    def partition_even(self, C: int) -> Optional[list[tuple[int, int]]]:
+        """Equal numbers of layers per chunk (blocks outside layers go with their neighbours)."""
+        N = self.N
+        if C > N:
+            return None
+        L = max(self.layer_of_block) + 1
+        if L < C:  # fewer layers than chunks: equal numbers of blocks
+            return [(round(i * N / C), round((i + 1) * N / C) - 1) for i in range(C)]
+        bounds = []
+        for i in range(1, C):
+            target = round(i * L / C)
+            j = next((k for k in range(N) if self.layer_of_block[k] >= target), N - 1)
+            bounds.append(j)
+        out, start = [], 0
+        for j in bounds:
+            j = max(j, start + 1)
+            out.append((start, j - 1))
+            start = j
+        out.append((start, N - 1))
+        if any(hi < lo for lo, hi in out) or out[-1][0] > N - 1:
+            return None
+        return out
+
+    def partition_params(self, C: int) -> Optional[list[tuple[int, int]]]:
+        """Equal parameter bytes per chunk (DeepSpeed's ``parameters`` method): minimise the largest."""
+        w = [float(x) for x in self.cm.params_first]
+        N = self.N
+        if C > N:
+            return None
+        lo, hi = max(w), sum(w) + 1.0
+        best = None
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            chunks, start, acc = [], 0, 0.0
+            ok = True
+            for j in range(N):
+                if acc + w[j] > mid and j > start:
+                    chunks.append((start, j - 1))
+                    start, acc = j, 0.0
+                acc += w[j]
+            chunks.append((start, N - 1))
+            if len(chunks) <= C:
+                best, hi = chunks, mid
+            else:
+                lo = mid
+            if hi - lo < 1e-6 * hi:
+                break
+        if best is None:
+            return None
+        f = [1.0] * N
+        return self._split_to(best, C, f, [0.0] * N)
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def evaluate(self, part: str, chunks: list[tuple[int, int]], S: int, v: int, dp: int, M: int,
+                 sch: str) -> Optional[Candidate]:
+        """Choose recompute/offload per chunk (fastest that fits), compute memory, times and the estimate."""
+        cm = self.cm
+        mb = self.B / (dp * M)
+        a = cm.at(mb)
+        f, b, sv, po, cr = self._lists(a)
+        cand = Candidate(part, S, v, dp, M, mb, sch, chunks)
+        prof = self.profile
+        ci = compute_itemsize(self.precision)
+        chunk_params = []
+        for c, (lo, hi) in enumerate(chunks):
+            n_par, buf, _ = cm.stage_params(lo, hi)
+            chunk_params.append(n_par)
+            k = self._inflight(c, S, v, M, sch)
+            F = sum(f[lo:hi + 1]); Bw = sum(b[lo:hi + 1]); A = sum(sv[lo:hi + 1])
+            Cin = sum(cr[j - 1] for j in range(max(lo, 1), hi + 1))
+            maxA = max(sv[lo:hi + 1]); maxO = max(po[lo:hi + 1])
+            cin = cr[lo - 1] if lo > 0 else 0.0
+            cout = cr[hi]
+            best = None
+            for off in self.off_opts:
+                for rc in self.rc_opts:
+                    mem = stage_memory(n_par, buf, A, Cin, maxA, maxO, cin, cout, k, self.precision, rc, off,
+                                       hi - lo + 1, self.config.prefetch_blocks, dp)
+                    if mem["total"] > self.cap / v:
+                        continue
+                    t_f, t_b = F, Bw + (F if rc else 0.0)
+                    opt_t, exp_mb = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci)
+                    score = M * (t_f + t_b + exp_mb) + opt_t
+                    if best is None or score < best[0]:
+                        best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t)
+            if best is None:
+                return None
+            _, rc, off, mem, t_f, t_b, opt_t = best
+            cand.recompute.append(rc)
+            cand.offload.append(off)
+            cand.memory.append(mem)
+            cand.fwd.append(t_f)
+            cand.bwd.append(t_b)
+            cand.p2p.append(cout / self._p2p_bw(c, S) + prof.p2p_latency if c < len(chunks) - 1 else 0.0)
+            cand.tail.append(opt_t)
+        # per rank: memory and tails (dp all-reduce, tied all-reduce, optimizer)
+        R = S
+        rank_mem = [0] * R
+        tails = [0.0] * R
+        rank_b = [0.0] * R
+        rank_params = [0] * R
+        for c in range(len(chunks)):
+            r = c % R
+            rank_mem[r] += cand.memory[c]["total"]
+            tails[r] += cand.tail[c]
+            rank_b[r] += cand.bwd[c]
+            rank_params[r] += chunk_params[c]
+        if max(rank_mem) > self.cap:
+            return None
+        bw = self._dp_bw(S, dp)
+        for r in range(R):
+            ar = ring_allreduce_time(rank_params[r] * 4.0, dp, bw, prof.collective_latency)
+            tails[r] += max(0.0, ar - rank_b[r] / max(1, v))
+        for r, t in self._tied_times(chunks, S).items():
+            tails[r] += t
+        cand.tail = tails
+        cand.rank_memory = rank_mem
+        cand.est = estimate(cand.fwd, cand.bwd, M, sch, cand.p2p, v, tails)
+        return cand
+
+    def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
+                        ci: int) -> tuple[float, float]:
+        """(optimizer step seconds, exposed offload copy seconds per microbatch)."""
+        prof = self.profile
+        gpu_opt = n_par * 28.0 / (prof.mem_bw * prof.bw_efficiency)  # fused AdamW: read p,g,m,v; write p,m,v
+        if off == "none":
+            return gpu_opt, 0.0
+        try:
+            from ..offload.cost import offload_cost
+            oc = offload_cost(param_bytes=n_par * 4.0, grad_bytes=n_par * ci, optim_bytes=n_par * 8.0,
+                              fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
+                              cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
+                              prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
+                              duplex_gbps=prof.duplex_bw / 1e9, recompute=rc)
+            return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
+        except ImportError:  # pragma: no cover
+            copy = n_par * ci / prof.h2d_bw
+            exposed = max(0.0, copy - (F + Bw)) if off in ("params", "all") else 0.0
+            opt = n_par / prof.cpu_adam_params_per_s if off in ("optimizer", "all") else gpu_opt + 12 * n_par / prof.h2d_bw
+            return opt, exposed
+
+    def _tied_times(self, chunks: list[tuple[int, int]], S: int) -> dict[int, float]:
+        """Gradient all-reduce time of parameters used by several pipeline ranks (tied embeddings)."""
+        cm = self.cm
+        holders: dict[str, set[int]] = {}
+        for c, (lo, hi) in enumerate(chunks):
+            for j in range(lo, hi + 1):
+                for p in cm.block_params[j]:
+                    holders.setdefault(p, set()).add(c % S)
+        out: dict[int, float] = {}
+        for p, ranks in holders.items():
+            info = cm.graph.params.get(p)
+            if len(ranks) < 2 or info is None or info.is_buffer or not info.requires_grad:
+                continue
+            spans = S > self.gpn
+            bw = self.profile.inter_node_bw if spans else self.profile.intra_node_bw
+            t = ring_allreduce_time(info.numel * 4.0, len(ranks), bw, self.profile.collective_latency)
+            for r in ranks:
+                out[r] = out.get(r, 0.0) + t
+        return out
+
+    # ---- driver -----------------------------------------------------------------------------
+    def lower_bound(self, S: int, v: int, dp: int, M: int) -> float:
+        a = self.cm.at(self.B / (dp * M))
+        W = float(a.fwd.sum() + a.bwd.sum())
+        return (M - 1) * W / S + W / (S * v) if S > 1 else M * W
+
+    def run(self, partitioners: tuple[str, ...] = ("auto", "even", "params"),
+            callback: Optional[Callable[[], None]] = None) -> dict[str, Candidate]:
+        """Best candidate per partitioner (``auto`` = best of everything); missing key: nothing fits."""
+        configs = self.configs()
+        order = sorted(configs, key=lambda c: self.lower_bound(c[0], c[1], c[2], c[4]))
+        pools: dict[str, list[Candidate]] = {p: [] for p in partitioners}
+        best_est = {p: math.inf for p in partitioners}
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(order), desc="planning", unit="cfg", leave=False)
+        for (S, v, dp, sch, M) in order:
+            if bar is not None:
+                bar.update(1)
+            lb = self.lower_bound(S, v, dp, M)
+            if all(lb >= best_est[p] for p in partitioners):
+                continue
+            a = self.cm.at(self.B / (dp * M))
+            for p in partitioners:
+                if lb >= best_est[p]:
+                    continue
+                if p == "auto":
+                    chunks = self.partition_auto(a, S, v, M, sch)
+                elif p == "even":
+                    chunks = self.partition_even(S * v)
+                else:
+                    chunks = self.partition_params(S * v)
+                if not chunks or len(chunks) != S * v:
+                    continue
+                cand = self.evaluate(p, chunks, S, v, dp, M, sch)
+                if cand is None:
+                    continue
+                pools[p].append(cand)
+                best_est[p] = min(best_est[p], cand.est)
+        if bar is not None:
+            bar.close()
+        out: dict[str, Candidate] = {}
+        for p in partitioners:
+            pool = sorted(pools[p], key=lambda c: c.est)[: self.top_k]
+            for c in pool:
+                self._simulate(c)
+            pools[p] = pool
+        for p in partitioners:
+            pool = list(pools[p])
+            if p == "auto":  # auto is the best plan of every partitioner
+                for q in partitioners:
+                    pool += pools[q]
+            if pool:
+                out[p] = min(pool, key=lambda c: c.score)
+        return out
+
+    def _simulate(self, c: Candidate, keep_timeline: bool = False) -> SimResult:
+        c.sim = simulate(c.fwd, c.bwd, c.M, c.schedule, c.p2p, c.v, c.tail, keep_timeline=keep_timeline)
+        return c.sim
+
+    # ---- when nothing fits -------------------------------------------------------------------
+    def feasible_with(self, cap: float) -> bool:
+        """Does any configuration fit a per-GPU cap of ``cap`` bytes (most memory-saving options)?"""
+        saved = self.cap
+        self.cap = cap
+        try:
+            for (S, v, dp, sch, M) in self.configs():
+                if sch == "gpipe" and S > 1:
+                    continue
+                a = self.cm.at(self.B / (dp * M))
+                chunks = self._greedy(a, math.inf, S * v, S, v, M, sch, cap)
+                if chunks and self.evaluate("auto", chunks, S, v, dp, M, sch) is not None:
+                    return True
+            return False
+        finally:
+            self.cap = saved

@@ -1,0 +1,398 @@
+"""Analytic per-op costs: FLOPs, bytes moved, activation bytes kept for backward, and times on a device.
+
+    >>> from rannc_hf.capture import capture
+    >>> from rannc_hf.zoo import make
+    >>> from rannc_hf.profile.analytic import op_cost_table, op_times
+    >>> from rannc_hf.profile.devices import get_profile
+    >>> g = capture(*make("gpt2", batch_size=4))
+    >>> t = op_cost_table(g, precision="bf16")
+    >>> fwd, bwd = op_times(t, get_profile("h200"), batch=4)
+    >>> bool(t.flops.sum() > 0 and (bwd >= 0).all() and fwd.sum() > 0)
+    True
+
+Model: ``time = max(flops / (peak * efficiency), bytes / (bandwidth * efficiency)) + launch overhead``
+for every op that launches a kernel (views are free). FLOPs come from ``torch.utils.flop_counter``'s
+formulas where they apply (``mm``, ``addmm``, ``bmm``, ``baddbmm``, convolutions) and from a small table
+for the composite ops ``torch.export`` keeps (``linear``, ``conv2d``, ``scaled_dot_product_attention``,
+``matmul``, grouped expert GEMMs); other ops count one FLOP per output element. Backward costs 2x the
+forward FLOPs of matmul-like ops (input and weight gradients, each only when needed), 2.5x for fused
+attention, 2x the bytes for memory-bound ops. Dtypes follow autocast: matmul-like outputs are in the
+compute precision (bf16/fp16), the autocast fp32 list (norms, softmax, losses, pow, exp, ...) stays
+fp32, the rest follows type promotion. Costs are for the capture batch; :func:`op_times` rescales the
+batch-carrying part (values with a ``batch_dim``) to any microbatch size.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .devices import DeviceProfile
+
+# kinds
+FREE, MEMORY, GEMM, ATTENTION = 0, 1, 2, 3
+
+_VIEW_OPS = {
+    "view", "reshape", "_unsafe_view", "transpose", "t", "permute", "unsqueeze", "squeeze", "expand", "expand_as",
+    "slice", "select", "alias", "split", "split_with_sizes", "chunk", "unbind", "detach", "view_as", "unflatten",
+    "flatten", "narrow", "movedim", "as_strided", "_assert_tensor_metadata", "_assert_scalar", "getitem",
+    "lift_fresh_copy", "sym_size", "sym_numel", "contiguous_noop", "numpy_T", "dropout_noop",
+}
+_GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "conv1d", "conv2d", "conv3d", "convolution",
+             "_convolution", "conv_transpose1d", "conv_transpose2d", "einsum", "grouped_mm", "grouped_mm_fallback",
+             "_grouped_mm", "addbmm", "mv", "dot", "bilinear"}
+_ATTN_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+             "_scaled_dot_product_flash_attention_for_cpu", "flex_attention"}
+_FP32_OPS = {"layer_norm", "native_layer_norm", "group_norm", "softmax", "_softmax", "log_softmax", "_log_softmax",
+             "cross_entropy_loss", "nll_loss", "nll_loss_nd", "mse_loss", "binary_cross_entropy_with_logits", "pow",
+             "exp", "log", "rsqrt", "sum", "mean", "norm", "linalg_vector_norm", "cumsum", "prod", "sqrt",
+             "rms_norm", "kl_div", "smooth_l1_loss", "l1_loss"}
+# ops whose output autograd keeps (the rest keep some of their inputs, handled via consumers)
+_SAVES_OUTPUT = {"tanh", "sigmoid", "softmax", "_softmax", "log_softmax", "_log_softmax", "exp", "rsqrt", "relu",
+                 "sqrt", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                 "_scaled_dot_product_efficient_attention", "elu", "hardtanh"}
+# ops whose backward needs none of their inputs
+_NEEDS_NO_INPUT = {"add", "sub", "neg", "clone", "contiguous", "to", "_to_copy", "cat", "copy_", "pad",
+                   "constant_pad_nd", "sum", "mean", "dropout", "tanh", "sigmoid", "softmax", "_softmax", "relu",
+                   "log_softmax", "_log_softmax", "exp", "rsqrt", "sqrt", "expand", "repeat", "stack", "add_",
+                   "index_select", "masked_fill", "masked_fill_", "where", "scaled_dot_product_attention",
+                   "fill_", "zero_", "getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
+                   "slice", "select", "alias", "split", "chunk", "detach", "flatten", "unflatten", "narrow"}
+_CREATION = {"arange", "zeros", "ones", "full", "empty", "new_ones", "new_zeros", "new_empty", "new_full",
+             "zeros_like", "ones_like", "full_like", "empty_like", "rand", "randn", "randint", "tensor",
+             "scalar_tensor", "empty_strided", "rand_like", "randn_like"}
+
+
+def base_name(target: str) -> str:
+    """``"aten.addmm.default"`` -> ``"addmm"``; ``"<built-in function getitem>"`` -> ``"getitem"``."""
+    if target.startswith("<built-in function"):
+        return target.split()[-1].rstrip(">")
+    parts = target.split(".")
+    if len(parts) >= 3:
+        return parts[-2]
+    return parts[-1]
+
+
+@dataclass
+class OpCostTable:
+    """Per-op costs of a graph at its capture batch size (numpy arrays, one entry per op)."""
+
+    kind: np.ndarray          #: FREE / MEMORY / GEMM / ATTENTION
+    flops: np.ndarray         #: forward FLOPs
+    bwd_flops: np.ndarray     #: backward FLOPs (0 off the gradient path)
+    bytes_b: np.ndarray       #: forward bytes moved that scale with the batch
+    bytes_f: np.ndarray       #: forward bytes moved that do not (weights, masks)
+    bwd_bytes_b: np.ndarray
+    bwd_bytes_f: np.ndarray
+    saved_b: np.ndarray       #: activation bytes kept for backward (batch part)
+    saved_f: np.ndarray       #: activation bytes kept for backward (fixed part)
+    out_b: np.ndarray         #: output bytes in the compute dtype (batch part; fixed outputs in out_f)
+    out_f: np.ndarray
+    batchy: np.ndarray        #: the op's output carries the batch dimension
+    needs_grad: np.ndarray    #: the op is on the gradient path
+    batch_size: int
+    precision: str
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def scale(self, batch: float) -> np.ndarray:
+        """Per-op factor that maps capture-batch costs to a microbatch of ``batch`` samples."""
+        r = float(batch) / max(1, self.batch_size)
+        return np.where(self.batchy, r, 1.0)
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _is_float(dtype: str) -> bool:
+    return "float" in dtype or "bfloat" in dtype or "complex" in dtype
+
+
+def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
+    """Analytic per-op costs for ``graph`` (a captured :class:`~rannc_hf.capture.Graph`)."""
+    n = len(graph.ops)
+    low_size = 4 if precision == "fp32" else 2
+    nodes = {}
+    if graph.module is not None:
+        nodes = {nd.name: nd for nd in graph.module.graph.nodes}
+
+    kind = np.zeros(n, dtype=np.int8)
+    flops = np.zeros(n)
+    bwd_flops = np.zeros(n)
+    bytes_b = np.zeros(n)
+    bytes_f = np.zeros(n)
+    bwd_b = np.zeros(n)
+    bwd_f = np.zeros(n)
+    saved_b = np.zeros(n)
+    saved_f = np.zeros(n)
+    out_b = np.zeros(n)
+    out_f = np.zeros(n)
+    batchy = np.zeros(n, dtype=bool)
+    needs_grad = np.zeros(n, dtype=bool)
+
+    # value name -> (itemsize, batchy, numel, producer index) ; graph inputs have producer -1
+    vinfo: dict[str, tuple[int, bool, int, int]] = {}
+    for inp in graph.inputs:
+        if inp.meta is not None:
+            size = 4 if _is_float(inp.meta.dtype) else _dtype_bytes(inp.meta.dtype)
+            vinfo[inp.name] = (size, inp.meta.batch_dim is not None, inp.meta.numel, -1)
+    grad_val: dict[str, bool] = {}
+    marks: set[str] = set()
+    root_of: dict[str, str] = {}
+    params = graph.params
+
+    for op in graph.ops:
+        i = op.index
+        name = base_name(op.target)
+        if name in _VIEW_OPS or (name in ("to", "_to_copy", "contiguous", "clone") and _same_dtype_copy(op, vinfo, graph)):
+            k = FREE
+        elif name in _ATTN_OPS:
+            k = ATTENTION
+        elif name in _GEMM_OPS:
+            k = GEMM
+        else:
+            k = MEMORY
+        kind[i] = k
+        is_batchy = any(t.batch_dim is not None for t in op.outputs)
+        batchy[i] = is_batchy
+        in_vals = [v for v in op.inputs if v in vinfo]
+        p_req = any(params[p].requires_grad and not params[p].is_buffer for p in op.params if p in params)
+        in_grad = any(grad_val.get(v, False) for v in op.inputs)
+        float_out = any(_is_float(t.dtype) for t in op.outputs)
+        ng = (p_req or in_grad) and float_out and name not in _CREATION
+        needs_grad[i] = ng
+        grad_val[op.name] = ng
+        root_of[op.name] = root_of.get(op.alias_of, op.alias_of) if op.alias_of else op.name
+
+        # output dtype under autocast
+        if precision == "fp32":
+            out_size = 4
+        elif k in (GEMM, ATTENTION):
+            out_size = low_size
+        elif name in _FP32_OPS:
+            out_size = 4
+        else:
+            fl_in = [vinfo[v][0] for v in in_vals if vinfo[v][0] in (2, 4) and _val_is_float(v, graph, vinfo)]
+            fl_in += [4 for p in op.params if p in params and _is_float(params[p].dtype)]
+            out_size = max(fl_in) if fl_in else low_size
+        out_numel = sum(t.numel for t in op.outputs)
+        o_bytes = 0
+        for t in op.outputs:
+            o_bytes += t.numel * (out_size if _is_float(t.dtype) else _dtype_bytes(t.dtype))
+        if is_batchy:
+            out_b[i] = o_bytes
+        else:
+            out_f[i] = o_bytes
+        vinfo[op.name] = (out_size if float_out else (_dtype_bytes(op.outputs[0].dtype) if op.outputs else 0),
+                          is_batchy, out_numel, i)
+        if k == FREE:
+            continue
+
+        # bytes moved: inputs + params + outputs
+        ib = ifx = 0.0
+        for v in in_vals:
+            size, vb, numel, _ = vinfo[v]
+            if vb:
+                ib += size * numel
+            else:
+                ifx += size * numel
+        pbytes = sum(params[p].nbytes for p in op.params if p in params)
+        ifx += pbytes
+        if is_batchy:
+            ib += o_bytes
+        else:
+            ifx += o_bytes
+        bytes_b[i], bytes_f[i] = ib, ifx
+
+        # FLOPs
+        f = _flops(op, name, k, nodes.get(op.name), graph, out_numel)
+        flops[i] = f
+        if ng:
+            if k == GEMM:
+                w_grad = 1.0 if p_req or any(grad_val.get(v, False) for v in op.inputs[1:]) else 0.0
+                x_grad = 1.0 if (op.inputs and grad_val.get(op.inputs[0], False)) else 0.0
+                bwd_flops[i] = f * max(1.0, w_grad + x_grad)
+            elif k == ATTENTION:
+                bwd_flops[i] = 2.5 * f
+            else:
+                bwd_flops[i] = f
+            bwd_b[i] = 2.0 * ib
+            bwd_f[i] = 2.0 * ifx if k != GEMM else ifx + pbytes
+            if name == "embedding":
+                bwd_f[i] = sum(params[p].numel * 4 for p in op.params if p in params)
+                bwd_b[i] = 2.0 * (o_bytes if is_batchy else 0)
+        # activations kept for backward: the op's own output ...
+        if ng and name in _SAVES_OUTPUT:
+            _add_saved(saved_b, saved_f, i, o_bytes, is_batchy)
+        if ng and name == "cross_entropy_loss" and in_vals:  # keeps log_softmax(logits) in fp32
+            size, vb, numel, _ = vinfo[in_vals[0]]
+            _add_saved(saved_b, saved_f, i, 4 * numel, vb)
+        if ng and name == "dropout":
+            node = nodes.get(op.name)
+            p = node.args[1] if node is not None and len(node.args) > 1 else 0.1
+            if isinstance(p, (int, float)) and p > 0:
+                _add_saved(saved_b, saved_f, i, out_numel, is_batchy)  # bool mask
+        # ... and the inputs its backward reads (charged to the producing op's storage root)
+        scalar_arith = name in ("mul", "div", "mul_", "div_") and len(set(in_vals)) + len(op.params) < 2
+        if ng and name not in _NEEDS_NO_INPUT and not scalar_arith:
+            for v in set(in_vals):
+                if not _val_is_float(v, graph, vinfo) and name not in ("embedding", "gather", "index"):
+                    continue
+                r = root_of.get(v, v)
+                _mark_saved(r, vinfo, saved_b, saved_f, marks)
+    return OpCostTable(kind, flops, bwd_flops, bytes_b, bytes_f, bwd_b, bwd_f, saved_b, saved_f, out_b, out_f,
+                       batchy, needs_grad, graph.batch_size, precision)
+
+
+def _add_saved(sb: np.ndarray, sf: np.ndarray, i: int, nbytes: float, is_batchy: bool) -> None:
+    if is_batchy:
+        sb[i] += nbytes
+    else:
+        sf[i] += nbytes
+
+
+def _mark_saved(root: str, vinfo: dict, sb: np.ndarray, sf: np.ndarray, marks: set) -> None:
+    """Charge a saved value to its producer once (a value read by many backward ops is kept once)."""
+    info = vinfo.get(root)
+    if info is None:
+        return
+    size, vb, numel, idx = info
+    if idx < 0:  # graph inputs are kept by the runtime anyway; charge nothing
+        return
+    if root in marks:
+        return
+    marks.add(root)
+    _add_saved(sb, sf, idx, size * numel, vb)
+
+
+def _val_is_float(v: str, graph, vinfo) -> bool:
+    meta = graph.value_meta(v) if v in vinfo else None
+    return meta is not None and _is_float(meta.dtype)
+
+
+def _same_dtype_copy(op, vinfo, graph) -> bool:
+    if not op.inputs or not op.outputs:
+        return True
+    meta = graph.value_meta(op.inputs[0])
+    return meta is not None and meta.dtype == op.outputs[0].dtype and base_name(op.target) in ("to", "_to_copy")
+
+
+def _dtype_bytes(dtype: str) -> int:
+    from ..capture.graph import dtype_bytes
+    return dtype_bytes(dtype)
+
+
+def _shapes(node, graph) -> list[tuple]:
+    """Shapes of the tensor arguments of an fx node, in argument order (parameters included)."""
+    out = []
+
+    def visit(a):
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                visit(x)
+            return
+        if not hasattr(a, "op"):
+            return
+        if a.op == "get_attr":
+            p = graph.params.get(str(a.target))
+            if p is None:
+                val = a.meta.get("val")
+                if val is not None and hasattr(val, "shape"):
+                    out.append(tuple(val.shape))
+                return
+            out.append(tuple(p.shape))
+            return
+        val = a.meta.get("val")
+        if val is not None and hasattr(val, "shape"):
+            out.append(tuple(int(s) for s in val.shape))
+
+    for a in node.args:
+        visit(a)
+    for a in node.kwargs.values():
+        visit(a)
+    return out
+
+
+def _flops(op, name: str, kind: int, node, graph, out_numel: int) -> float:
+    if kind not in (GEMM, ATTENTION):
+        return float(out_numel)
+    shapes = _shapes(node, graph) if node is not None else []
+    if not shapes:  # graph without its fx module: fall back to input metas + params
+        shapes = [graph.value_meta(v).shape for v in op.inputs if graph.value_meta(v) is not None]
+        shapes += [graph.params[p].shape for p in op.params if p in graph.params]
+    if not shapes or not op.outputs:
+        return float(out_numel)
+    out_shape = op.outputs[0].shape
+    try:
+        if kind == ATTENTION:
+            q, k = shapes[0], shapes[1]
+            # q: [..., Lq, E], k: [..., Lk, E], v: [..., Lk, Ev]
+            ev = shapes[2][-1] if len(shapes) > 2 else q[-1]
+            batch = _numel(q[:-2])
+            return 2.0 * batch * q[-2] * k[-2] * (q[-1] + ev)
+        if name == "linear":
+            w = shapes[1]
+            return 2.0 * _numel(out_shape) * w[-1]
+        if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution", "conv_transpose1d",
+                    "conv_transpose2d"):
+            w = shapes[1]
+            if "transpose" in name:
+                return 2.0 * _numel(shapes[0]) * _numel(w[1:])
+            return 2.0 * _numel(out_shape) * _numel(w[1:])
+        if name in ("addmm", "baddbmm", "addbmm"):
+            return 2.0 * _numel(out_shape) * shapes[1][-1]
+        if name in ("grouped_mm", "grouped_mm_fallback", "_grouped_mm"):
+            return 2.0 * _numel(out_shape) * shapes[0][-1]
+        if name in ("mm", "bmm", "matmul", "mv", "dot"):
+            return 2.0 * _numel(out_shape) * shapes[0][-1]
+        if name == "einsum":
+            return 2.0 * max(_numel(s) for s in shapes) * max(out_shape[-1] if out_shape else 1, 1)
+    except (IndexError, TypeError):
+        pass
+    return 2.0 * float(out_numel) * (shapes[0][-1] if shapes and shapes[0] else 1)
+
+
+def op_times(table: OpCostTable, profile: DeviceProfile, batch: Optional[float] = None,
+             gemm_half_flops: float = 5e8) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward seconds of every op at a microbatch of ``batch`` samples (default: capture batch).
+
+    GEMM efficiency falls for small problems as ``flops / (flops + gemm_half_flops)`` (scaled to the device).
+    """
+    s = table.scale(table.batch_size if batch is None else batch)
+    peak = profile.peak_flops(table.precision) * profile.gemm_efficiency
+    bw = profile.mem_bw * profile.bw_efficiency
+    half = gemm_half_flops * peak / 790e12  # a GEMM of this many FLOPs runs at half the peak on the device
+    fl = table.flops * s
+    bfl = table.bwd_flops * s
+    rate = np.where(table.kind == ATTENTION, peak * profile.attention_efficiency, peak)
+    is_mm = (table.kind == GEMM) | (table.kind == ATTENTION)
+    eff_f = np.where(is_mm, fl / (fl + half + 1e-30), 1.0)
+    eff_b = np.where(is_mm, bfl / (bfl + half + 1e-30), 1.0)
+    byt = table.bytes_b * s + table.bytes_f
+    bbyt = table.bwd_bytes_b * s + table.bwd_bytes_f
+    comp_f = np.where(is_mm, fl / (rate * np.maximum(eff_f, 1e-6)), 0.0)
+    comp_b = np.where(is_mm, bfl / (rate * np.maximum(eff_b, 1e-6)), 0.0)
+    live = table.kind != FREE
+    fwd = np.where(live, np.maximum(comp_f, byt / bw) + profile.op_overhead, 0.0)
+    bwd = np.where(live & table.needs_grad, np.maximum(comp_b, bbyt / bw) + 2 * profile.op_overhead, 0.0)
+    return fwd, bwd
+
+
+def saved_bytes(table: OpCostTable, batch: Optional[float] = None) -> np.ndarray:
+    """Activation bytes every op keeps for backward at a microbatch of ``batch`` samples."""
+    s = table.scale(table.batch_size if batch is None else batch)
+    return table.saved_b * s + table.saved_f
+
+
+def out_bytes(table: OpCostTable, batch: Optional[float] = None) -> np.ndarray:
+    s = table.scale(table.batch_size if batch is None else batch)
+    return table.out_b * s + table.out_f

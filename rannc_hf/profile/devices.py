@@ -1,0 +1,161 @@
+"""Device cost profiles: peak FLOP/s, memory and link bandwidths of one GPU (or the local CPU).
+
+    >>> from rannc_hf.profile.devices import get_profile
+    >>> p = get_profile("h200")
+    >>> p.flops["bf16"] / 1e12, p.h2d_bw / 1e9
+    (790.0, 55.0)
+    >>> get_profile("h200").to_dict() == DeviceProfile.from_dict(p.to_dict()).to_dict()
+    True
+
+``get_profile`` accepts a built-in name (``h100``, ``h200``, ``a100``, ``cpu``), ``"auto"`` (the
+local CUDA device if any, else ``cpu``) or the path of a JSON file written by ``rannc-hf calibrate``
+or by hand (same keys as :meth:`DeviceProfile.to_dict`). All rates are in bytes or FLOPs per second.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..errors import ConfigError
+
+
+@dataclass
+class DeviceProfile:
+    """What one accelerator (and the links around it) can do; the analytic cost model reads only this."""
+
+    name: str
+    flops: dict[str, float] = field(default_factory=dict)  #: dense GEMM FLOP/s by precision (fp32, bf16, fp16)
+    mem_bw: float = 1e12             #: device memory bandwidth, bytes/s
+    memory: int = 80 * 2**30         #: device memory, bytes
+    h2d_bw: float = 25e9             #: pinned host->device, bytes/s (one direction)
+    d2h_bw: float = 25e9             #: pinned device->host, bytes/s
+    duplex_bw: float = 46e9          #: both directions at once, bytes/s
+    intra_node_bw: float = 300e9     #: GPU<->GPU within a node (NVLink), bytes/s per direction
+    inter_node_bw: float = 50e9      #: network bandwidth per node (InfiniBand), bytes/s, shared by its GPUs
+    p2p_latency: float = 10e-6       #: seconds per point-to-point message
+    collective_latency: float = 20e-6  #: seconds per all-reduce step
+    gemm_efficiency: float = 1.0     #: fraction of ``flops`` large GEMMs reach (1.0: ``flops`` is measured GEMM)
+    attention_efficiency: float = 0.6  #: fraction of GEMM FLOP/s fused attention reaches
+    bw_efficiency: float = 0.8       #: fraction of ``mem_bw`` elementwise kernels reach
+    op_overhead: float = 4e-6        #: launch/dispatch seconds per kernel
+    cpu_adam_params_per_s: float = 4.0e9  #: host optimizer throughput (fused AdamW), parameters/s
+    notes: str = ""
+
+    def peak_flops(self, precision: str) -> float:
+        if precision in self.flops:
+            return float(self.flops[precision])
+        if precision == "fp16" and "bf16" in self.flops:
+            return float(self.flops["bf16"])
+        return float(self.flops.get("fp32", 1e12))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DeviceProfile":
+        valid = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - valid)
+        if unknown:
+            raise ConfigError(f"device profile: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}")
+        if "name" not in d:
+            raise ConfigError("device profile: missing 'name'")
+        return cls(**d)
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "DeviceProfile":
+        try:
+            with open(path) as f:
+                return cls.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise ConfigError(f"device profile file {os.fspath(path)!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"device profile file {os.fspath(path)!r} is not valid JSON: {e}") from None
+
+
+def _h200() -> DeviceProfile:
+    return DeviceProfile(
+        name="h200", flops={"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}, mem_bw=4.8e12, memory=141 * 10**9,
+        h2d_bw=55e9, d2h_bw=55e9, duplex_bw=101e9, intra_node_bw=450e9, inter_node_bw=50e9,
+        notes="bf16 GEMM and pinned copies measured on one H200 (DESIGN.md section 7); fp32 = TF32 tensor cores")
+
+
+def _h100() -> DeviceProfile:
+    return DeviceProfile(
+        name="h100", flops={"bf16": 720e12, "fp16": 720e12, "fp32": 360e12}, mem_bw=3.35e12, memory=80 * 2**30,
+        h2d_bw=55e9, d2h_bw=55e9, duplex_bw=101e9, intra_node_bw=450e9, inter_node_bw=50e9,
+        notes="H100 SXM, scaled from the H200 measurement by datasheet ratios")
+
+
+def _a100() -> DeviceProfile:
+    return DeviceProfile(
+        name="a100", flops={"bf16": 280e12, "fp16": 280e12, "fp32": 140e12}, mem_bw=2.0e12, memory=80 * 2**30,
+        h2d_bw=25e9, d2h_bw=25e9, duplex_bw=45e9, intra_node_bw=300e9, inter_node_bw=25e9,
+        notes="A100 SXM 80GB, ~90% of datasheet GEMM peak, PCIe Gen4")
+
+
+def _cpu() -> DeviceProfile:
+    """The local CPU as a (slow) device: rough defaults; ``rannc-hf calibrate`` measures real ones."""
+    try:
+        import psutil
+        mem = int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001
+        mem = 16 * 2**30
+    cores = os.cpu_count() or 1
+    return DeviceProfile(
+        name="cpu", flops={"fp32": 50e9 * cores, "bf16": 25e9 * cores, "fp16": 10e9 * cores}, mem_bw=10e9 * min(cores, 8),
+        memory=mem, h2d_bw=20e9, d2h_bw=20e9, duplex_bw=20e9, intra_node_bw=10e9, inter_node_bw=1e9,
+        p2p_latency=50e-6, collective_latency=100e-6, attention_efficiency=0.5, bw_efficiency=0.7, op_overhead=10e-6,
+        cpu_adam_params_per_s=0.25e9 * cores, notes="generic local CPU defaults (gloo)")
+
+
+BUILTIN = {"h200": _h200, "h100": _h100, "a100": _a100, "cpu": _cpu}
+
+
+def list_profiles() -> list[str]:
+    return sorted(BUILTIN)
+
+
+def local_device_name() -> str:
+    """``h100``/``h200``/``a100`` when the local CUDA GPU is one of them, ``cuda`` for another GPU, else ``cpu``."""
+    try:
+        import torch
+        if torch.cuda.is_available():
+            name = torch.cuda.get_device_name(0).lower()
+            for key in ("h200", "h100", "a100"):
+                if key in name:
+                    return key
+            return "cuda"
+    except Exception:  # noqa: BLE001
+        pass
+    return "cpu"
+
+
+def get_profile(name: Optional[str | DeviceProfile] = "auto") -> DeviceProfile:
+    """A built-in profile by name, ``"auto"`` for the local device, or a JSON file path."""
+    if isinstance(name, DeviceProfile):
+        return name
+    key = (name or "auto").strip()
+    if key.lower().endswith(".json") or os.sep in key:
+        return DeviceProfile.load(key)
+    low = key.lower()
+    if low in ("auto", "local"):
+        low = local_device_name()
+        if low == "cuda":  # an unknown GPU: start from its memory size and H100-like rates
+            import torch
+            prof = _h100()
+            prof.name = torch.cuda.get_device_name(0)
+            prof.memory = int(torch.cuda.get_device_properties(0).total_memory)
+            prof.notes = "unknown GPU: H100-like rates; run `rannc-hf calibrate` for real ones"
+            return prof
+    if low not in BUILTIN:
+        raise ConfigError(f"unknown device profile {name!r}; choose one of {', '.join(list_profiles())}, 'auto', "
+                          f"or the path of a JSON profile (see `rannc-hf calibrate`)")
+    return BUILTIN[low]()
