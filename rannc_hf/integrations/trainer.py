@@ -186,13 +186,14 @@ class RanncTrainer(Trainer):
         if self.optimizer is None:
             self.create_optimizer()
         example = self._example_batch()
+        num_params = sum(p.numel() for p in self.model.parameters())  # before the module frees non-local params
         kwargs: dict[str, Any] = {"config": self.rannc_config, "local_batch": True}
         if example is not None:
             kwargs["example_batch"] = example
         self._rannc_module = RanncModule(self.model, self.optimizer, **kwargs)
         m = self._rannc_module
         if self._rannc_stats is not None:
-            self._rannc_stats.bind(m, num_params=sum(p.numel() for p in self.model.parameters()),
+            self._rannc_stats.bind(m, num_params=num_params,
                                    device=self._module_device(), precision=self.rannc_config.precision)
         # route any remaining Accelerate clipping to the global pipeline norm
         self.accelerator.clip_grad_norm_ = lambda parameters, max_norm, norm_type=2: m.clip_grad_norm_(max_norm)
@@ -394,15 +395,12 @@ class RanncTrainer(Trainer):
         m = self._ensure_module()
         sd = m.state_dict()  # collective: every rank evaluates the same batches in the same order
         base = getattr(m, "original_model", None) or self.model
-        if cache is None:
-            if _is_meta(base):
-                raise CheckpointError("cannot build an evaluation model: the original model lives on the meta device")
-            model = copy.deepcopy(base).to("cpu")
-        else:
-            model = cache[1]
-        missing, unexpected = model.load_state_dict({k: v.to("cpu") for k, v in sd.items()}, strict=False)
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        model = cache[1] if cache is not None else copy.deepcopy(base)
+        with torch.no_grad():
+            # non-local parameters of the original model are freed by the runtime: set .data, any shape
+            for k, t in model.state_dict(keep_vars=True).items():
+                if isinstance(t, torch.Tensor) and k in sd:
+                    t.data = sd[k].detach().to("cpu").clone()
         model.eval()
         dev = self.args.device
         model.to(dev)
@@ -435,7 +433,7 @@ class RanncTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         m = self._ensure_module()
         osd = m.optimizer_state_dict()
-        gathered = bool(getattr(m, "optimizer_state_is_full", False))
+        gathered = bool(getattr(m, "optimizer_state_is_full", True))  # RanncModule gathers it on every rank
         os.makedirs(output_dir, exist_ok=True)
         if gathered:
             if self.args.should_save:
