@@ -295,3 +295,23 @@ def test_plot_loss_curve(tmp_path):
     assert os.path.getsize(path) > 5000 and open(path, "rb").read(4) == b"\x89PNG"
     with pytest.raises(ValueError):
         plot_loss_curve([], tmp_path / "empty.png")
+
+
+def test_without_datasets_package(gpt_tok, bert_tok, tmp_path, monkeypatch):
+    from rannc_hf.data import pipeline
+
+    monkeypatch.setattr(pipeline, "datasets_available", lambda: False)
+    ds = build_clm_dataset(gpt_tok, SEQ, corpus_max_chars=CHARS)
+    assert isinstance(ds, dict) and isinstance(ds["train"], pipeline.ListDataset)
+    assert len(ds["train"]) > 500 and {len(x) for x in ds["train"]["input_ids"]} == {SEQ}
+    dl = make_dataloader(ds["train"], make_collator(gpt_tok, "clm", SEQ), 8, num_replicas=2, rank=0)
+    assert next(iter(dl))["labels"].shape == (8, SEQ)
+    nsp = build_mlm_dataset(bert_tok, SEQ, nsp=True, corpus_max_chars=CHARS)
+    assert set(nsp["train"]["next_sentence_label"]) == {0, 1}
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n\n".join(_write_docs(tmp_path)))
+    assert {len(x) for x in build_clm_dataset(gpt_tok, 32, train_file=str(txt))["train"]["input_ids"]} == {32}
+    with pytest.raises(DataFileNotFoundError):
+        load_text_dataset(train_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(DataError, match="need the `datasets` package"):
+        load_text_dataset(dataset_name="wikitext")

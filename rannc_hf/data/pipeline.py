@@ -18,6 +18,10 @@ every example has that shape and the data loaders drop the last partial batch.
 
 ``streaming=True`` returns ``IterableDataset`` splits for corpora larger than memory (the
 validation split is every ``round(100 / validation_split_percentage)``-th document).
+
+Without the ``datasets`` package (e.g. a GPU machine with only torch and transformers) the same
+functions still work for the default corpus and txt/json/jsonl/csv files: they return plain dicts of
+:class:`ListDataset` (in memory, no caching, no streaming).
 """
 
 from __future__ import annotations
@@ -40,10 +44,111 @@ if TYPE_CHECKING:  # pragma: no cover
     AnyDatasetDict = Union[datasets.DatasetDict, datasets.IterableDatasetDict]
 
 __all__ = ["load_text_dataset", "build_clm_dataset", "build_mlm_dataset", "make_collator", "make_dataloader",
-           "FixedShapeCollator", "FILE_BUILDERS"]
+           "FixedShapeCollator", "ListDataset", "datasets_available", "FILE_BUILDERS"]
 
 FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                  ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
+
+
+def datasets_available() -> bool:
+    """Whether ``datasets`` is installed (without it, a small in-memory fallback is used)."""
+    import importlib.util
+
+    return importlib.util.find_spec("datasets") is not None
+
+
+class ListDataset:
+    """A minimal in-memory, map-style stand-in for ``datasets.Dataset``, used when ``datasets`` is not
+    installed (e.g. a GPU machine with only torch + transformers). Works with ``torch`` DataLoaders."""
+
+    def __init__(self, columns: dict[str, list]):
+        lens = {len(v) for v in columns.values()}
+        if len(lens) > 1:
+            raise DataError(f"columns have different lengths: { {k: len(v) for k, v in columns.items()} }")
+        self._cols = columns
+        self._len = lens.pop() if lens else 0
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self._cols)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self._cols[key]
+        return {k: v[key] for k, v in self._cols.items()}
+
+    def map_batched(self, fn: Callable, batch_size: int = 1000, with_indices: bool = False) -> "ListDataset":
+        out: dict[str, list] = {}
+        for start in range(0, self._len, batch_size):
+            batch = {k: v[start:start + batch_size] for k, v in self._cols.items()}
+            idx = list(range(start, min(start + batch_size, self._len)))
+            res = fn(batch, idx) if with_indices else fn(batch)
+            for k, v in res.items():
+                out.setdefault(k, []).extend(v)
+        return ListDataset(out)
+
+    def __repr__(self) -> str:
+        return f"ListDataset(columns={self.column_names}, num_rows={self._len})"
+
+
+def _read_text_file(path: str, text_column: Optional[str]) -> list[str]:
+    import csv as csv_mod
+
+    builder = _builder_for(path)
+    if builder == "text":
+        with open(path, encoding="utf-8") as f:
+            return [p.strip() for p in re.split(r"\n\s*\n", f.read()) if p.strip()]
+    if builder == "json":
+        import json
+
+        with open(path, encoding="utf-8") as f:
+            head = f.read(1).strip()
+            f.seek(0)
+            rows = json.load(f) if head == "[" else [json.loads(line) for line in f if line.strip()]
+    elif builder == "csv":
+        with open(path, encoding="utf-8", newline="") as f:
+            rows = list(csv_mod.DictReader(f, delimiter="\t" if path.lower().endswith(".tsv") else ","))
+    else:
+        raise DataError(f"{path!r}: reading {builder} files needs the `datasets` package (pip install datasets)")
+    if not rows:
+        return []
+    col = text_column or ("text" if "text" in rows[0] else next((k for k, v in rows[0].items() if isinstance(v, str)), None))
+    if col is None or col not in rows[0]:
+        raise DataError(f"text column {col!r} not found in {path!r}; columns: {list(rows[0])}; pass --text_column NAME")
+    return [r[col] for r in rows if r.get(col)]
+
+
+def _load_without_datasets(dataset_name, train_file, validation_file, text_column, streaming,
+                           validation_split_percentage, corpus_max_chars, seed) -> dict:
+    if streaming or dataset_name:
+        raise DataError("--streaming and --dataset_name need the `datasets` package (pip install datasets); "
+                        "without it use --train_file (txt/json/jsonl/csv) or the built-in offline corpus")
+    if train_file:
+        for split, path in (("train", train_file), ("validation", validation_file)):
+            if path and not os.path.isfile(path):
+                raise DataFileNotFoundError(f"--{split}_file {path!r} does not exist (working directory "
+                                            f"{os.getcwd()!r}); pass an existing txt/json/jsonl/csv file, or omit "
+                                            f"the data arguments to use the built-in offline corpus")
+        train = _read_text_file(train_file, text_column)
+        if validation_file:
+            return {"train": ListDataset({"text": train}),
+                    "validation": ListDataset({"text": _read_text_file(validation_file, text_column)})}
+    else:
+        from .corpus import default_corpus_texts
+
+        train = default_corpus_texts(max_chars=corpus_max_chars)
+    if len(train) < 2:
+        raise DataError(f"the training data has {len(train)} document(s); need at least 2 to split off a validation set")
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(train) * validation_split_percentage / 100))
+    val = sorted(order[:n_val])
+    keep = sorted(order[n_val:])
+    return {"train": ListDataset({"text": [train[i] for i in keep]}),
+            "validation": ListDataset({"text": [train[i] for i in val]})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,14 +284,17 @@ def load_text_dataset(dataset_name: Optional[str] = None, dataset_config: Option
     Precedence: ``train_file`` > ``dataset_name`` > the default offline corpus. A source without a
     validation split gets one of ``validation_split_percentage`` percent of its documents.
     """
-    import datasets
-
     if train_file and dataset_name:
         raise DataError("pass either --dataset_name or --train_file, not both")
     if validation_file and not train_file:
         raise DataError("--validation_file needs --train_file")
     if not 0 < validation_split_percentage < 100:
         raise DataError(f"validation_split_percentage={validation_split_percentage} must be in (0, 100)")
+    if not datasets_available():
+        return _load_without_datasets(dataset_name, train_file, validation_file, text_column, streaming,
+                                      validation_split_percentage, corpus_max_chars, seed)
+    import datasets
+
     if train_file:
         raw = _load_files(train_file, validation_file, streaming, cache_dir)
     elif dataset_name:
@@ -344,6 +452,8 @@ def _check_seq_len(seq_len: int, tokenizer: "PreTrainedTokenizerBase", minimum: 
 
 def _map(ds, fn: Callable, streaming: bool, desc: str, num_proc: Optional[int], with_indices: bool = False,
          batch_size: int = 1000):
+    if isinstance(ds, ListDataset):
+        return ds.map_batched(fn, batch_size=batch_size, with_indices=with_indices)
     kwargs: dict[str, Any] = dict(batched=True, batch_size=batch_size, with_indices=with_indices,
                                   remove_columns=_column_names(ds))
     if not streaming:
@@ -369,19 +479,17 @@ def build_clm_dataset(tokenizer: "PreTrainedTokenizerBase", seq_len: int, *, dat
     ``raw`` (a dict of text splits) to skip loading.
     """
     _check_seq_len(seq_len, tokenizer, 2)
-    import datasets
-
     raw = raw if raw is not None else load_text_dataset(
         dataset_name, dataset_config, train_file, validation_file, text_column, streaming,
         validation_split_percentage, corpus_max_chars, cache_dir, seed)
-    streaming = isinstance(raw["train"], datasets.IterableDataset)
+    streaming = _is_streaming(raw["train"])
     out = {}
     for split, ds in _splits(raw):
         tok = _map(ds, functools.partial(_tokenize_docs, tokenizer=tokenizer, append_eos=True), streaming,
                    f"tokenizing {split}", num_proc)
         out[split] = _map(tok, functools.partial(_group_clm, seq_len=seq_len), streaming,
                           f"grouping {split} into blocks of {seq_len}", num_proc)
-    result = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(out)
+    result = _container(raw, out, streaming)
     _check_nonempty(result, streaming, seq_len)
     return result
 
@@ -410,13 +518,11 @@ def build_mlm_dataset(tokenizer: "PreTrainedTokenizerBase", seq_len: int, *, nsp
     ``next_sentence_label`` (0: B follows A, 1: B is random), for ``BertForPreTraining``.
     """
     _check_seq_len(seq_len, tokenizer, 8 if nsp else 3)
-    import datasets
-
     cls_id, sep_id, pad_id = _special_ids(tokenizer)
     raw = raw if raw is not None else load_text_dataset(
         dataset_name, dataset_config, train_file, validation_file, text_column, streaming,
         validation_split_percentage, corpus_max_chars, cache_dir, seed)
-    streaming = isinstance(raw["train"], datasets.IterableDataset)
+    streaming = _is_streaming(raw["train"])
     out = {}
     for split, ds in _splits(raw):
         if nsp:
@@ -430,9 +536,21 @@ def build_mlm_dataset(tokenizer: "PreTrainedTokenizerBase", seq_len: int, *, nsp
                        f"tokenizing {split}", num_proc)
             out[split] = _map(tok, functools.partial(_group_mlm, seq_len=seq_len, cls_id=cls_id, sep_id=sep_id),
                               streaming, f"grouping {split} into blocks of {seq_len}", num_proc)
-    result = (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(out)
+    result = _container(raw, out, streaming)
     _check_nonempty(result, streaming, seq_len)
     return result
+
+
+def _is_streaming(ds) -> bool:
+    return type(ds).__name__ == "IterableDataset" and not isinstance(ds, ListDataset)
+
+
+def _container(raw, out: dict, streaming: bool):
+    if isinstance(raw["train"], ListDataset):
+        return out
+    import datasets
+
+    return (datasets.IterableDatasetDict if streaming else datasets.DatasetDict)(out)
 
 
 def _check_nonempty(result, streaming: bool, seq_len: int) -> None:
