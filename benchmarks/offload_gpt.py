@@ -92,8 +92,11 @@ def run_case(args, device, mode: str, accum: int, cap_bytes) -> dict:
     model, cfg = build_model(args.tiny)
     n_params = sum(p.numel() for p in model.parameters())
     if args.recompute:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        import warnings
+
+        with warnings.catch_warnings():  # renamed activation_checkpointing_enable in newer transformers
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dtype = torch.bfloat16
     host = HostPeak()
     result = {"mode": mode, "accum": accum, "params": n_params, "gpu_cap_bytes": cap_bytes}

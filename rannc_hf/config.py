@@ -27,6 +27,8 @@ from .units import format_bytes, parse_bytes
 
 CONFIG_ENV = "RANNC_HF_CONFIG"
 ENV_PREFIX = "RANNC_HF_"
+# RANNC_HF_* variables that are not config fields (cache and results folders)
+NON_CONFIG_ENV = frozenset({CONFIG_ENV, "RANNC_HF_CACHE", "RANNC_HF_RESULTS"})
 
 SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved-1f1b")
 PARTITIONERS = ("auto", "even", "params")
@@ -167,7 +169,7 @@ class RanncConfig(_DictLoadable):
             data = cls.from_yaml(path).to_dict()
         valid = cls.valid_keys()
         for k, v in env.items():
-            if k.startswith(ENV_PREFIX) and k != CONFIG_ENV:
+            if k.startswith(ENV_PREFIX) and k not in NON_CONFIG_ENV:
                 key = k[len(ENV_PREFIX):].lower()
                 if key not in valid:
                     raise _unknown_key_error(key, valid, f"environment variable {k}:")

@@ -1,0 +1,242 @@
+"""The recipes' training loop: a plain Accelerate loop with ``RanncAccelerator`` swapped in.
+
+Read top to bottom; everything rannc-specific is the accelerator class and the config file. Used by
+``recipes/gpt/pretrain.py`` and ``recipes/bert/pretrain.py``::
+
+    from loop import train
+    train(parse_args("gpt"))          # or --trainer: the same job through RanncTrainer
+
+What one run does: build/load data and a tokenizer, build the model from its config, plan and
+partition it (the plan is printed), train with a progress bar and periodic loss logs, evaluate,
+print per-stage memory/throughput, save an HF checkpoint (``from_pretrained`` loads it), the
+tokenizer beside it, ``history.json`` and a loss-curve PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from types import SimpleNamespace
+
+import torch
+
+from common import (load_model_config, load_raw_text, prepare_datasets, prepare_tokenizer, save_run_args,
+                    sync_config_with_tokenizer)
+
+
+def _model_class(kind: str, config, nsp: bool):
+    import transformers as tf
+
+    if kind == "bert":
+        return tf.BertForPreTraining if nsp else tf.AutoModelForMaskedLM
+    return tf.AutoModelForCausalLM
+
+
+def _build_model(kind, config, nsp):
+    cls = _model_class(kind, config, nsp)
+    return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+
+
+def _rannc_plugin(args):
+    from rannc_hf import RanncPlugin
+
+    if args.rannc_config:
+        return RanncPlugin.from_yaml(args.rannc_config)
+    return RanncPlugin.from_env()
+
+
+def _scheduler(args, optimizer):
+    from transformers import get_scheduler
+
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, int(0.05 * args.max_steps))
+    return get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                         num_training_steps=args.max_steps)
+
+
+def _optimizer(args, model):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+
+
+def train(args) -> dict:
+    """Run one pretraining job described by the recipe's ``args``; returns the loss history."""
+    if args.trainer:
+        return train_with_trainer(args)
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from rannc_hf import RanncAccelerator
+    from rannc_hf.data.pipeline import make_collator, make_dataloader
+    from rannc_hf.data.plots import plot_loss_curve
+    from rannc_hf.integrations.stats import RanncStatsCallback
+
+    accelerator = RanncAccelerator(rannc_plugin=_rannc_plugin(args),
+                                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   log_with=None if args.report_to == "none" else args.report_to,
+                                   project_dir=args.output_dir)
+    set_seed(args.seed)
+    log = accelerator.print
+
+    # ---- data and tokenizer (built once, on the main process first; others read the cache)
+    config = load_model_config(args)
+    with accelerator.main_process_first():
+        raw = load_raw_text(args)
+        tokenizer = prepare_tokenizer(args, config, raw)
+        data = prepare_datasets(args, tokenizer, raw)
+    sync_config_with_tokenizer(config, tokenizer)
+    kind = "clm" if args.kind == "gpt" else "mlm"
+    collate = make_collator(tokenizer, kind, seq_len=args.seq_len, mlm_probability=getattr(args, "mlm_probability", 0.15),
+                            seed=args.seed)
+    train_dl = make_dataloader(data["train"], collate, args.per_device_batch_size, shuffle=True, seed=args.seed)
+    eval_dl = make_dataloader(data["validation"], collate, args.per_device_batch_size, shuffle=False)
+
+    # ---- model, optimizer, schedule: exactly as on one GPU
+    model = _build_model(args.kind, config, getattr(args, "nsp", False))
+    optimizer = _optimizer(args, model)
+    scheduler = _scheduler(args, optimizer)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {type(model).__name__}, {n_params / 1e6:.2f}M parameters, seq_len {args.seq_len}")
+    model, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(model, optimizer, train_dl, eval_dl, scheduler)
+    plan = getattr(model, "plan", None)
+    if plan is not None:
+        log(plan.summary())
+    if args.report_to != "none":
+        accelerator.init_trackers("pretrain", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    stats = RanncStatsCallback(print_summary=True).bind(module=model if hasattr(model, "pp_rank") else None,
+                                                        plan=plan, num_params=n_params)
+    targs = SimpleNamespace(device=accelerator.device, output_dir=args.output_dir)
+    stats.on_train_begin(targs, None, None)
+
+    # ---- the loop
+    history: list[dict] = []
+    step, t_start = 0, time.time()
+    bar = tqdm(total=args.max_steps, desc="training", disable=not accelerator.is_local_main_process)
+    data_iter = iter(train_dl)
+    running = []
+    while step < args.max_steps:
+        stats.on_step_begin(targs, None, None)
+        for _ in range(args.gradient_accumulation_steps):
+            try:
+                batch = next(data_iter)
+            except StopIteration:
+                data_iter = iter(train_dl)
+                batch = next(data_iter)
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                stats.observe_batch(batch)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            running.append(float(loss.detach()))
+        stats.on_step_end(targs, None, None)
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == args.max_steps:
+            rec = {"step": step, "loss": sum(running) / len(running), "lr": scheduler.get_last_lr()[0],
+                   "elapsed_s": round(time.time() - t_start, 2)}
+            running = []
+            rec.update({k: v for k, v in stats.collect().items() if not k.startswith("rannc/stage")})
+            history.append(rec)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}")
+            log(f"step {step:>5}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
+                f"{rec.get('rannc/tokens_per_s', 0):,.0f} tok/s")
+            if args.report_to != "none":
+                accelerator.log(rec, step=step)
+        if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
+            history.append({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator, args.eval_batches)})
+            log(f"step {step:>5}  eval_loss {history[-1]['eval_loss']:.4f}")
+    bar.close()
+    final_eval = evaluate(model, eval_dl, accelerator, args.eval_batches)
+    history.append({"step": step, "eval_loss": final_eval})
+    log(f"final eval_loss {final_eval:.4f} (perplexity {math.exp(min(final_eval, 50)):.1f})")
+    stats.finish(targs, SimpleNamespace(global_step=step, is_world_process_zero=accelerator.is_main_process))
+
+    # ---- save: HF checkpoint + tokenizer + history + loss curve
+    accelerator.wait_for_everyone()
+    accelerator.save_model(model, args.output_dir)
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(args.output_dir)
+        save_run_args(args)
+        with open(os.path.join(args.output_dir, "history.json"), "w") as f:
+            json.dump(history, f, indent=1)
+        if not args.no_plot:
+            path = plot_loss_curve(history, os.path.join(args.output_dir, "loss.png"),
+                                   title=f"{config.model_type} pretraining ({n_params / 1e6:.1f}M params)")
+            log(f"loss curve: {path}")
+        log(f"checkpoint: {args.output_dir} (load with AutoModel*.from_pretrained)")
+    accelerator.end_training()
+    return {"history": history}
+
+
+@torch.no_grad()
+def evaluate(model, eval_dl, accelerator, max_batches: int) -> float:
+    """Mean validation loss over at most ``max_batches`` batches (same value on every rank)."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for i, batch in enumerate(eval_dl):
+        if i >= max_batches:
+            break
+        loss = model(**batch).loss
+        losses.append(accelerator.gather_for_metrics(loss.detach().reshape(1)).float().mean())
+    if was_training:
+        model.train()
+    return float(torch.stack(losses).mean()) if losses else float("nan")
+
+
+def train_with_trainer(args) -> dict:
+    """The same job through :class:`rannc_hf.RanncTrainer` (``--trainer``)."""
+    from transformers import set_seed
+
+    from rannc_hf import RanncTrainer
+    from rannc_hf.data.pipeline import make_collator
+    from rannc_hf.data.plots import plot_loss_curve
+
+    set_seed(args.seed)
+    config = load_model_config(args)
+    raw = load_raw_text(args)
+    tokenizer = prepare_tokenizer(args, config, raw)
+    data = prepare_datasets(args, tokenizer, raw)
+    sync_config_with_tokenizer(config, tokenizer)
+    model = _build_model(args.kind, config, getattr(args, "nsp", False))
+    collate = make_collator(tokenizer, "clm" if args.kind == "gpt" else "mlm", seq_len=args.seq_len, seed=args.seed)
+    targs = _trainer_args(args)
+    trainer = RanncTrainer(model=model, args=targs, train_dataset=data["train"],
+                           eval_dataset=data["validation"], data_collator=collate, processing_class=tokenizer)
+    trainer.train()
+    metrics = trainer.evaluate()
+    trainer.save_model(args.output_dir)
+    history = [h for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "history.json"), "w") as f:
+            json.dump(history, f, indent=1)
+        if not args.no_plot:
+            plot_loss_curve(history, os.path.join(args.output_dir, "loss.png"))
+        print(f"final eval_loss {metrics.get('eval_loss', float('nan')):.4f}; checkpoint: {args.output_dir}")
+    return {"history": history}
+
+
+def _trainer_args(args):
+    from rannc_hf import RanncTrainingArguments
+
+    return RanncTrainingArguments(
+        output_dir=args.output_dir, rannc_config=args.rannc_config or os.environ.get("RANNC_HF_CONFIG"),
+        per_device_train_batch_size=args.per_device_batch_size, per_device_eval_batch_size=args.per_device_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, max_steps=args.max_steps,
+        learning_rate=args.learning_rate, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, lr_scheduler_type=args.lr_scheduler_type, max_grad_norm=args.max_grad_norm,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, int(0.05 * args.max_steps)),
+        logging_steps=args.log_every, eval_strategy="steps" if args.eval_every else "no",
+        eval_steps=args.eval_every or None, save_strategy="steps" if args.save_every else "no",
+        save_steps=args.save_every or 500, report_to=[] if args.report_to == "none" else [args.report_to],
+        seed=args.seed, dataloader_drop_last=True, remove_unused_columns=False,
+    )
