@@ -88,11 +88,14 @@ def _fetch(root: Any, target: str):
     return obj
 
 
-def build_graph_module(graph: Graph, spec: StageSpec, model: Optional[nn.Module] = None) -> fx.GraphModule:
+def build_graph_module(graph: Graph, spec: StageSpec, model: Optional[nn.Module] = None,
+                       device: Optional[torch.device] = None) -> fx.GraphModule:
     """The ``fx.GraphModule`` of one stage (see the module docstring for its calling convention).
 
     ``model``: resolve parameters/buffers on this module instead of the captured one (it must have the
     same structure); lifted constants always come from the captured module.
+    ``device``: move the tensors the stage reads there **in place** (``t.data = t.data.to(device)``, so the
+    user's parameter objects move) and rewrite ``device=`` arguments baked into the graph at capture.
     """
     src = graph.module
     nodes = {n.name: n for n in src.graph.nodes}
@@ -124,6 +127,13 @@ def build_graph_module(graph: Graph, spec: StageSpec, model: Optional[nn.Module]
                 raise RuntimeError(f"stage {spec.index}: op {op.name} reads {a.name} ({a.op}) which is neither "
                                    f"a stage input nor computed in the stage")
         env[node.name] = g.node_copy(node, lambda n: env[n.name])
+        if device is not None and isinstance(node.kwargs.get("device"), torch.device) \
+                and node.kwargs["device"] != device:
+            env[node.name].kwargs = {**env[node.name].kwargs, "device": device}
+    if device is not None:
+        for obj in root.values():
+            if isinstance(obj, torch.Tensor) and obj.device != device:
+                obj.data = obj.data.to(device)
     if spec.is_last:
         g.output(env[spec.outputs[0]])
     else:
@@ -201,7 +211,8 @@ class StageModule(nn.Module):
 
 def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[int]] = None,
                  model: Optional[nn.Module] = None, precision: str = "fp32",
-                 recompute: Sequence[str] | str = "none", device_type: str = "cpu") -> list[StageModule]:
+                 recompute: Sequence[str] | str = "none", device_type: str = "cpu",
+                 device: Optional[torch.device] = None) -> list[StageModule]:
     """Stage modules for ``cuts`` (all stages, or the indices in ``only``, in that order)."""
     specs = stage_specs(graph, cuts)
     vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
@@ -211,7 +222,7 @@ def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[i
         spec = specs[s]
         rc = recompute if isinstance(recompute, str) else recompute[s]
         dtypes = [] if spec.is_last else [vals[v].dtype for v in spec.outputs]
-        sm = StageModule(build_graph_module(graph, spec, model), spec, dtypes, precision, rc, device_type)
+        sm = StageModule(build_graph_module(graph, spec, model, device), spec, dtypes, precision, rc, device_type)
         sm.graph_ref = graph
         out.append(sm)
     return out

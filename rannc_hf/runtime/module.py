@@ -1,0 +1,657 @@
+"""``RanncModule``: the drop-in wrapper that trains any model as a (dp x pp) pipeline.
+
+    # torchrun --nproc_per_node 4 train.py   (the single-GPU loop, plus one line)
+    import rannc_hf
+    model = MyModel()                                         # or any HF model, with labels in the batch
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model = rannc_hf.RanncModule(model, optimizer, config=rannc_hf.RanncConfig(num_stages=2, precision="fp32"))
+    for batch in loader:                                      # the same global batch on every rank
+        loss = model(**batch).loss                            # (plain modules: model(...) returns the loss)
+        loss.backward()
+        model.clip_grad_norm_(1.0)
+        optimizer.step(); optimizer.zero_grad()
+
+Semantics
+---------
+* **Global batch.** The batch given to ``forward`` is the global batch, the same on every rank (as in
+  a single-GPU loop). Replica ``d`` of ``dp_size`` takes the contiguous slice ``d`` of it and splits
+  that into ``num_microbatches`` equal chunks. With ``local_batch=True`` (Accelerate-style dataloaders
+  that already shard by ``dp_rank``) the batch is this replica's shard. Only the first stage feeds
+  inputs in; labels travel through the stages to the loss in the last stage.
+* **First call** (or construction with ``example_batch``): decide the layout (``plan=``, then
+  ``config.plan_file`` if it exists -> checked against the world size and the graph fingerprint with
+  a :class:`~rannc_hf.errors.PlanMismatchError`; else the automatic planner when installed; else
+  ``config.num_stages``/``dp_size``/``num_microbatches`` with balanced cuts), capture the model with
+  ``torch.export`` at **microbatch** size, build this rank's stages and process groups. A new plan is
+  saved to ``config.plan_file`` (rank 0, atomically) when that file does not exist yet.
+* **forward = the whole step.** Pipeline schedules interleave forward and backward of microbatches, so
+  ``forward`` runs both and keeps the new gradients aside. It returns the loss (mean over microbatches
+  and replicas, identical on every rank). ``loss.backward()`` then adds ``grad_output x new_grads``
+  into ``.grad``: user-side scaling (``(loss * s).backward()``) and gradient accumulation across calls
+  (``.grad`` adds up until ``zero_grad``) behave as on one GPU. Without ``backward()`` nothing reaches
+  ``.grad``. Under ``torch.no_grad()`` forward only runs (no gradients); ``eval()`` captures the model
+  again in eval mode (dropout off, BatchNorm running statistics).
+* **Gradient sync.** Every call averages the new gradients over the dp replicas (one flattened
+  all-reduce per dtype) and sums the gradients of parameters read on several pipeline ranks (tied
+  embeddings: GPT-2 ``wte``/``lm_head``, T5 ``shared`` in 3 places) over the ranks holding them, so tied
+  copies stay identical after every optimizer step. Inside ``with model.no_sync():`` the dp all-reduce
+  is skipped; the ``backward()`` of the next synchronised call averages the accumulated ``.grad`` once.
+* **Optimizer.** The optimizer passed in is mutated in place: each param group keeps only this rank's
+  parameters (same object, same hyperparameters). ``clip_grad_norm_`` computes the global norm over
+  all stages (parameters held on several ranks counted once), returns it, same on every rank.
+* **Checkpoints.** ``state_dict()`` gathers the full model under the original keys (tied aliases
+  included) on every rank with ``dist.broadcast`` (no pickling); ``load_state_dict`` takes a full state
+  dict and keeps what is local. ``optimizer_state_dict()`` / ``load_optimizer_state_dict()`` key the
+  optimizer state by parameter FQN, so a checkpoint written under one plan loads under another.
+* **Precision.** ``config.precision``: fp32 | bf16 | fp16 through ``torch.autocast`` inside each stage
+  (parameters and gradients stay fp32). fp16 uses :attr:`scaler` (:class:`~rannc_hf.runtime.amp.LossScaler`):
+  the loss is scaled inside the pipeline, gradients are unscaled before they reach ``.grad``, the
+  inf/nan check is all-reduced over every rank and an overflowing step is skipped by all ranks together
+  (``optimizer.step`` of the wrapped optimizer becomes a no-op for that step; :attr:`overflow` says so).
+* **Recompute.** A stage whose plan says ``recompute == "full"`` (or ``config.recompute == "full"``)
+  runs under ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved). Note: BatchNorm running
+  statistics are updated again by the recomputation (as with any activation checkpointing).
+* **Changing shapes.** A batch with another shape/dtype signature is captured again and built with the
+  same cuts when they fit (cached per signature; all ranks decide alike because they see the same global
+  batch). If the batch size is not a multiple of ``dp_size x num_microbatches``, or the new graph would
+  put different parameters on this rank, a :class:`~rannc_hf.errors.ShapeMismatchError` says how to pad
+  or bucket. Each new shape costs a capture (about a second for small models): bucket lengths.
+* **Offload.** ``rannc_hf.offload`` hooks in per stage at :meth:`_attach_offload` (not wired yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..capture import capture
+from ..capture.export import batch_size_of, normalize_batch
+from ..capture.graph import Graph
+from ..config import RanncConfig
+from ..errors import PlanMismatchError, ShapeMismatchError
+from .amp import LossScaler
+from .grads import allreduce_sum_, any_nonfinite, global_grad_norm, restore_grads, stash_grads
+from .mesh import Mesh, default_device, init_distributed
+from .pipeline import StagePipeline
+from .planning import Layout, cuts_for, decide_layout
+from .stages import batch_inputs, stage_specs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineOutput:
+    """What ``forward`` returns for models whose output has a ``loss`` field (Hugging Face style)."""
+
+    loss: torch.Tensor
+    logits: Any = None
+
+    def __getitem__(self, key):
+        if key in ("loss", 0):
+            return self.loss
+        raise KeyError(key)
+
+    def keys(self):
+        return ["loss"]
+
+    def to_tuple(self) -> tuple:
+        return (self.loss,)
+
+
+@dataclass
+class _Variant:
+    """Everything built for one (input signature, train/eval) combination."""
+
+    graph: Graph
+    cuts: list
+    pipe: StagePipeline
+    params: list                  # local trainable parameters (unique objects)
+    names: list                   # their graph FQNs
+    holders: dict                 # graph FQN -> sorted pipeline ranks reading it (params and buffers)
+    shared_groups: list = field(default_factory=list)   # [(pp ranks, [param indices], group)]
+
+
+class _Payload:
+    __slots__ = ("params", "grads", "synced")
+
+    def __init__(self, params, grads, synced):
+        self.params, self.grads, self.synced = params, grads, synced
+
+
+class _CarryGrads(torch.autograd.Function):
+    """Returns the loss; its backward adds ``grad_output * new_grads`` into ``.grad``."""
+
+    @staticmethod
+    def forward(ctx, anchor, loss, owner, payload):
+        ctx.owner, ctx.payload = owner, payload
+        return loss.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        ctx.owner._accumulate(ctx.payload, grad_output)
+        return None, None, None, None
+
+
+class RanncModule(nn.Module):
+    """Wrap ``model`` (any ``nn.Module`` whose forward returns a loss) to train as a pipeline. See the module doc."""
+
+    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                 config: Optional[RanncConfig] = None, *, example_batch: Any = None, plan=None,
+                 local_batch: bool = False, graph: Optional[Graph] = None, device: Optional[torch.device] = None):
+        super().__init__()
+        self.module = model
+        self.optimizer = optimizer
+        self.config = config if config is not None else RanncConfig.from_env()
+        self.local_batch = local_batch
+        self.device = torch.device(device) if device is not None else default_device()
+        self._given_plan = plan
+        self._given_graph = graph
+        self.plan = None
+        self.mesh: Optional[Mesh] = None
+        self.layout: Optional[Layout] = None
+        self._variants: dict = {}
+        self._primary: Optional[_Variant] = None
+        self._sync = True
+        self._unsynced = False
+        self.scaler = LossScaler(enabled=self.config.precision == "fp16")
+        self._debug_inject_inf = False   # tests: pretend this rank saw an inf gradient on the next call
+        self._full_meta: dict[int, tuple] = {}
+        self._opt_groups_fqn: Optional[list] = None
+        self._name_of = {id(p): n for n, p in model.named_parameters()}
+        if example_batch is not None:
+            self._ensure_built(*self._split_call((), dict(example_batch) if isinstance(example_batch, dict)
+                                                 else {}, example_batch), train=model.training)
+
+    # ---- public properties ---------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.dp_rank if self.mesh else 0
+
+    @property
+    def dp_size(self) -> int:
+        return self.mesh.dp_size if self.mesh else 1
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.pp_rank if self.mesh else 0
+
+    @property
+    def num_stages(self) -> int:
+        return self.layout.num_stages if self.layout else 1
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.layout.num_microbatches if self.layout else 1
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self._primary.pipe.has_first if self._primary else True
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self._primary.pipe.has_last if self._primary else True
+
+    @property
+    def overflow(self) -> bool:
+        """fp16: an overflow happened since the last optimizer step (it will be skipped on every rank)."""
+        return self.scaler.found_inf
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        """The trainable parameters this rank's stages own (what its optimizer steps)."""
+        return list(self._primary.params) if self._primary else list(self.module.parameters())
+
+    # ---- batch handling ------------------------------------------------------------------
+    @staticmethod
+    def _split_call(args: tuple, kwargs: dict, example: Any = None) -> tuple[dict, dict]:
+        """(tensor inputs keyed like Graph.inputs, other keyword values)."""
+        if example is not None and not isinstance(example, dict):
+            args, kwargs = normalize_batch(example)
+        tensors, other = {}, {}
+        for i, a in enumerate(args):
+            (tensors if isinstance(a, torch.Tensor) else other)[f"arg{i}"] = a
+        for k, v in kwargs.items():
+            (tensors if isinstance(v, torch.Tensor) else other)[k] = v
+        return tensors, other
+
+    def _signature(self, tensors: dict, other: dict, train: bool) -> tuple:
+        return (train, tuple((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in tensors.items()),
+                tuple(sorted((k, repr(v)) for k, v in other.items())), self._batch_of(tensors))
+
+    def _batch_of(self, tensors: dict) -> int:
+        return batch_size_of((), tensors)
+
+    def _check_batch(self, B: int) -> int:
+        """Per-replica rows for a batch of B rows (global or local); a clear error if it does not divide."""
+        dp, m = (1 if self.local_batch else self.layout.dp_size), self.layout.num_microbatches
+        if B % (dp * m):
+            need = dp * m
+            raise ShapeMismatchError(
+                f"batch of {B} samples cannot be split into {self.layout.dp_size if not self.local_batch else 1} "
+                f"replica(s) x {m} microbatches; use a batch size that is a multiple of {need} (pad the last "
+                f"batch or use drop_last=True in the DataLoader), or set num_microbatches to a divisor of it")
+        return B // dp
+
+    def _shard(self, tensors: dict, rows: int) -> dict:
+        if self.local_batch or self.layout.dp_size == 1:
+            return tensors
+        lo = self.dp_rank * rows
+        return {k: v[lo:lo + rows] for k, v in tensors.items()}
+
+    # ---- building ------------------------------------------------------------------------
+    def _ensure_built(self, tensors: dict, other: dict, train: bool) -> _Variant:
+        sig = self._signature(tensors, other, train)
+        var = self._variants.get(sig)
+        if var is not None:
+            return var
+        B = self._batch_of(tensors)
+        if self.layout is None:
+            self._decide(tensors, other, B)
+        rows = self._check_batch(B)
+        mb = rows // self.layout.num_microbatches
+        example = {k: v[:mb] for k, v in tensors.items()}
+        example.update(other)
+        var = self._build_variant(example, train)
+        self._variants[sig] = var
+        return var
+
+    def _decide(self, tensors: dict, other: dict, B: int) -> None:
+        init_distributed(self.config.collective_timeout_s, self.device)
+        world = dist.get_world_size()
+        plan = self._given_plan
+        pf = self.config.plan_file
+        if plan is None and pf and os.path.exists(pf):
+            from ..planner.plan import Plan
+
+            plan = Plan.load(pf)
+            self._plan_from_file = True
+        if plan is not None:
+            plan.check_world(world)
+        batch = {**tensors, **other}
+        self.layout = decide_layout(self.module, batch, self.config, world_size=world, batch_size=B,
+                                    plan=plan, batch_is_local=self.local_batch)
+        pp = self.layout.num_stages // self.layout.virtual_stages
+        self.mesh = Mesh(pp, self.layout.dp_size, self.config.collective_timeout_s, self.device)
+
+    def _build_variant(self, example: dict, train: bool) -> _Variant:
+        was = self.module.training
+        self.module.train(train)
+        try:
+            g = self._given_graph if (self._given_graph is not None and not self._variants and train) else None
+            if g is None:
+                g = capture(self.module, example)
+        finally:
+            self.module.train(was)
+        lay, mesh = self.layout, self.mesh
+        if self._primary is None:
+            if lay.plan is not None and getattr(self, "_plan_from_file", False):
+                lay.plan.check_graph(g)
+            cuts = cuts_for(g, lay)
+        else:  # a new shape / mode: keep the cuts when they fit, so parameters stay where they are
+            prev = self._primary.cuts
+            if len(g.ops) == len(self._primary.graph.ops) and all(g.valid_cuts[c] for c in prev):
+                cuts = list(prev)
+            else:
+                from .planning import fallback_cuts
+
+                cuts = fallback_cuts(g, lay.num_stages)
+        recompute = ["full" if self.config.recompute == "full" else "none"] * lay.num_stages
+        if lay.plan is not None and len(lay.plan.stages) == lay.num_stages:
+            recompute = [s.recompute if s.recompute in ("none", "full") else r
+                         for s, r in zip(lay.plan.stages, recompute)]
+        pipe = StagePipeline(g, cuts, mesh, lay.num_microbatches, lay.schedule, virtual_stages=lay.virtual_stages,
+                             model=self.module, precision=self.config.precision, recompute=recompute)
+        holders: dict[str, list[int]] = {}
+        for spec in stage_specs(g, cuts):
+            for name in spec.params:
+                holders.setdefault(name, set()).add(spec.index % mesh.pp_size)
+        holders = {k: sorted(v) for k, v in holders.items()}
+        names = pipe.param_names
+        params = pipe.params
+        var = _Variant(g, cuts, pipe, params, names, holders)
+        # groups of pipeline ranks that share parameters (created in the same order on every rank)
+        sets = sorted({tuple(v) for k, v in holders.items() if len(v) > 1})
+        groups = mesh.holder_groups(sets)
+        for s, grp in zip(sets, groups):
+            idx = sorted((i for i, n in enumerate(names) if tuple(holders[n]) == s), key=lambda i: names[i])
+            if grp is not None and idx:
+                var.shared_groups.append((s, idx, grp))
+        if self._primary is None:
+            self._primary = var
+            self._on_first_build(g, cuts)
+        elif {id(p) for p in params} != {id(p) for p in self._primary.params}:
+            raise ShapeMismatchError(
+                f"a batch of this shape/mode (training={train}) would place different parameters on pipeline rank "
+                f"{mesh.pp_rank} than the first one; pad or bucket inputs to the shapes seen first (e.g. pad "
+                f"sequences to a fixed length) so every step uses the same partition")
+        return var
+
+    def _on_first_build(self, g: Graph, cuts: list) -> None:
+        from ..planner.plan import Plan
+
+        lay = self.layout
+        if lay.plan is not None and getattr(self, "_plan_from_file", False):
+            self.plan = lay.plan
+        else:
+            self.plan = Plan.from_cuts(g, cuts, num_microbatches=lay.num_microbatches, dp_size=lay.dp_size,
+                                       schedule=lay.schedule, virtual_stages=lay.virtual_stages)
+            if lay.plan is not None:
+                self.plan.notes = list(getattr(lay.plan, "notes", []))
+                self.plan.partitioner = lay.plan.partitioner
+        pf = self.config.plan_file
+        if pf and not os.path.exists(pf) and dist.get_rank() == 0:
+            self.plan.save(pf)
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            self._full_meta[id(t)] = (tuple(t.shape), t.dtype)
+        self._localize_optimizer()
+        self._attach_offload()
+        if self.device.type == "cuda":
+            self._release_nonlocal()
+
+    def _localize_optimizer(self) -> None:
+        opt = self.optimizer
+        if opt is None:
+            return
+        local = {id(p) for p in self._primary.params}
+        self._opt_groups_fqn = []
+        for group in opt.param_groups:
+            self._opt_groups_fqn.append([self._name_of.get(id(p), "") for p in group["params"]])
+            group["params"] = [p for p in group["params"] if id(p) in local]
+        for p in list(opt.state):
+            if id(p) not in local:
+                del opt.state[p]
+        if self.config.precision == "fp16":
+            orig = opt.step
+            scaler = self.scaler
+
+            def step(*args, **kwargs):
+                if scaler.consume_skip():
+                    return None
+                return orig(*args, **kwargs)
+
+            opt.step = step
+
+    def _attach_offload(self) -> None:
+        """Hook point for ``rannc_hf.offload`` (per-stage OffloadEngine with enter/exit fences); not wired yet."""
+        return None
+
+    def _local_tensor_ids(self) -> set[int]:
+        ids = set()
+        for m in self._primary.pipe.modules:
+            for t in list(m.parameters()) + list(m.buffers()):
+                ids.add(id(t))
+        return ids
+
+    def _release_nonlocal(self) -> None:
+        """GPU runs: parameters/buffers no local stage reads keep no memory (their shapes are remembered)."""
+        local = self._local_tensor_ids()
+        for t in list(self.module.parameters()) + list(self.module.buffers()):
+            if id(t) not in local and t.numel() > 0:
+                t.data = torch.empty(0, dtype=t.dtype, device="cpu")
+
+    # ---- the step ------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        tensors, other = self._split_call(args, kwargs)
+        train = self.training
+        var = self._ensure_built(tensors, other, train)
+        lay, mesh, pipe = self.layout, self.mesh, var.pipe
+        rows = self._check_batch(self._batch_of(tensors))
+        inputs = None
+        if pipe.has_first:
+            shard = self._shard(tensors, rows)
+            inputs = [t.to(self.device, non_blocking=True) for t in batch_inputs(var.graph, shard)]
+        backward = torch.is_grad_enabled() and bool(var.params)
+        m = lay.num_microbatches
+        if backward:
+            pipe.loss_scale = self.scaler.scale
+            saved = stash_grads(var.params)
+            try:
+                loss_sum = pipe.run(inputs, train=True)
+            finally:
+                new = restore_grads(var.params, saved)
+            div = float(m) * (self.scaler.scale if self.scaler.enabled else 1.0)
+            for g in new:
+                if g is not None:
+                    g.div_(div)
+            if self.scaler.enabled:
+                bad = any_nonfinite(new, None, self.device, force=self._debug_inject_inf)
+                self._debug_inject_inf = False
+                self.scaler.update(bad)
+                if bad:
+                    new = [None] * len(new)
+            for _, idx, grp in var.shared_groups:
+                sub = [new[i] for i in idx]
+                allreduce_sum_([var.params[i] for i in idx], sub, grp)
+                for i, gi in zip(idx, sub):
+                    new[i] = gi
+            if self._sync and mesh.dp_size > 1:
+                allreduce_sum_(var.params, new, mesh.dp_group, divide_by=float(mesh.dp_size))
+        else:
+            with torch.no_grad():
+                loss_sum = pipe.run(inputs, train=False)
+        loss = self._share_loss(loss_sum, m)
+        if backward:
+            anchor = torch.empty(0, requires_grad=True)
+            loss = _CarryGrads.apply(anchor, loss, self, _Payload(var.params, new, self._sync))
+        if "loss" in var.graph.output_keys:
+            return PipelineOutput(loss=loss)
+        return loss
+
+    def _share_loss(self, loss_sum: Optional[torch.Tensor], m: int) -> torch.Tensor:
+        t = torch.zeros((), dtype=torch.float32, device=self.device)
+        if loss_sum is not None:
+            t = (loss_sum / m).to(self.device, torch.float32)
+        if dist.get_world_size() > 1:
+            dist.all_reduce(t)
+        return (t / self.mesh.dp_size).detach()
+
+    def _accumulate(self, payload: _Payload, grad_output: torch.Tensor) -> None:
+        if payload.grads is None:
+            raise RuntimeError("the gradients of this RanncModule step were already applied; call forward again "
+                               "(backward through the same loss twice is not supported)")
+        go = grad_output.detach()
+        one = bool(go.numel() == 1 and float(go) == 1.0)
+        for p, g in zip(payload.params, payload.grads):
+            if g is None:
+                continue
+            c = g if one else g * go.to(g.dtype)
+            if p.grad is None:
+                p.grad = c
+            else:
+                p.grad.add_(c)
+        payload.grads = None
+        if not payload.synced:
+            self._unsynced = True
+        elif self._unsynced and self.mesh is not None and self.mesh.dp_size > 1:
+            var = self._primary
+            gs = [p.grad for p in var.params]
+            allreduce_sum_(var.params, gs, self.mesh.dp_group, divide_by=float(self.mesh.dp_size))
+            for p, g in zip(var.params, gs):
+                if g is not None and p.grad is None:
+                    p.grad = g
+            self._unsynced = False
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Skip the dp all-reduce for calls inside; the next synchronised call's ``backward`` averages ``.grad``."""
+        prev = self._sync
+        self._sync = False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    # ---- clipping ------------------------------------------------------------------------
+    def _owned(self, name: str) -> bool:
+        return self._primary.holders.get(name, [self.pp_rank])[0] == self.pp_rank
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip ``.grad`` of all stages by their global norm (shared parameters counted once); returns it."""
+        var = self._primary
+        if var is None:
+            return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type)
+        owned = [p.grad for p, n in zip(var.params, var.names) if self._owned(n)]
+        total = global_grad_norm(owned, self.mesh.pp_group, float(norm_type), self.device)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in var.params:
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+        return total
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def _owner_rank_of(self) -> dict[int, int]:
+        """id(tensor) -> global rank that holds the authoritative copy (replica 0, first holding stage)."""
+        var, mesh = self._primary, self.mesh
+        out = {}
+        for name, pps in var.holders.items():
+            obj = _fetch(self.module, name)
+            if isinstance(obj, torch.Tensor):
+                out[id(obj)] = mesh.rank_of(0, pps[0])
+        return out
+
+    def _broadcast_tensors(self, items: list[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """items: (src rank, tensor to send on src / buffer of the right shape elsewhere), same order everywhere."""
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        out: list = [None] * len(items)
+        keys = sorted({(src, str(t.dtype)) for src, t in items})
+        for src, dt in keys:
+            ids = [i for i, (s, t) in enumerate(items) if s == src and str(t.dtype) == dt]
+            ts = [items[i][1].detach().to(self.device) for i in ids]
+            flat = _flatten_dense_tensors(ts) if ts else None
+            if dist.get_world_size() > 1:
+                dist.broadcast(flat, src=src)
+            for i, t in zip(ids, _unflatten_dense_tensors(flat, ts)):
+                out[i] = t.cpu().clone()
+        return out
+
+    def state_dict(self, *args, **kwargs) -> dict:  # noqa: D401 - nn.Module override
+        """The full model state under the original keys (tied aliases share one tensor), on every rank."""
+        if self._primary is None:
+            return self.module.state_dict(*args, **kwargs)
+        owners = self._owner_rank_of()
+        sd = self.module.state_dict(keep_vars=True)
+        uniq: dict[int, torch.Tensor] = {}
+        for v in sd.values():
+            if isinstance(v, torch.Tensor):
+                uniq.setdefault(id(v), v)
+        order = [i for i in uniq if i in owners]
+        rank = dist.get_rank()
+        items = []
+        for i in order:
+            t = uniq[i]
+            shape, dtype = self._full_meta.get(i, (tuple(t.shape), t.dtype))
+            buf = t.data if owners[i] == rank else torch.empty(shape, dtype=dtype)
+            items.append((owners[i], buf))
+        got = dict(zip(order, self._broadcast_tensors(items)))
+        out = {}
+        for k, v in sd.items():
+            if not isinstance(v, torch.Tensor):
+                out[k] = v
+            elif id(v) in got:
+                out[k] = got[id(v)]
+            else:
+                out[k] = v.detach().clone()
+        return out
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True, assign: bool = False):
+        """Load a full state dict (original keys) into the local parameters/buffers."""
+        if self._primary is None:
+            return self.module.load_state_dict(state_dict, strict=strict)
+        own = self.module.state_dict(keep_vars=True)
+        missing = [k for k in own if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in own]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self.module).__name__}: "
+                               f"missing keys {missing}, unexpected keys {unexpected}")
+        with torch.no_grad():
+            for k, t in own.items():
+                if k in state_dict and isinstance(t, torch.Tensor) and t.numel() > 0:
+                    t.data.copy_(state_dict[k].to(t.device, t.dtype))
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def optimizer_state_dict(self) -> dict:
+        """``{"state": {fqn: {key: tensor}}, "param_groups": [{hyperparameters, "params": [fqn, ...]}]}``, gathered."""
+        opt = self.optimizer
+        if opt is None:
+            raise RuntimeError("RanncModule was built without an optimizer")
+        owners = self._owner_rank_of()
+        rank = dist.get_rank()
+        mine: dict[str, dict] = {}
+        for p in self._primary.params:
+            if owners.get(id(p)) == rank and p in opt.state:
+                mine[self._name_of[id(p)]] = opt.state[p]
+        state: dict[str, dict] = {}
+        world = dist.get_world_size()
+        for src in range(world):
+            if src == rank:
+                desc = {fqn: {k: ([list(v.shape), str(v.dtype).replace("torch.", "")] if isinstance(v, torch.Tensor)
+                                  else {"value": v}) for k, v in st.items()} for fqn, st in mine.items()}
+                data = torch.tensor(list(json.dumps(desc, sort_keys=True).encode()), dtype=torch.uint8)
+                n = torch.tensor([data.numel()], dtype=torch.int64)
+            else:
+                n = torch.zeros(1, dtype=torch.int64)
+            if world > 1:
+                n = n.to(self.device)
+                dist.broadcast(n, src=src)
+                n = n.cpu()
+            if src != rank:
+                data = torch.empty(int(n.item()), dtype=torch.uint8)
+            if world > 1:
+                d = data.to(self.device)
+                dist.broadcast(d, src=src)
+                data = d.cpu()
+            desc = json.loads(bytes(data.tolist()).decode())
+            items, where = [], []
+            for fqn in sorted(desc):
+                for k in sorted(desc[fqn]):
+                    v = desc[fqn][k]
+                    if isinstance(v, dict):
+                        state.setdefault(fqn, {})[k] = v["value"]
+                        continue
+                    shape, dt = v
+                    t = mine[fqn][k] if src == rank else torch.empty(shape, dtype=getattr(torch, dt))
+                    items.append((src, t))
+                    where.append((fqn, k))
+            for (fqn, k), t in zip(where, self._broadcast_tensors(items)):
+                state.setdefault(fqn, {})[k] = t
+        groups = []
+        for fqns, g in zip(self._opt_groups_fqn or [], opt.param_groups):
+            hyper = {k: v for k, v in g.items() if k != "params"}
+            groups.append({**hyper, "params": list(fqns)})
+        return {"state": state, "param_groups": groups}
+
+    def load_optimizer_state_dict(self, sd: dict) -> None:
+        """Load a gathered optimizer state (by parameter FQN) into the local optimizer."""
+        opt = self.optimizer
+        if opt is None:
+            raise RuntimeError("RanncModule was built without an optimizer")
+        if len(sd["param_groups"]) != len(opt.param_groups):
+            raise PlanMismatchError(f"optimizer state has {len(sd['param_groups'])} param groups, the optimizer "
+                                    f"{len(opt.param_groups)}")
+        for g, saved in zip(opt.param_groups, sd["param_groups"]):
+            for k, v in saved.items():
+                if k != "params":
+                    g[k] = v
+        for p in self._primary.params:
+            fqn = self._name_of.get(id(p))
+            st = sd["state"].get(fqn)
+            if st is None:
+                continue
+            opt.state[p] = {k: (v.to(p.device) if isinstance(v, torch.Tensor) and v.dim() > 0 else
+                                v.clone() if isinstance(v, torch.Tensor) else v) for k, v in st.items()}
+
+
+def _fetch(root: Any, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
