@@ -512,7 +512,10 @@ class RanncModule(nn.Module):
         var, mesh = self._primary, self.mesh
         out = {}
         for name, pps in var.holders.items():
-            obj = _fetch(self.module, name)
+            try:
+                obj = _fetch(self.module, name)
+            except AttributeError:  # a constant lifted by export, not model state
+                continue
             if isinstance(obj, torch.Tensor):
                 out[id(obj)] = mesh.rank_of(0, pps[0])
         return out

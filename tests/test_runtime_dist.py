@@ -1,0 +1,205 @@
+"""Distributed runtime equivalence: pipeline (and pp x dp) training == single-process gradient accumulation.
+
+The workers (tests/runtime_dist_worker.py) start once per world size under torchrun (gloo, CPU) and
+loop over every zoo family and config; this file computes the single-process references and compares.
+Reference: AdamW(lr=1e-3), 3 steps of a batch of 8 split into 4 contiguous chunks (= dp x microbatches),
+loss = mean of chunk losses, clip_grad_norm_(1.0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rannc_hf.zoo import FAMILIES, loss_of, make_with_batches
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "runtime_dist_worker.py")
+BATCH, STEPS, LR, CHUNKS = 8, 3, 1e-3, 4
+RTOL, ATOL = 1e-5, 1e-6
+
+CONFIGS = ["pp2_dp1_gpipe", "pp2_dp1_1f1b", "pp4_dp1_gpipe", "pp4_dp1_1f1b", "pp2_dp2"]
+
+
+def _torchrun(out: str, suite: str, nproc: int) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           WORKER, out, suite]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
+    if p.returncode != 0:
+        raise AssertionError(f"workers ({suite}) failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("rt_dist"))
+    _torchrun(d, "ws2", 2)
+    _torchrun(d, "ws4", 4)
+    return d
+
+
+def _case(out: str, name: str) -> dict:
+    path = os.path.join(out, name + ".json")
+    if not os.path.exists(path):
+        errs = [f for f in os.listdir(out) if f.startswith(name + "_r") and f.endswith(".json")]
+        msgs = [json.load(open(os.path.join(out, f))) for f in errs]
+        raise AssertionError(f"case {name} failed: " + "\n".join(f"{m['error']}\n{m['trace']}" for m in msgs))
+    info = json.load(open(path))
+    assert info["ok"] and info["all_ranks_ok"], info
+    return info
+
+
+_REFS: dict = {}
+
+
+def reference(fam: str, steps: int = STEPS, weights=None):
+    """Single-process training: per step, gradient accumulation over CHUNKS contiguous chunks."""
+    key = (fam, steps, tuple(weights) if weights else None)
+    if key in _REFS:
+        return _REFS[key]
+    model, bf = make_with_batches(fam, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses, norms = [], []
+    for step in range(steps):
+        b = bf(BATCH, step)
+        total = 0.0
+        for c in range(CHUNKS):
+            mb = {k: v.chunk(CHUNKS)[c] for k, v in b.items()}
+            loss = loss_of(model(**mb)) / CHUNKS
+            loss.backward()
+            total += float(loss.detach())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    res = (losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()})
+    _REFS[key] = res
+    return res
+
+
+def max_rel(got: dict, ref: dict, params_only_of=None) -> float:
+    """Assert elementwise |got - ref| <= ATOL + RTOL |ref|; return the largest max|diff| / max|ref| over tensors
+    whose values are not all ~0 (max|ref| > 1e-3)."""
+    worst = 0.0
+    for k, r in ref.items():
+        if not r.is_floating_point():
+            continue
+        if params_only_of is not None and k not in params_only_of:
+            continue
+        g = got[k]
+        assert g.shape == r.shape, k
+        diff = (g.double() - r.double()).abs()
+        bad = diff > ATOL + RTOL * r.double().abs()
+        assert not bad.any(), f"{k}: max abs diff {float(diff.max()):.3g} (rel {float(diff.max() / (r.abs().max() + 1e-12)):.3g})"
+        if float(r.abs().max()) > 1e-3:
+            worst = max(worst, float(diff.max() / r.abs().max()))
+    return worst
+
+
+def _name(fam: str, cfg: str) -> str:
+    if cfg == "pp2_dp2":
+        return f"{fam}_pp2_dp2_{'1f1b' if FAMILIES.index(fam) % 2 else 'gpipe'}"
+    return f"{fam}_{cfg}"
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_matches_single_process(out, family, cfg):
+    name = _name(family, cfg)
+    info = _case(out, name)
+    ref_losses, ref_norms, ref_sd = reference(family)
+    torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(info["norms"]), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
+    got = load_file(os.path.join(out, name + ".safetensors"))
+    assert set(got) == set(ref_sd)
+    # dp>1: BatchNorm running statistics are per replica (as with DDP without buffer broadcast): params only
+    model, _ = make_with_batches(family, 0)
+    params = dict(model.named_parameters(remove_duplicate=False)) if "dp2" in name else None
+    err = max_rel(got, ref_sd, params)
+    print(f"{name}: max rel err {err:.2e}")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "t5"])
+def test_tied_weights_identical_across_stages(out, family):
+    for cfg in CONFIGS:
+        name = _name(family, cfg)
+        files = sorted(f for f in os.listdir(out) if f.startswith(name + "_shared_r"))
+        assert len(files) >= 2, (name, files)
+        copies = [load_file(os.path.join(out, f)) for f in files]
+        tied = {k for c in copies for k in c}
+        for k in tied:
+            held = [c[k] for c in copies if k in c]
+            assert len(held) >= 1
+            for h in held[1:]:
+                assert torch.equal(h, held[0]), (name, k)
+
+
+def test_checkpoint_two_stages_to_four(out):
+    info = _case(out, "ckpt4")
+    assert info["same_model"] and info["same_opt"]
+    ref_losses, _, ref_sd = reference("gpt2", steps=STEPS + 1)
+    assert abs(info["loss"] - ref_losses[-1]) <= ATOL + RTOL * abs(ref_losses[-1])
+    max_rel(load_file(os.path.join(out, "ckpt4.safetensors")), ref_sd)
+
+
+def test_fp16_overflow_skips_on_every_rank(out):
+    info = _case(out, "fp16")
+    assert info["overflow"] == [False, True, False]
+    assert info["changed"] == [True, False, True]         # step 1 skipped, others applied
+    assert info["scale"] == [65536.0, 32768.0, 32768.0]
+    assert all(info["finite"])
+    assert info["per_rank"][0] == info["per_rank"][1]      # both ranks took the same decisions
+
+
+def test_plan_file_saved_and_reused(out):
+    info = _case(out, "plan_file")
+    assert info["saved"] and info["cuts"] == info["cuts2"] and info["l1"] == info["l2"]
+
+
+def test_plan_file_world_size_mismatch_is_clear(out):
+    info = _case(out, "plan_mismatch")
+    assert "needs 2 processes" in info["error_text"] and "4 were launched" in info["error_text"]
+
+
+def test_shapes_recapture_and_clear_error(out):
+    info = _case(out, "shapes")
+    assert abs(info["l1"] - info["r1"]) < 1e-5 and abs(info["l2"] - info["r2"]) < 1e-5
+    assert abs(info["l3"] - info["r1"]) < 1e-5               # eval / no_grad forward
+    assert "multiple of 2" in info["err"]
+    assert info["variants"] == 3                              # train x 2 shapes + eval
+
+
+def test_no_sync_accumulation(out):
+    _case(out, "no_sync")
+    model, bf = make_with_batches("forkjoin", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    for step, w in enumerate([1.0, 0.5, 1.0]):
+        b = bf(BATCH, step)
+        for c in range(CHUNKS):
+            mb = {k: v.chunk(CHUNKS)[c] for k, v in b.items()}
+            (loss_of(model(**mb)) * w / CHUNKS).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    max_rel(load_file(os.path.join(out, "no_sync.safetensors")), model.state_dict())
+
+
+def test_recompute_full_matches(out):
+    info = _case(out, "gpt2_recompute")
+    ref_losses, _, ref_sd = reference("gpt2")
+    torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    max_rel(load_file(os.path.join(out, "gpt2_recompute.safetensors")), ref_sd)
+
+
+def test_interleaved_1f1b(out):
+    info = _case(out, "llama_interleaved")
+    assert info["schedule"] == "interleaved-1f1b" and len(info["cuts"]) == 3
+    ref_losses, _, ref_sd = reference("llama")
+    torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    max_rel(load_file(os.path.join(out, "llama_interleaved.safetensors")), ref_sd)
