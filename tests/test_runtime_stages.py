@@ -1,0 +1,128 @@
+"""Stage builder: split graphs run sequentially in one process give the unsplit model's loss and gradients."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rannc_hf.capture import capture
+from rannc_hf.runtime.planning import decide_layout, default_microbatches, fallback_cuts
+from rannc_hf.runtime.stages import build_stages, meta_args, run_sequential, stage_bounds, stage_specs
+from rannc_hf.config import RanncConfig
+from rannc_hf.errors import PlanMismatchError
+from rannc_hf.zoo import FAMILIES, loss_of, make
+
+TRIALS = 8
+
+
+@pytest.fixture(scope="module")
+def captured():
+    out = {}
+    for fam in FAMILIES:
+        model, batch = make(fam, batch_size=2)
+        out[fam] = (model, batch, capture(model, batch))
+    return out
+
+
+def _grads(model):
+    return [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_valid_cuts_match_unsplit(captured, family):
+    model, batch, g = captured[family]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.zero_grad()
+    ref = loss_of(model(**batch))
+    ref.backward()
+    ref_grads = _grads(model)
+    valid = [i for i, ok in enumerate(g.valid_cuts) if ok]
+    rng = random.Random(family)
+    trials = [[valid[0]], [valid[-1]], fallback_cuts(g, 4)]
+    trials += [sorted(rng.sample(valid, rng.randint(1, min(6, len(valid))))) for _ in range(TRIALS)]
+    for cuts in trials:
+        model.load_state_dict(state)
+        model.zero_grad()
+        stages = build_stages(g, cuts)
+        loss = run_sequential(stages, batch)
+        loss.backward()
+        assert abs(float(loss.detach()) - float(ref.detach())) <= 1e-6 + 1e-6 * abs(float(ref.detach())), cuts
+        for (name, p), r in zip(model.named_parameters(), ref_grads):
+            if r is None:
+                assert p.grad is None or not p.grad.any(), (cuts, name)
+                continue
+            torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7, msg=f"{family} cuts {cuts} {name}")
+    model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stage_interfaces(captured, family):
+    _, _, g = captured[family]
+    cuts = fallback_cuts(g, 3)
+    specs = stage_specs(g, cuts)
+    assert [s.op_range for s in specs] == stage_bounds(g, cuts)
+    assert specs[0].inputs == [i.name for i in g.inputs]
+    assert specs[-1].outputs == [g.loss]
+    for a, b in zip(specs, specs[1:]):
+        assert a.outputs == b.inputs                      # what one stage sends is what the next receives
+    for s in specs:
+        for t in meta_args(g, s.inputs):
+            assert t.device.type == "meta"
+            assert t.requires_grad == t.is_floating_point()
+    # parameters are the model's own objects
+    stages = build_stages(g, cuts)
+    own = {id(p) for p in g.module.parameters()}
+    assert all(id(p) in own for st in stages for p in st.parameters())
+
+
+def test_boundary_outputs_are_contiguous(captured):
+    _, batch, g = captured["t5"]
+    stages = build_stages(g, fallback_cuts(g, 4))
+    from rannc_hf.runtime.stages import batch_inputs
+
+    out = batch_inputs(g, batch)
+    for st in stages[:-1]:
+        out = st(*out)
+        assert all(t.is_contiguous() for t in out)
+
+
+def test_invalid_cut_rejected(captured):
+    _, _, g = captured["gpt2"]
+    bad = [i for i, ok in enumerate(g.valid_cuts) if not ok and i < len(g.ops) - 1]
+    with pytest.raises(ValueError, match="not a valid cut"):
+        build_stages(g, [bad[0]])
+
+
+def test_fallback_cuts_balance_and_layout(captured):
+    _, _, g = captured["gpt2"]
+    cuts = fallback_cuts(g, 4)
+    assert len(cuts) == 3 and cuts == sorted(cuts) and all(g.valid_cuts[c] for c in cuts)
+    with pytest.raises(PlanMismatchError):
+        fallback_cuts(captured["forkjoin"][2], 1000)
+    assert default_microbatches(8, 2) == 4 and default_microbatches(6, 4) == 6 and default_microbatches(7, 2) == 1
+    lay = decide_layout(None, None, RanncConfig(num_stages=2, precision="fp32"), world_size=4, batch_size=16)
+    assert (lay.num_stages, lay.dp_size, lay.num_microbatches, lay.schedule) == (2, 2, 4, "1f1b")
+    with pytest.raises(PlanMismatchError, match="3 were launched"):
+        decide_layout(None, None, RanncConfig(num_stages=2, dp_size=2), world_size=3, batch_size=16)
+
+
+def test_recompute_and_bf16_stage_run(captured):
+    model, batch, g = captured["gpt2"]
+    model.zero_grad()
+    ref = loss_of(model(**batch))
+    ref.backward()
+    ref_grads = _grads(model)
+    model.zero_grad()
+    stages = build_stages(g, fallback_cuts(g, 2), recompute="full")
+    loss = run_sequential(stages, batch)
+    loss.backward()
+    assert abs(float(loss) - float(ref)) < 1e-6
+    for p, r in zip(model.parameters(), ref_grads):
+        torch.testing.assert_close(p.grad, r, rtol=1e-5, atol=1e-7)
+    model.zero_grad()
+    stages = build_stages(g, fallback_cuts(g, 2), precision="bf16")
+    with torch.no_grad():
+        loss = run_sequential(stages, batch)
+    assert loss.dtype == torch.float32 and abs(float(loss) - float(ref)) < 0.1
