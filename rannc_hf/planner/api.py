@@ -50,7 +50,7 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     t0 = time.perf_counter()
     config = config or RanncConfig()
     cluster = cluster or _local_cluster()
-    graph = _as_graph(model_or_graph, example_batch)
+    graph, global_batch = _as_graph(model_or_graph, example_batch)
     cm = CostModel.build(graph, cluster.device, config.precision, max_blocks=max_blocks)
     source = "analytic"
     if _want_measured(costs, model_or_graph, cluster):
@@ -63,16 +63,27 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     cap = float(mem) * (1.0 - config.mem_margin)
     partitioners = ("auto", "even", "params") if config.partitioner == "auto" else (config.partitioner,)
 
-    searcher = Searcher(cm, cluster, config, gpu_memory=int(cap), progress=progress)
-    best = searcher.run(partitioners)
-    if config.partitioner not in best and config.offload == "auto":
-        searcher = Searcher(cm, cluster, config, gpu_memory=int(cap), progress=progress, offload_modes=OFFLOAD_ORDER)
-        best = searcher.run(partitioners)
+    best, searcher = _search(cm, cluster, config, cap, partitioners, progress, global_batch)
     if config.partitioner not in best:
-        raise _does_not_fit(cm, cluster, config, cap, mem)
+        raise _does_not_fit(cm, cluster, config, cap, mem, global_batch)
     chosen = best[config.partitioner]
+    mb = global_batch // (chosen.dp * chosen.M)
+    if mb != graph.batch_size and not _is_graph(model_or_graph):
+        # the runtime captures at the microbatch size: make op ranges and fingerprint refer to that graph
+        g_mb, _ = _as_graph(model_or_graph, _slice_batch(example_batch, mb), proxy=False)
+        if len(g_mb.ops) == len(graph.ops) and g_mb.valid_cuts == graph.valid_cuts:
+            graph = g_mb
+        else:  # the op sequence changed (batch 1 specialises): re-plan that graph with the chosen shape
+            fixed = RanncConfig(**{**config.to_dict(), "num_stages": chosen.S, "dp_size": chosen.dp,
+                                   "num_microbatches": chosen.M, "schedule": chosen.schedule})
+            cm2 = CostModel.build(g_mb, cluster.device, config.precision, max_blocks=max_blocks)
+            best2, searcher = _search(cm2, cluster, fixed, cap, ("auto",), False, global_batch,
+                                      virtual=chosen.v)
+            if "auto" in best2:
+                graph, cm, chosen = g_mb, cm2, best2["auto"]
+                chosen.partitioner = config.partitioner
     searcher._simulate(chosen)
-    p = _to_plan(chosen, cm, graph, cluster, config, cap)
+    p = _to_plan(chosen, cm, graph, cluster, config, cap, global_batch)
     for name, cand in best.items():
         if name != "auto":
             p.baselines[name] = cand.score
@@ -88,6 +99,44 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     return p
 
 
+def _search(cm: CostModel, cluster: Cluster, config: RanncConfig, cap: float, partitioners: tuple[str, ...],
+            progress: bool, global_batch: int, virtual: Optional[int] = None):
+    searcher = Searcher(cm, cluster, config, gpu_memory=int(cap), progress=progress, global_batch=global_batch,
+                        virtual=virtual)
+    best = searcher.run(partitioners)
+    if config.partitioner not in best and config.offload == "auto":
+        searcher = Searcher(cm, cluster, config, gpu_memory=int(cap), progress=progress, offload_modes=OFFLOAD_ORDER,
+                            global_batch=global_batch, virtual=virtual)
+        best = searcher.run(partitioners)
+    return best, searcher
+
+
+def _is_graph(obj: Any) -> bool:
+    from ..capture import Graph
+    return isinstance(obj, Graph)
+
+
+def proxy_batch_size(batch_size: int, limit: int = 2) -> int:
+    """The batch size planning captures at: the batch itself when small, else its largest divisor <= ``limit``
+    (at least 2, so capture still sees which values carry the batch). Capture time grows with the
+    batch on some models (HF mask construction), so the default proxy is 2."""
+    if batch_size <= limit:
+        return batch_size
+    for d in range(limit, 1, -1):
+        if batch_size % d == 0:
+            return d
+    return batch_size
+
+
+def _slice_batch(batch: Any, n: int) -> Any:
+    import torch
+    if isinstance(batch, torch.Tensor):
+        return batch[:n]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(x[:n] if isinstance(x, torch.Tensor) else x for x in batch)
+    return {k: (v[:n] if isinstance(v, torch.Tensor) else v) for k, v in dict(batch).items()}
+
+
 def _local_cluster() -> Cluster:
     try:
         import torch
@@ -97,16 +146,20 @@ def _local_cluster() -> Cluster:
     return Cluster(num_gpus=max(1, n), device="auto")
 
 
-def _as_graph(model_or_graph: Any, example_batch: Any):
-    from ..capture import Graph, capture
+def _as_graph(model_or_graph: Any, example_batch: Any, proxy: bool = True):
+    """(graph, global batch size). Modules are captured at a small proxy batch; costs are rescaled."""
+    from ..capture import Graph, batch_size_of, capture, normalize_batch
 
     if isinstance(model_or_graph, Graph):
-        return model_or_graph
+        return model_or_graph, model_or_graph.batch_size
     if example_batch is None:
         from ..errors import CaptureError
         raise CaptureError("plan(model, example_batch): an example batch is needed to capture the model "
                            "(the global batch: a tensor, a tuple or a dict of keyword arguments)")
-    return capture(model_or_graph, example_batch)
+    args, kwargs = normalize_batch(example_batch)
+    B = batch_size_of(args, kwargs)
+    P = proxy_batch_size(B) if proxy else B
+    return capture(model_or_graph, _slice_batch(example_batch, P) if P != B else example_batch), B
 
 
 def _want_measured(costs: str, model: Any, cluster: Cluster) -> bool:
@@ -134,7 +187,8 @@ def _tokens_per_sample(graph) -> int:
     return 1
 
 
-def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: RanncConfig, cap: float) -> Plan:
+def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: RanncConfig, cap: float,
+             global_batch: int) -> Plan:
     stages = []
     rc_name = "selective" if config.recompute == "selective" else "full"
     for i, (lo, hi) in enumerate(c.chunks):
@@ -145,10 +199,11 @@ def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: Rannc
                                 bwd_ms=c.bwd[i] * 1e3, recompute=rc_name if c.recompute[i] else "none",
                                 offload=c.offload[i], replicas=c.dp))
     t = cm.table
-    flops = float(t.flops.sum() + t.bwd_flops.sum())
-    flops += sum(float(t.flops[cm.op_range(lo, hi)[0]:cm.op_range(lo, hi)[1] + 1].sum())
+    sc = t.scale(global_batch)
+    flops = float(((t.flops + t.bwd_flops) * sc).sum())
+    flops += sum(float((t.flops * sc)[cm.op_range(lo, hi)[0]:cm.op_range(lo, hi)[1] + 1].sum())
                  for (lo, hi), rc in zip(c.chunks, c.recompute) if rc)
-    p = Plan(stages=stages, num_microbatches=c.M, batch_size=graph.batch_size, dp_size=c.dp, schedule=c.schedule,
+    p = Plan(stages=stages, num_microbatches=c.M, batch_size=global_batch, dp_size=c.dp, schedule=c.schedule,
              virtual_stages=c.v, partitioner=c.partitioner, predicted_step_time=c.score,
              predicted_bubble=c.sim.bubble if c.sim else 0.0, gpu_memory=int(cap), device=cm.profile.name,
              model_class=graph.model_class, graph_fingerprint=graph.fingerprint(), num_ops=len(graph.ops),
@@ -164,10 +219,11 @@ def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: Rannc
     return p
 
 
-def _does_not_fit(cm: CostModel, cluster: Cluster, config: RanncConfig, cap: float, mem: float) -> PlanDoesNotFitError:
+def _does_not_fit(cm: CostModel, cluster: Cluster, config: RanncConfig, cap: float, mem: float,
+                  global_batch: int) -> PlanDoesNotFitError:
     """Binary-search the smallest per-GPU memory, and double the GPU count, until something fits."""
     modes = OFFLOAD_ORDER if config.offload == "auto" else None
-    s = Searcher(cm, cluster, config, gpu_memory=int(cap), offload_modes=modes)
+    s = Searcher(cm, cluster, config, gpu_memory=int(cap), offload_modes=modes, global_batch=global_batch)
     margin = 1.0 - config.mem_margin
     lo, hi = cap, cap * 2
     while not s.feasible_with(hi) and hi < cap * 2**20:
@@ -191,7 +247,8 @@ def _does_not_fit(cm: CostModel, cluster: Cluster, config: RanncConfig, cap: flo
                          host_memory=cluster.host_memory, device=cluster.device)
             # enough GPUs means enough pipeline stages; replicas need a batch that divides, so test dp = 1
             cfg = RanncConfig(**{**config.to_dict(), "dp_size": 1, "num_stages": None})
-            if g <= cm.num_blocks and Searcher(cm, cl, cfg, gpu_memory=int(cap), offload_modes=modes).feasible_with(cap):
+            if g <= cm.num_blocks and Searcher(cm, cl, cfg, gpu_memory=int(cap), offload_modes=modes,
+                                                        global_batch=global_batch).feasible_with(cap):
                 need_gpus = g
             g *= 2
     what = [f"{cm.graph.model_class} ({cm.graph.num_params / 1e6:,.1f}M parameters) does not fit "

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..profile.analytic import OpCostTable, op_cost_table, op_times, out_bytes, saved_bytes
+from ..profile.analytic import OpCostTable, is_batchy, op_cost_table, op_times, out_bytes, saved_bytes
 from ..profile.devices import DeviceProfile, get_profile
 from .coarsen import coarsen
 
@@ -146,7 +146,7 @@ def _crossing_parts(graph) -> tuple[np.ndarray, np.ndarray]:
             return
         for m in meta_list:
             nb = m.nbytes
-            if m.batch_dim is not None:
+            if is_batchy(m, graph.batch_size):
                 delta_b[max(start, 0)] += nb
                 delta_b[min(end, n)] -= nb
             else:

@@ -81,7 +81,8 @@ class Searcher:
     """Runs the search for one cost model, cluster and config."""
 
     def __init__(self, cm: CostModel, cluster: Cluster, config: RanncConfig, gpu_memory: Optional[int] = None,
-                 top_k: int = 4, progress: bool = False, offload_modes: Optional[tuple[str, ...]] = None):
+                 top_k: int = 4, progress: bool = False, offload_modes: Optional[tuple[str, ...]] = None,
+                 global_batch: Optional[int] = None, virtual: Optional[int] = None):
         self.cm = cm
         self.cluster = cluster
         self.config = config
@@ -90,7 +91,8 @@ class Searcher:
                          (cluster.gpu_memory_bytes or self.profile.memory) * (1.0 - config.mem_margin))
         self.G = cluster.num_gpus
         self.gpn = cluster.gpus_per_node
-        self.B = cm.graph.batch_size
+        self.B = int(global_batch or cm.graph.batch_size)   #: global batch (all replicas, all microbatches)
+        self.virtual = virtual
         self.top_k = top_k
         self.progress = progress
         self.precision = config.precision
@@ -136,8 +138,8 @@ class Searcher:
                     if sch == "interleaved-1f1b":
                         if M % S:
                             continue
-                        for v in (2, 4):
-                            if S * v <= self.N:
+                        for v in ((self.virtual,) if self.virtual else (2, 4)):
+                            if S * v <= self.N and v > 1:
                                 out.append((S, v, dp, sch, M))
                         continue
                     out.append((S, 1, dp, sch, M))

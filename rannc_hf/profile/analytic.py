@@ -106,6 +106,14 @@ class OpCostTable:
         return np.where(self.batchy, r, 1.0)
 
 
+def is_batchy(meta, batch_size: int) -> bool:
+    """A value carries the batch if capture marked a ``batch_dim``, or its leading dim equals the batch
+    (masks built from ``arange`` lose the mark but still grow with the batch)."""
+    if meta.batch_dim is not None:
+        return True
+    return batch_size > 1 and len(meta.shape) > 0 and int(meta.shape[0]) == batch_size
+
+
 def _numel(shape: Sequence[int]) -> int:
     n = 1
     for s in shape:
@@ -144,7 +152,7 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
     for inp in graph.inputs:
         if inp.meta is not None:
             size = 4 if _is_float(inp.meta.dtype) else _dtype_bytes(inp.meta.dtype)
-            vinfo[inp.name] = (size, inp.meta.batch_dim is not None, inp.meta.numel, -1)
+            vinfo[inp.name] = (size, is_batchy(inp.meta, graph.batch_size), inp.meta.numel, -1)
     grad_val: dict[str, bool] = {}
     marks: set[str] = set()
     root_of: dict[str, str] = {}
@@ -162,8 +170,8 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
         else:
             k = MEMORY
         kind[i] = k
-        is_batchy = any(t.batch_dim is not None for t in op.outputs)
-        batchy[i] = is_batchy
+        is_b = any(is_batchy(t, graph.batch_size) for t in op.outputs)
+        batchy[i] = is_b
         in_vals = [v for v in op.inputs if v in vinfo]
         p_req = any(params[p].requires_grad and not params[p].is_buffer for p in op.params if p in params)
         in_grad = any(grad_val.get(v, False) for v in op.inputs)
@@ -188,12 +196,12 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
         o_bytes = 0
         for t in op.outputs:
             o_bytes += t.numel * (out_size if _is_float(t.dtype) else _dtype_bytes(t.dtype))
-        if is_batchy:
+        if is_b:
             out_b[i] = o_bytes
         else:
             out_f[i] = o_bytes
         vinfo[op.name] = (out_size if float_out else (_dtype_bytes(op.outputs[0].dtype) if op.outputs else 0),
-                          is_batchy, out_numel, i)
+                          is_b, out_numel, i)
         if k == FREE:
             continue
 
@@ -207,7 +215,7 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
                 ifx += size * numel
         pbytes = sum(params[p].nbytes for p in op.params if p in params)
         ifx += pbytes
-        if is_batchy:
+        if is_b:
             ib += o_bytes
         else:
             ifx += o_bytes
@@ -229,10 +237,10 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
             bwd_f[i] = 2.0 * ifx if k != GEMM else ifx + pbytes
             if name == "embedding":
                 bwd_f[i] = sum(params[p].numel * 4 for p in op.params if p in params)
-                bwd_b[i] = 2.0 * (o_bytes if is_batchy else 0)
+                bwd_b[i] = 2.0 * (o_bytes if is_b else 0)
         # activations kept for backward: the op's own output ...
         if ng and name in _SAVES_OUTPUT:
-            _add_saved(saved_b, saved_f, i, o_bytes, is_batchy)
+            _add_saved(saved_b, saved_f, i, o_bytes, is_b)
         if ng and name == "cross_entropy_loss" and in_vals:  # keeps log_softmax(logits) in fp32
             size, vb, numel, _ = vinfo[in_vals[0]]
             _add_saved(saved_b, saved_f, i, 4 * numel, vb)
@@ -240,7 +248,7 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
             node = nodes.get(op.name)
             p = node.args[1] if node is not None and len(node.args) > 1 else 0.1
             if isinstance(p, (int, float)) and p > 0:
-                _add_saved(saved_b, saved_f, i, out_numel, is_batchy)  # bool mask
+                _add_saved(saved_b, saved_f, i, out_numel, is_b)  # bool mask
         # ... and the inputs its backward reads (charged to the producing op's storage root)
         scalar_arith = name in ("mul", "div", "mul_", "div_") and len(set(in_vals)) + len(op.params) < 2
         if ng and name not in _NEEDS_NO_INPUT and not scalar_arith:
