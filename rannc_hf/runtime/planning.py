@@ -68,11 +68,12 @@ def decide_layout(model, global_batch, config: RanncConfig, *, world_size: int, 
     by the user or loaded from a file."""
     if plan is None:
         auto = automatic_planner()
-        if auto is not None and config.num_stages is None:
+        if auto is not None:
             try:
                 from ..config import Cluster
 
-                plan = auto(model, global_batch, cluster=Cluster(num_gpus=world_size), config=config)
+                plan = auto(model, global_batch, cluster=Cluster(num_gpus=world_size), config=config, progress=False)
+                plan = _respecting_config(plan, config, world_size)
             except Exception as e:  # noqa: BLE001 - the fallback below always works
                 log.warning("rannc_hf: automatic planner failed (%s); using the balanced fallback", e)
                 plan = None
@@ -97,6 +98,24 @@ def decide_layout(model, global_batch, config: RanncConfig, *, world_size: int, 
     per_replica = batch_size if batch_is_local else max(1, batch_size // dp)
     m = config.num_microbatches or default_microbatches(per_replica, pp * virtual)
     return Layout(pp * virtual, dp, m, resolve_schedule(config.schedule, m, pp), virtual, None)
+
+
+def _respecting_config(plan, config: RanncConfig, world_size: int):
+    """The planner's plan if it honours the fixed config values and the world size, else None (fallback)."""
+    pp = plan.num_ranks_pp
+    ok = plan.world_size == world_size
+    ok &= config.num_stages is None or plan.num_stages == config.num_stages
+    ok &= config.dp_size is None or plan.dp_size == config.dp_size
+    ok &= config.num_microbatches is None or plan.num_microbatches == config.num_microbatches
+    ok &= config.schedule == "auto" or plan.schedule == config.schedule
+    ok &= plan.virtual_stages == 1 or plan.schedule == "interleaved-1f1b"
+    if not ok:
+        log.warning("rannc_hf: the planner's plan (%d stages x %d replicas, %d microbatches, %s) does not match the "
+                    "config/world (%d ranks); using the balanced fallback", plan.num_stages, plan.dp_size,
+                    plan.num_microbatches, plan.schedule, world_size)
+        return None
+    del pp
+    return plan
 
 
 def fallback_cuts(graph: Graph, num_stages: int) -> list[int]:
