@@ -64,7 +64,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, recursively_apply
 
-from ..config import CONFIG_ENV, ENV_PREFIX, RanncConfig, _unknown_key_error
+from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error
 from ..errors import ConfigError
 from .checkpoint import atomic_dir, original_model, save_full_model
 
@@ -170,7 +170,7 @@ class RanncPlugin:
             data = cls.from_yaml(path).set_fields()
         valid = cls.valid_keys()
         for k, v in env.items():
-            if k.startswith(ENV_PREFIX) and k != CONFIG_ENV:
+            if k.startswith(ENV_PREFIX) and k not in NON_CONFIG_ENV:
                 key = k[len(ENV_PREFIX):].lower()
                 if key not in valid:
                     raise _unknown_key_error(key, valid, f"environment variable {k}:")
@@ -181,7 +181,7 @@ class RanncPlugin:
     def env_is_set(environ: Optional[dict] = None) -> bool:
         """True when ``RANNC_HF_CONFIG`` or any ``RANNC_HF_<FIELD>`` variable is set."""
         env = os.environ if environ is None else environ
-        return any(k.startswith(ENV_PREFIX) for k in env)
+        return any(k.startswith(ENV_PREFIX) and (k == CONFIG_ENV or k not in NON_CONFIG_ENV) for k in env)
 
     # ---- use --------------------------------------------------------------------------------
     def set_fields(self) -> dict:
@@ -517,8 +517,30 @@ class RanncAccelerator(Accelerator):
             even_batches=self.even_batches, use_seedable_sampler=self.use_seedable_sampler,
             data_seed=self.dataloader_config.data_seed, non_blocking=self.non_blocking,
             use_stateful_dataloader=self.use_stateful_dataloader)
+        if self.dp_size == 1 and self.state.num_processes > 1:
+            self._synchronize_sampler(prepared)
         self._dataloaders.append(prepared)
         return prepared
+
+    def _synchronize_sampler(self, prepared) -> None:
+        """One replica over several processes: Accelerate leaves a 1-process dataloader alone, so a
+        shuffling sampler would draw from each rank's own RNG. Give it a generator whose state rank 0
+        broadcasts at every epoch (what Accelerate does with several processes), so every stage of
+        the pipeline reads the same batches."""
+        from accelerate.data_loader import SeedableRandomSampler, get_sampler
+
+        sampler = get_sampler(prepared)
+        if not isinstance(sampler, torch.utils.data.RandomSampler) or isinstance(sampler, SeedableRandomSampler):
+            return
+        if sampler.generator is None:
+            sampler.generator = torch.Generator()
+            sampler.generator.manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        if getattr(prepared, "synchronized_generator", None) is None:
+            prepared.synchronized_generator = sampler.generator
+        rng = list(prepared.rng_types or [])
+        if "generator" not in [str(getattr(r, "value", r)) for r in rng]:
+            rng.append("generator")
+        prepared.rng_types = rng
 
     # ---- training ---------------------------------------------------------------------------
     def _rannc_for(self, model=None):
@@ -622,7 +644,18 @@ class RanncAccelerator(Accelerator):
         rm = self._rannc_for(model)
         if rm is None:
             return super().get_state_dict(model, unwrap=unwrap)
-        return rm.state_dict()
+        sd = rm.state_dict()
+        if getattr(self, "_rannc_saving_state", False):
+            # save_state writes the dict with safetensors, which refuses tensors sharing memory (tied
+            # aliases), and load_state loads it strictly: store every key, aliases as copies.
+            seen: set[int] = set()
+            for k, v in sd.items():
+                if isinstance(v, torch.Tensor):
+                    key = v.untyped_storage().data_ptr() if v.numel() else id(v)
+                    if key in seen:
+                        sd[k] = v.clone()
+                    seen.add(key)
+        return sd
 
     def unwrap_model(self, model, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True):
         """For a RanncModule: the user's original model, its weights refreshed from the full state.
@@ -667,12 +700,47 @@ class RanncAccelerator(Accelerator):
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         self.wait_for_everyone()
-        super().save_state(tmp, safe_serialization=safe_serialization, **save_model_func_kwargs)
+        self._rannc_saving_state = True
+        try:
+            super().save_state(tmp, safe_serialization=safe_serialization, **save_model_func_kwargs)
+        finally:
+            self._rannc_saving_state = False
         self.wait_for_everyone()
         if writer:
             atomic_dir(tmp, final, merge=False)
         self.wait_for_everyone()
         return final
+
+    def load_state(self, input_dir: Optional[str] = None, load_kwargs: Optional[dict] = None, **load_model_func_kwargs):
+        """Accelerate's ``load_state``; a RanncModule takes the full model and keeps its part."""
+        if not self.rannc_enabled:
+            return super().load_state(input_dir, load_kwargs=load_kwargs, **load_model_func_kwargs)
+        saved = self._models
+        self._models = [_LoadProxy(m) if _is_rannc(m) else m for m in saved]
+        try:
+            return super().load_state(input_dir, load_kwargs=load_kwargs, **load_model_func_kwargs)
+        finally:
+            self._models = saved
+
+
+class _LoadProxy(nn.Module):
+    """Stands in for a RanncModule inside Accelerate's ``load_state``.
+
+    ``safetensors.torch.load_model`` calls ``model.state_dict()`` only to find tensors that share
+    memory; the RanncModule's own would be a full gather with tied aliases sharing one tensor (and
+    then reported as "unexpected"). The proxy answers with distinct placeholders and forwards
+    ``load_state_dict`` (a full state dict; each rank keeps its part).
+    """
+
+    def __init__(self, rannc_module):
+        super().__init__()
+        object.__setattr__(self, "_rm", rannc_module)
+
+    def state_dict(self, *args, **kwargs):
+        return {k: torch.empty(1) for k in self._rm.module.state_dict().keys()}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self._rm.load_state_dict(state_dict, strict=strict)
 
 
 def _env_flag(name: str) -> bool:
