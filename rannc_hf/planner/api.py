@@ -204,11 +204,13 @@ def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: Rannc
     flops += sum(float((t.flops * sc)[cm.op_range(lo, hi)[0]:cm.op_range(lo, hi)[1] + 1].sum())
                  for (lo, hi), rc in zip(c.chunks, c.recompute) if rc)
     p = Plan(stages=stages, num_microbatches=c.M, batch_size=global_batch, dp_size=c.dp, schedule=c.schedule,
-             virtual_stages=c.v, partitioner=c.partitioner, predicted_step_time=c.score,
+             virtual_stages=c.v, partitioner=config.partitioner, predicted_step_time=c.score,
              predicted_bubble=c.sim.bubble if c.sim else 0.0, gpu_memory=int(cap), device=cm.profile.name,
              model_class=graph.model_class, graph_fingerprint=graph.fingerprint(), num_ops=len(graph.ops),
              tokens_per_sample=_tokens_per_sample(graph), flops_per_step=flops,
              stage_p2p_ms=[x * 1e3 for x in c.p2p], rank_tail_ms=[x * 1e3 for x in c.tail])
+    if c.partitioner != config.partitioner:
+        p.notes.append(f"the best auto candidate came from the {c.partitioner} partition")
     if c.v > 1:
         p.notes.append(f"interleaved: {c.v} chunks per rank; stage i runs on pipeline rank i % {c.S}")
     if any(o != "none" for o in c.offload):

@@ -1,0 +1,170 @@
+"""Planner tests: every zoo family plans; plans are well-formed, fit, round-trip; baselines; errors."""
+
+import json
+import math
+
+import pytest
+
+import rannc_hf
+from rannc_hf import Cluster, RanncConfig
+from rannc_hf.capture import capture
+from rannc_hf.errors import ConfigError, PlanDoesNotFitError
+from rannc_hf.planner import Plan
+from rannc_hf.planner.coarsen import coarsen
+from rannc_hf.planner.costs import CostModel
+from rannc_hf.planner.search import Searcher
+from rannc_hf.planner.simulate import simulate
+from rannc_hf.zoo import FAMILIES, make
+
+_GRAPHS = {}
+
+
+def graph(family, bs=8):
+    key = (family, bs)
+    if key not in _GRAPHS:
+        _GRAPHS[key] = capture(*make(family, batch_size=bs))
+    return _GRAPHS[key]
+
+
+def check_plan(p: Plan, g, cap=None):
+    # contiguous, every op exactly once, cuts only at valid positions
+    assert p.stages[0].op_range[0] == 0
+    assert p.stages[-1].op_range[1] == len(g.ops) - 1
+    for a, b in zip(p.stages, p.stages[1:]):
+        assert b.op_range[0] == a.op_range[1] + 1
+        assert g.valid_cuts[a.op_range[1]], f"cut after op {a.op_range[1]} is not valid"
+    covered = sum(s.op_range[1] - s.op_range[0] + 1 for s in p.stages)
+    assert covered == len(g.ops)
+    # memory cap (per rank: interleaved ranks hold several chunks)
+    if cap is not None:
+        per_rank = {}
+        for s in p.stages:
+            per_rank[s.index % p.num_ranks_pp] = per_rank.get(s.index % p.num_ranks_pp, 0) + s.peak_bytes
+        assert max(per_rank.values()) <= cap * 1.0001
+    # tied groups: every stage using a tied parameter uses it under the one canonical name
+    for group in g.tied_groups:
+        used_by = [s.index for s in p.stages if any(group[0] in g.ops[i].params
+                                                    for i in range(s.op_range[0], s.op_range[1] + 1))]
+        assert used_by, group
+        for alias in group[1:]:
+            assert not any(alias in op.params for op in g.ops)
+    assert p.world_size == p.num_ranks_pp * p.dp_size
+    assert p.predicted_step_time > 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_plans_on_two_stages(family):
+    g = graph(family)
+    p = rannc_hf.plan(g, cluster=Cluster(num_gpus=2, device="h100", gpu_memory="80GiB"),
+                      config=RanncConfig(num_stages=2), progress=False)
+    assert p.num_ranks_pp == 2 and p.dp_size == 1
+    check_plan(p, g, p.gpu_memory)
+    assert p.graph_fingerprint == g.fingerprint()
+    assert p.flops_per_step > 0 and p.tokens_per_sample >= 1
+
+
+def test_module_entry_point_and_json_roundtrip(tmp_path):
+    model, batch = make("gpt2", batch_size=8)
+    p = rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=4, device="h200"),
+                      config=RanncConfig(num_stages=2, num_microbatches=2), progress=False)
+    assert p.batch_size == 8 and p.dp_size == 2 and p.microbatch_size == 2
+    # the fingerprint is that of the graph the runtime captures (at microbatch size)
+    g_mb = capture(model, {k: v[:2] for k, v in batch.items()})
+    p.check_graph(g_mb)
+    check_plan(p, g_mb)
+    path = tmp_path / "plan.json"
+    p.save(path)
+    q = Plan.load(path)
+    assert json.loads(json.dumps(q.to_dict())) == json.loads(json.dumps(p.to_dict()))
+    assert q.stages[1].op_range == p.stages[1].op_range
+    png = p.plot(tmp_path / "plan.png")
+    assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_memory_cap_respected_and_recompute_used():
+    g = graph("gpt2", 8)
+    free = rannc_hf.plan(g, cluster=Cluster(num_gpus=2, device="h100", gpu_memory="80GiB"),
+                         config=RanncConfig(num_stages=2, schedule="gpipe", num_microbatches=8), progress=False)
+    need = max(s.peak_bytes for s in free.stages)
+    cap = int(need * 0.8)
+    p = rannc_hf.plan(g, cluster=Cluster(num_gpus=2, device="h100"),
+                      config=RanncConfig(num_stages=2, schedule="gpipe", num_microbatches=8, gpu_memory=cap,
+                                         mem_margin=0.0), progress=False)
+    check_plan(p, g, cap)
+
+
+def test_impossible_cap_names_minimum():
+    g = graph("llama", 8)
+    with pytest.raises(PlanDoesNotFitError) as ei:
+        rannc_hf.plan(g, cluster=Cluster(num_gpus=2, device="h100"),
+                      config=RanncConfig(gpu_memory="64KiB", offload="none"), progress=False)
+    msg = str(ei.value)
+    assert "needs at least" in msg and "per GPU" in msg
+
+
+def test_partitioners_and_auto_never_worse():
+    g = graph("gpt2", 8)
+    cl = Cluster(num_gpus=4, device="h100", gpu_memory="80GiB")
+    times = {}
+    for part in ("auto", "even", "params"):
+        p = rannc_hf.plan(g, cluster=cl, config=RanncConfig(partitioner=part, num_stages=4), progress=False)
+        check_plan(p, g)
+        assert p.partitioner == part
+        times[part] = p.predicted_step_time
+    assert times["auto"] <= min(times["even"], times["params"]) * (1 + 1e-9)
+
+
+def test_fixed_config_values_respected():
+    g = graph("bert", 8)
+    p = rannc_hf.plan(g, cluster=Cluster(num_gpus=4, device="a100"),
+                      config=RanncConfig(num_stages=2, num_microbatches=4, schedule="gpipe", recompute="full"),
+                      progress=False)
+    assert (p.num_ranks_pp, p.dp_size, p.num_microbatches, p.schedule) == (2, 2, 4, "gpipe")
+    assert all(s.recompute == "full" for s in p.stages)
+
+
+def test_interleaved_schedule():
+    g = graph("llama", 8)
+    p = rannc_hf.plan(g, cluster=Cluster(num_gpus=2, device="h100"),
+                      config=RanncConfig(num_stages=2, schedule="interleaved-1f1b", num_microbatches=4), progress=False)
+    assert p.schedule == "interleaved-1f1b" and p.virtual_stages >= 2
+    assert p.num_stages == 2 * p.virtual_stages and p.world_size == 2
+    check_plan(p, g)
+
+
+def test_unknown_config_key():
+    with pytest.raises(ConfigError, match="num_stages"):
+        RanncConfig.from_dict({"num_stage": 2})
+
+
+def test_coarsen_respects_valid_cuts():
+    g = graph("t5", 8)
+    blocks = coarsen(g, max_blocks=10)
+    assert len(blocks) <= 10 and blocks[0][0] == 0 and blocks[-1][1] == len(g.ops) - 1
+    for (a, b), (c, d) in zip(blocks, blocks[1:]):
+        assert c == b + 1 and g.valid_cuts[b]
+
+
+def test_simulator_matches_closed_form():
+    r = simulate([1.0] * 4, [2.0] * 4, 8, "gpipe")
+    assert math.isclose(r.step_time, (8 + 4 - 1) * 3.0)
+    r1 = simulate([1.0] * 4, [2.0] * 4, 8, "1f1b")
+    assert math.isclose(r1.step_time, r.step_time)
+    tail = simulate([1.0] * 2, [2.0] * 2, 4, "1f1b", tail=[5.0, 0.0])
+    assert tail.step_time == tail.pipeline_time + 5.0
+
+
+def test_large_meta_model_plans_fast():
+    import time
+    import torch
+    import transformers as tf
+
+    cfg = tf.GPT2Config(n_embd=1024, n_layer=8, n_head=16, n_positions=1024, vocab_size=50257)
+    with torch.device("meta"):
+        model = tf.GPT2LMHeadModel(cfg)
+    ids = torch.zeros(64, 1024, dtype=torch.long)
+    t = time.time()
+    p = rannc_hf.plan(model, {"input_ids": ids, "labels": ids}, cluster=Cluster(num_gpus=16, gpu_memory="16GiB",
+                      device="h100"), progress=False)
+    assert time.time() - t < 60
+    assert p.world_size == 16 and max(s.peak_bytes for s in p.stages) <= p.gpu_memory

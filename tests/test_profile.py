@@ -1,0 +1,61 @@
+"""Cost profiles: device profiles, analytic costs, memory model, measured costs cache."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rannc_hf.capture import capture
+from rannc_hf.errors import ConfigError
+from rannc_hf.planner.coarsen import coarsen
+from rannc_hf.planner.memory import in_flight, state_bytes
+from rannc_hf.profile import DeviceProfile, get_profile, op_cost_table, op_times
+from rannc_hf.profile.measure import measure_blocks
+from rannc_hf.zoo import make
+
+
+def test_builtin_profiles_and_json(tmp_path):
+    for name in ("h100", "h200", "a100", "cpu"):
+        p = get_profile(name)
+        assert p.peak_flops("bf16") > 0 and p.mem_bw > 0
+    h200 = get_profile("h200")
+    assert h200.flops["bf16"] == 790e12 and h200.h2d_bw == 55e9 and h200.mem_bw == 4.8e12
+    path = tmp_path / "p.json"
+    h200.save(path)
+    assert get_profile(str(path)).to_dict() == h200.to_dict()
+    with pytest.raises(ConfigError, match="unknown device profile"):
+        get_profile("tpu9000")
+    with pytest.raises(ConfigError, match="unknown key"):
+        DeviceProfile.from_dict({"name": "x", "flopz": 1})
+
+
+def test_analytic_costs_scale_with_batch():
+    g = capture(*make("gpt2", batch_size=4))
+    t = op_cost_table(g, "bf16")
+    prof = get_profile("h200")
+    prof.op_overhead = 0.0
+    f4, b4 = op_times(t, prof, 4)
+    f8, b8 = op_times(t, prof, 8)
+    assert f8.sum() > f4.sum() and b4.sum() > f4.sum()
+    # GEMM FLOPs: a linear layer's forward FLOPs are 2 * tokens * in * out
+    idx = [op.index for op in g.ops if op.target.startswith("aten.addmm")][0]
+    assert t.flops[idx] > 0 and t.bwd_flops[idx] >= t.flops[idx]
+
+
+def test_memory_model():
+    assert state_bytes(1e9, "fp32")["total"] == 16e9
+    assert state_bytes(1e9, "bf16")["total"] == 18e9
+    assert state_bytes(1e9, "bf16", "all", num_blocks=10)["total"] < 1e9
+    assert in_flight("gpipe", 0, 4, 8) == 8 and in_flight("1f1b", 1, 4, 8) == 3
+
+
+def test_measured_costs_cached(tmp_path):
+    model, batch = make("forkjoin", batch_size=4)
+    g = capture(model, batch)
+    blocks = coarsen(g, 6)
+    f, b = measure_blocks(g, batch, blocks, model=model, iters=1, cache_dir=str(tmp_path))
+    assert len(f) == len(blocks) and (f > 0).all() and b.sum() > 0
+    files = list(tmp_path.iterdir())
+    assert len(files) == 1 and json.loads(files[0].read_text())["fingerprint"] == g.fingerprint()
+    f2, _ = measure_blocks(g, batch, blocks, model=model, cache_dir=str(tmp_path))
+    assert np.allclose(f, f2)
