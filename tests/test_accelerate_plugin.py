@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from rannc_hf import ConfigError, RanncConfig
 from rannc_hf.integrations.accelerate import RanncAccelerator, RanncPlugin
 from rannc_hf.integrations.checkpoint import dedupe_tied, save_full_model
 
+LAUNCH = ([shutil.which("rannc-hf"), "launch"] if shutil.which("rannc-hf")
+          else [sys.executable, "-m", "rannc_hf.integrations.launch"])
 VALID = ", ".join(RanncConfig.valid_keys())
 
 
@@ -161,7 +164,7 @@ def _launch(args, tmp_path, timeout=60):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env = {k: v for k, v in env.items() if not k.startswith("RANNC_HF_")}
     t = time.time()
-    r = subprocess.run([sys.executable, "-m", "rannc_hf.integrations.launch", *args, "--num_processes", "2",
+    r = subprocess.run([*LAUNCH, *args, "--num_processes", "2",
                         str(script)], capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
     return r, time.time() - t, os.path.exists(str(script) + ".ran")
 

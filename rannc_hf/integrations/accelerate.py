@@ -444,10 +444,32 @@ class RanncAccelerator(Accelerator):
             args[i] = self._wrap_model(model, optimizer, example)
             if opt_idx:
                 args[opt_idx[0]] = optimizer
-        elif self.rannc_module is None and any(isinstance(a, torch.utils.data.DataLoader) for a in args):
-            raise ValueError("RanncAccelerator.prepare(): prepare the model first (or in the same call), "
-                             "dataloaders are sharded by the model's data-parallel layout")
+        else:
+            if self.rannc_module is None and any(isinstance(a, torch.utils.data.DataLoader) for a in args):
+                raise ValueError("RanncAccelerator.prepare(): prepare the model first (or in the same call), "
+                                 "dataloaders are sharded by the model's data-parallel layout")
+            rm = self.rannc_module
+            for j, a in enumerate(args):   # an optimizer prepared after its model: narrow it now
+                if rm is not None and isinstance(a, torch.optim.Optimizer) and getattr(rm, "optimizer", 1) is None:
+                    raw = _raw_optimizer(a)
+                    if any(p is q for g in raw.param_groups for p in g["params"] for q in rm.module.parameters()):
+                        rm.optimizer = raw
+                        if getattr(rm, "_primary", None) is not None and hasattr(rm, "_localize_optimizer"):
+                            rm._localize_optimizer()
+                        args[j] = raw
+            if rm is not None and getattr(rm, "mesh", 1) is None:
+                example = self._example_batch(args)
+                if example is not None:
+                    self._build_now(rm, example)
         return super().prepare(*args, device_placement=device_placement)
+
+    def _build_now(self, rm, example: dict) -> None:
+        """Plan/build a RanncModule prepared without a batch, from a dataloader's first batch."""
+        if not hasattr(rm, "_ensure_built"):
+            raise ValueError("RanncAccelerator.prepare(): pass the model together with its training dataloader")
+        with torch.random.fork_rng(devices=[]):
+            rm._ensure_built(*rm._split_call((), dict(example)), train=rm.module.training)
+        self._find_replicas(rm)
 
     def _example_batch(self, args: list) -> Optional[dict]:
         for a in args:
@@ -465,14 +487,13 @@ class RanncAccelerator(Accelerator):
         with torch.random.fork_rng(devices=[]):
             rm = RanncModule(model, optimizer, config=self.rannc_config, example_batch=example, local_batch=True)
         rm._is_accelerate_prepared = True
-        guessed = getattr(self, "_num_processes_guessed", False)
         self.rannc_module = rm
-        if guessed and int(rm.dp_size) != self.state.num_processes:
-            logger.warning("rannc_hf: accelerator.num_processes was read before prepare() as %d (world size); "
-                           "the plan has %d data-parallel replicas, which num_processes reports from now on. "
-                           "Set num_stages or dp_size in the rannc config to know it up front.",
-                           self.state.num_processes, int(rm.dp_size))
         self._rannc_originals[id(rm)] = model
+        if getattr(rm, "mesh", 1) is not None:
+            self._find_replicas(rm)
+        return rm
+
+    def _find_replicas(self, rm) -> None:
         # which global rank stands for each data-parallel replica: the last stage (it has outputs)
         world = self.state.num_processes
         info = [None] * world
@@ -483,11 +504,15 @@ class RanncAccelerator(Accelerator):
             info = [mine]
         reps = sorted((d, r) for r, (d, _, last) in enumerate(info) if last)
         self._rannc_reps = [r for _, r in reps]
+        if getattr(self, "_num_processes_guessed", False) and int(rm.dp_size) != self.state.num_processes:
+            logger.warning("rannc_hf: accelerator.num_processes was read before prepare() as %d (world size); "
+                           "the plan has %d data-parallel replicas, which num_processes reports from now on. "
+                           "Set num_stages or dp_size in the rannc config to know it up front.",
+                           self.state.num_processes, int(rm.dp_size))
         if self.is_main_process:
             summary = getattr(getattr(rm, "plan", None), "summary", None)
             logger.info("rannc_hf: %s stage(s) x %s replica(s)%s", rm.num_stages, rm.dp_size,
                         ("\n" + summary()) if callable(summary) else "")
-        return rm
 
     def prepare_model(self, model, device_placement=None, evaluation_mode=False):
         if self.rannc_enabled and not getattr(model, "_is_accelerate_prepared", False) and isinstance(model, nn.Module):
@@ -506,6 +531,10 @@ class RanncAccelerator(Accelerator):
             return super().prepare_data_loader(data_loader, device_placement, slice_fn_for_dispatch)
         if self.rannc_module is None:
             raise ValueError("RanncAccelerator: prepare the model before (or together with) its dataloaders")
+        if getattr(self.rannc_module, "mesh", 1) is None:
+            raise ValueError("RanncAccelerator: the model is not planned yet, so the data-parallel layout that "
+                             "shards this dataloader is unknown; prepare the model and its training dataloader "
+                             "in the same prepare() call")
         from accelerate.data_loader import prepare_data_loader
 
         if device_placement is None:
@@ -587,6 +616,9 @@ class RanncAccelerator(Accelerator):
         return recursively_apply(pick, data, error_on_other_type=False)
 
     def _dp_active(self) -> bool:
+        rm = self.rannc_module
+        if self._rannc_reps is None and rm is not None and getattr(rm, "mesh", None) is not None:
+            self._find_replicas(rm)      # built by its first forward; gathering is collective anyway
         return self.rannc_enabled and self._rannc_reps is not None and self.state.num_processes > 1
 
     def gather(self, tensor):

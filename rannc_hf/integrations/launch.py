@@ -17,7 +17,8 @@ user's accelerate YAML is read by Accelerate as usual and never modified. On top
    single process; ``rannc-hf launch`` starts N (``ACCELERATE_USE_CPU=1`` with the multi-process
    launcher, i.e. torchrun with gloo).
 
-Wire it into an ``argparse`` CLI with :func:`add_launch_parser`::
+``rannc-hf launch`` is registered in ``rannc_hf.cli.SUBCOMMANDS`` when this module is imported
+(the CLI imports it). Wire it into another ``argparse`` CLI with :func:`add_launch_parser`::
 
     subparsers = parser.add_subparsers(dest="command")
     add_launch_parser(subparsers)          # args.func(args) runs the launch
@@ -169,6 +170,20 @@ def rannc_launch_command(args: argparse.Namespace) -> None:
             print(f"rannc-hf launch: a training process failed:\n{e}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         raise
+
+
+def _register() -> None:
+    """Add ``launch`` to the ``rannc-hf`` CLI's subcommand registry (``rannc_hf.cli.SUBCOMMANDS``)."""
+    try:
+        from .. import cli
+    except ImportError:
+        return
+    registry = getattr(cli, "SUBCOMMANDS", None)
+    if registry is not None and not any(getattr(f, "__name__", "") == "add_launch_parser" for f in registry):
+        registry.append(add_launch_parser)
+
+
+_register()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -58,6 +58,7 @@ def parse_args():
     p.add_argument("--train_samples", type=int, default=64)
     p.add_argument("--eval_samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prepare_separately", action="store_true")
     return p.parse_args()
 
 
@@ -100,8 +101,13 @@ def main():
         else args.max_train_steps * accelerator.num_processes,
     )
 
-    model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
+    if args.prepare_separately:     # the other common spelling: the model first, then the rest
+        model = accelerator.prepare(model)
+        optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+            optimizer, train_dataloader, eval_dataloader, lr_scheduler)
+    else:
+        model, optimizer, train_dataloader, eval_dataloader, lr_scheduler = accelerator.prepare(
+            model, optimizer, train_dataloader, eval_dataloader, lr_scheduler)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if overrode_max_train_steps:
