@@ -33,7 +33,7 @@ from .search import OFFLOAD_ORDER, Candidate, Searcher
 
 def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Cluster] = None,
          config: Optional[RanncConfig] = None, progress: bool = True, costs: str = "auto",
-         max_blocks: int = 256) -> Plan:
+         max_blocks: int = 256, global_batch: Optional[int] = None) -> Plan:
     """Plan stages x replicas x microbatches for a model (or a captured Graph) on a cluster.
 
     Args:
@@ -46,11 +46,13 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
             disk), or ``"auto"`` (measured when the cluster's device is this machine's CUDA GPU and the
             model has real weights; analytic otherwise).
         max_blocks: coarsening target (blocks the partition works on).
+        global_batch: for a Graph captured at a smaller (proxy) batch: the global batch to plan for.
     """
     t0 = time.perf_counter()
     config = config or RanncConfig()
     cluster = cluster or _local_cluster()
-    graph, global_batch = _as_graph(model_or_graph, example_batch)
+    graph, B = _as_graph(model_or_graph, example_batch)
+    global_batch = int(global_batch or B)
     cm = CostModel.build(graph, cluster.device, config.precision, max_blocks=max_blocks)
     source = "analytic"
     if _want_measured(costs, model_or_graph, cluster):

@@ -300,7 +300,7 @@ class Searcher:
         if C > N:
             return None
         lo, hi = max(w), sum(w) + 1.0
-        best = None
+        best = [(0, N - 1)] if C >= 1 else None  # feasible at hi = everything in one chunk
         for _ in range(60):
             mid = 0.5 * (lo + hi)
             chunks, start, acc = [], 0, 0.0
