@@ -101,10 +101,7 @@ def test_plugin_merge_explicit_wins():
 
 
 # ---- RanncAccelerator without rannc: a plain Accelerator ---------------------------------------
-def test_accelerator_without_plugin_is_plain(monkeypatch):
-    for k in list(os.environ):
-        if k.startswith("RANNC_HF_"):
-            monkeypatch.delenv(k)
+def test_accelerator_without_plugin_is_plain(fresh_state):
     acc = RanncAccelerator(cpu=True)
     assert not acc.rannc_enabled and acc.num_processes == 1 and acc.mixed_precision == "no"
     model = torch.nn.Linear(4, 2)
@@ -114,6 +111,41 @@ def test_accelerator_without_plugin_is_plain(monkeypatch):
     # one process, nothing to partition: plain too, even with a plugin
     acc2 = RanncAccelerator(rannc_plugin=RanncPlugin(num_microbatches=2), cpu=True)
     assert not acc2.rannc_enabled
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    from accelerate.state import AcceleratorState
+
+    for k in list(os.environ):
+        if k.startswith("RANNC_HF_"):
+            monkeypatch.delenv(k)
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_accelerator_mixed_precision_maps_to_rannc_precision(fresh_state, tmp_path, monkeypatch):
+    acc = RanncAccelerator(rannc_plugin=RanncPlugin(num_stages=2), mixed_precision="bf16", cpu=True)
+    assert acc.rannc_enabled and acc.rannc_config.precision == "bf16" and acc.rannc_config.num_stages == 2
+    assert acc.mixed_precision == "bf16"              # what the user asked for ...
+    assert acc.state.mixed_precision == "no"          # ... done by the stages, not by Accelerate's autocast
+    assert acc.world_size == 1
+    AcceleratorState = type(acc.state)
+    AcceleratorState._reset_state(True)
+    # unset fields of an explicit plugin come from the environment; explicit ones win
+    monkeypatch.setenv("RANNC_HF_CONFIG", _write(tmp_path, "num_stages: 4\nnum_microbatches: 8\nprecision: fp32\n"))
+    acc = RanncAccelerator(rannc_plugin=RanncPlugin(num_stages=2), cpu=True)
+    cfg = acc.rannc_config
+    assert (cfg.num_stages, cfg.num_microbatches, cfg.precision) == (2, 8, "fp32") and acc.mixed_precision == "no"
+
+
+def test_accelerator_rejects_other_parallelism_plugins(fresh_state):
+    from accelerate import FullyShardedDataParallelPlugin
+
+    with pytest.raises(ConfigError, match="fsdp_plugin"):
+        RanncAccelerator(rannc_plugin=RanncPlugin(num_stages=2), fsdp_plugin=FullyShardedDataParallelPlugin(),
+                         cpu=True)
 
 
 def test_accelerator_bad_env_config_fails_before_anything(tmp_path, monkeypatch):
