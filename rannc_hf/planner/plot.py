@@ -1,6 +1,8 @@
 """Draw a plan: per-stage memory as stacked bars and the simulated pipeline timeline (PNG).
 
-    >>> plan.plot("plan.png")        # doctest: +SKIP   (same as rannc_hf.planner.plot.plot_plan(plan, path))
+    >>> plan.plot("plan.png")        # doctest: +SKIP
+
+``plan.plot(path)`` calls :func:`plot_plan`.
 """
 
 from __future__ import annotations
