@@ -108,7 +108,8 @@ def run_case(args, device, mode: str, accum: int, cap_bytes) -> dict:
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             handle = offload_module(model, opt, mode, device=device, compute_dtype=dtype,
-                                    prefetch_blocks=args.prefetch, timing=device.type == "cuda")
+                                    prefetch_blocks=args.prefetch, timing=device.type == "cuda",
+                                    async_step=args.async_step)
         seq, mb = args.seq, args.micro_batch
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (mb, seq), generator=g).to(device)
@@ -129,18 +130,24 @@ def run_case(args, device, mode: str, accum: int, cap_bytes) -> dict:
             opt.zero_grad(set_to_none=True)
             return loss
 
+        def finish():  # the background worker may still step the last blocks: count that time too
+            if handle is not None:
+                handle.engine.synchronize()
+            sync(device)
+
         for _ in range(args.warmup):
             one_step()
-        sync(device)
+        finish()
         if handle is not None:
             handle.engine.reset_stats()
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(args.steps8 if (accum > 1 and args.steps8) else args.steps):
             loss = one_step()
-        sync(device)
+        finish()
         dt = time.perf_counter() - t0
-        tokens = args.steps * accum * mb * seq
-        result.update(ok=True, loss=float(loss.detach()) * accum, step_time_s=dt / args.steps, tokens_per_s=tokens / dt,
+        tokens = (args.steps8 if (accum > 1 and args.steps8) else args.steps) * accum * mb * seq
+        n_steps = args.steps8 if (accum > 1 and args.steps8) else args.steps
+        result.update(ok=True, loss=float(loss.detach()) * accum, step_time_s=dt / n_steps, tokens_per_s=tokens / dt,
                       tflops_per_s=6 * n_params * tokens / dt / 1e12)
         if device.type == "cuda":
             result["peak_gpu_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -148,13 +155,14 @@ def run_case(args, device, mode: str, accum: int, cap_bytes) -> dict:
         if handle is not None:
             st = handle.stats()
             steps = max(1, st["steps"])
+            result["cpu_threads"] = torch.get_num_threads()
             result["offload"] = {
                 "h2d_bytes_per_step": st["h2d_bytes"] / steps, "d2h_bytes_per_step": st["d2h_bytes"] / steps,
                 "copy_time_s_per_step": st["copy_time_s"] / steps, "stall_time_s_per_step": st["stall_time_s"] / steps,
                 "hidden_fraction": st["hidden_fraction"], "cpu_step_time_s": st["step_time_s"] / steps,
                 "grad_reduce_time_s_per_step": st["grad_reduce_time_s"] / steps,
                 "resident_peak_blocks": st["resident_peak_blocks"], "host_store_bytes": st["host_bytes"],
-                "pcie_utilisation": ((st["h2d_bytes"] + st["d2h_bytes"]) / steps / (dt / args.steps)) / (args.link_gbps * 1e9),
+                "pcie_utilisation": ((st["h2d_bytes"] + st["d2h_bytes"]) / steps / (dt / n_steps)) / (args.link_gbps * 1e9),
             }
             predicted = offload_cost(param_bytes=4 * n_params, grad_bytes=2 * n_params, optim_bytes=8 * n_params,
                                      fwd_time=args.fwd_time, bwd_time=args.bwd_time, link_gbps=args.link_gbps,
@@ -194,6 +202,12 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-adam", type=float, default=4.0e9, help="CPU AdamW params/s, for the prediction")
     ap.add_argument("--fwd-time", type=float, default=None, help="GPU fwd s/microbatch for the prediction")
     ap.add_argument("--bwd-time", type=float, default=None, help="GPU bwd s/microbatch for the prediction")
+    ap.add_argument("--cases", default=None,
+                    help="explicit comma list of MODE:ACCUM (e.g. plain:1,optimizer:1,all:1,optimizer:8); "
+                         "overrides --modes/--accum/--baseline")
+    ap.add_argument("--async", dest="async_step", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
+                    help="engine background pipeline (default: on for CUDA)")
+    ap.add_argument("--steps8", type=int, default=None, help="timed steps for accum > 1 cases (default --steps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
@@ -224,9 +238,15 @@ def main(argv=None) -> int:
     args.bwd_time = args.bwd_time or 2 * t_mb / 3
 
     cases = []
-    if args.baseline:
-        cases += [("plain", a, None) for a in args.accum]
-    cases += [(m.strip(), a, cap) for m in args.modes.split(",") if m.strip() for a in args.accum]
+    if args.cases:
+        for c in args.cases.split(","):
+            m, a = c.split(":")
+            cases.append((m, int(a), None if m == "plain" else cap))
+    else:
+        if args.baseline:
+            cases += [("plain", a, None) for a in args.accum]
+        cases += [(m.strip(), a, cap) for m in args.modes.split(",") if m.strip() for a in args.accum]
+    print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
     results = []
     for mode, accum, c in cases:
         t = time.time()

@@ -184,3 +184,52 @@ def test_host_memory_refusal(monkeypatch):
         offload_module(model, opt, "all", device="cpu")
     # nothing was changed: the model still trains normally
     assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
+
+
+def _train_async(family, mode, opt_fn, fused):
+    model, batch_fn = zoo.make_with_batches(family, 0)
+    opt = opt_fn(model.parameters())
+    h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True, cpu_fused=fused)
+    assert h.engine.async_step
+    losses = []
+    for s in range(STEPS):
+        for m in range(ACCUM):
+            loss = zoo.loss_of(model(**batch_fn(BATCH, 100 * s + m))) / ACCUM
+            loss.backward()
+            losses.append(loss.item())
+        h.clip_grad_norm_(0.05)  # small: the coefficient is < 1 and goes into the step
+        opt.step()
+        opt.zero_grad()
+    state = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    return losses, state, h, opt
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "all"])
+@pytest.mark.parametrize("opt_name", ["adamw_fused", "sgd"])
+def test_async_step_matches_plain(mode, opt_name):
+    """Background pipeline (per-block norms, clip coefficient inside the step, blocks stepped on a
+    worker thread while the next forward waits block by block) trains like plain PyTorch."""
+    if opt_name == "adamw_fused":
+        def opt_fn(ps):
+            return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)
+    else:
+        def opt_fn(ps):
+            return torch.optim.SGD(ps, lr=1e-1, momentum=0.9)
+    model, batch_fn = zoo.make_with_batches("gpt2", 0)
+    opt = opt_fn(model.parameters())
+    losses = []
+    for s in range(STEPS):
+        for m in range(ACCUM):
+            loss = zoo.loss_of(model(**batch_fn(BATCH, 100 * s + m))) / ACCUM
+            loss.backward()
+            losses.append(loss.item())
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad()
+    ref = (losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()})
+    got = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused")
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=1e-5, atol=1e-5)
+    for k in ref[1]:
+        torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")
+    assert got[2].stats()["steps"] == STEPS
+    got[2].remove()

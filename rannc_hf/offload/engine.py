@@ -102,13 +102,21 @@ class OffloadEngine:
             (speed); on a CPU device the user's kernel choice is kept, so results match bit for bit.
         param_order: the order gradient norms are summed in (``model.parameters()`` order makes
             clipping match ``torch.nn.utils.clip_grad_norm_`` bit for bit); default: the optimizer's.
+        async_step: background host pipeline (``None``: on CUDA with a CPU step). Each block's
+            gradients are folded into its fp32 buffer (one flat add) and its norm taken on a worker
+            thread while backward goes on; clipping then needs only the per-block norms and its
+            coefficient is applied inside the step; ``step()`` returns after the resident group and
+            the worker steps the blocks in forward order while the next forward runs, each
+            ``before_forward(i)`` waiting for block ``i`` alone. Same values as the synchronous path
+            up to rounding (norm summation order, fused Adam's ``grad_scale``).
     """
 
     def __init__(self, blocks: list[list[nn.Parameter]], device: torch.device | str | None = None,
                  mode: str = "all", compute_dtype: torch.dtype = torch.float32, prefetch_blocks: int = 2,
                  optimizer: Optional[torch.optim.Optimizer] = None, rest: Optional[Iterable[nn.Parameter]] = None,
                  check_memory: bool = True, trace: bool = False, timing: bool = False,
-                 cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None):
+                 cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
+                 async_step: Optional[bool] = None):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -129,6 +137,12 @@ class OffloadEngine:
         self.trace: Optional[list] = [] if trace else None
         self.timing = timing and self.cuda
         self.cpu_fused = self.cuda if cpu_fused is None else bool(cpu_fused)
+        # background host pipeline: per-block gradient folds (+ norms) during backward, per-block CPU
+        # step after it, overlapped with the next forward (which waits block by block)
+        self.async_step = (self.cuda and self.step_on_cpu) if async_step is None else bool(async_step and self.step_on_cpu)
+        self._worker = None
+        self._fold_futs: list = []
+        self._scale = None        # pending clip coefficient (applied inside the next step)
 
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:
@@ -146,6 +160,10 @@ class OffloadEngine:
         self.rest = ParamGroup(len(block_lists), rest_list, self.device, compute_dtype, offload=False)
         self.groups = self.blocks + [self.rest]
         self.num_blocks = len(self.blocks)
+        for g in self.groups:  # async pipeline bookkeeping
+            g.n_req = sum(1 for p in g.params if p.requires_grad)
+            g.round, g.round_set = [], set()
+            g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
         self._where: dict[int, tuple[ParamGroup, int]] = {}
         for g in self.groups:
             for j, p in enumerate(g.params):
@@ -235,6 +253,7 @@ class OffloadEngine:
 
     def set_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Rebuild ``optimizer`` (class, hyperparameters, groups) per block over the host masters."""
+        self.synchronize()
         check_supported(optimizer)
         self.optimizer = optimizer
         self._inner, self._inner_groups = [], []
@@ -261,6 +280,7 @@ class OffloadEngine:
         g = self.blocks[i]
         if g.resident:
             return
+        self._wait_group_step(g)
         if self.cuda:
             s = self.h2d_stream
             with torch.cuda.stream(s):
@@ -344,6 +364,7 @@ class OffloadEngine:
         """Block ``i`` is about to run forward: make it resident and prefetch the next blocks."""
         self._check_index(i)
         if not self.offload_params:
+            self._wait_group_step(self.blocks[i])
             return
         if _in_backward():  # activation recompute inside backward
             self._log("recompute", i)
@@ -440,6 +461,7 @@ class OffloadEngine:
         g, j = self._where[id(p)]
         self._stats["d2h_bytes"] += grad.numel() * grad.element_size()
         if not self.cuda:
+            g.gnorm = None
             t0 = time.perf_counter()
             dst = g.view(g.grad, j)
             if g.has_grad[j]:
@@ -448,6 +470,25 @@ class OffloadEngine:
                 dst.copy_(grad)
             g.has_grad[j] = True
             self._stats["grad_reduce_time_s"] += time.perf_counter() - t0
+        elif self.async_step:
+            if j in g.round_set:  # a parameter came twice before its block completed: fold what arrived
+                self._submit_round(g)
+            if not g.round:  # staging is about to be overwritten: its previous fold must be done
+                if g.fold_fut is not None:
+                    g.fold_fut.result()
+                    g.fold_fut = None
+            s = self.d2h_stream
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                if self.timing and not g.round:
+                    g.round_start_event = torch.cuda.Event(enable_timing=True)
+                    g.round_start_event.record(s)
+                g.view(g.staging, j).copy_(grad, non_blocking=True)
+            grad.record_stream(s)
+            g.round.append(j)
+            g.round_set.add(j)
+            if len(g.round) == g.n_req:
+                self._submit_round(g)
         else:
             key = (g.index, j)
             if key in self._pending:  # staging slot still busy from an earlier micro-batch
@@ -468,6 +509,95 @@ class OffloadEngine:
             self._pending[key] = (g, j, ev)
         p.grad = None
 
+    # -- background worker (async host pipeline) -----------------------------------------------
+    def _pool(self):
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            n = torch.get_num_threads()  # a new thread's OpenMP team would not inherit set_num_threads
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rannc-offload",
+                                              initializer=torch.set_num_threads, initargs=(n,))
+        return self._worker
+
+    def _submit_round(self, g: ParamGroup) -> None:
+        """Hand the gradients of ``g`` copied since its last fold to the worker (one event, one fold)."""
+        js = g.round
+        g.round, g.round_set = [], set()
+        if not js:
+            return
+        s = self.d2h_stream
+        ev = torch.cuda.Event(enable_timing=self.timing)
+        ev.record(s)
+        if self.timing and g.round_start_event is not None:  # a block's D2H copies, timed as one
+            self._copy_events.append((g.round_start_event, ev))
+            g.round_start_event = None
+        fut = self._pool().submit(self._fold_task, g, js, ev)
+        g.fold_fut = fut
+        self._fold_futs.append(fut)
+
+    def _fold_task(self, g: ParamGroup, js: list[int], ev) -> None:
+        ev.synchronize()
+        t0 = time.perf_counter()
+        n = len(g.params)
+        if len(js) == n and (all(g.has_grad) or not any(g.has_grad)):
+            add = all(g.has_grad)
+            chunk = 1 << 23
+            norms = []
+            for o in range(0, g.numel, chunk):  # fold and norm chunk by chunk (the chunk is still in cache)
+                d, src = g.grad[o:o + chunk], g.staging[o:o + chunk]
+                if add:
+                    d.add_(src)
+                else:
+                    d.copy_(src)
+                norms.append(torch.linalg.vector_norm(d, 2))
+            g.has_grad = [True] * n
+            g.gnorm = torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
+        else:
+            for j in js:
+                dst, src = g.view(g.grad, j), g.view(g.staging, j)
+                if g.has_grad[j]:
+                    dst.add_(src)
+                else:
+                    dst.copy_(src)
+                g.has_grad[j] = True
+            g.gnorm = None
+        self._stats["grad_reduce_time_s"] += time.perf_counter() - t0
+
+    def _wait_folds(self) -> None:
+        for g in self.groups:
+            if g.round:
+                self._submit_round(g)
+        futs, self._fold_futs = self._fold_futs, []
+        for f in futs:
+            f.result()
+
+    def _wait_group_step(self, g: ParamGroup) -> None:
+        """Block until the background step of ``g`` is done and make the compute stream wait for its copy."""
+        fut = g.step_fut
+        if fut is None:
+            return
+        fut.result()
+        g.step_fut = None
+        if self.cuda and g.step_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(g.step_event)
+        g.step_event = None
+
+    def synchronize(self) -> None:
+        """Wait for everything the background worker has in hand (folds and steps)."""
+        if self.async_step:
+            self._wait_folds()
+            for g in self.groups:
+                self._wait_group_step(g)
+
+    def _materialize_scale(self) -> None:
+        if self._scale is not None:
+            coef, self._scale = self._scale, None
+            grads = [g.view(g.grad, j) for g, j in self._order if g.has_grad[j]]
+            if grads:
+                torch._foreach_mul_(grads, coef)
+            for g in self.groups:
+                g.gnorm = None
+
     def _finish(self, key, item) -> None:
         g, j, ev = item
         ev.synchronize()
@@ -483,6 +613,10 @@ class OffloadEngine:
 
     def drain(self, force: bool = True) -> None:
         """Fold gradients that reached the host into the fp32 accumulators (all of them if ``force``)."""
+        if self.async_step:
+            if force:
+                self._wait_folds()
+            return
         for key in list(self._pending):
             item = self._pending[key]
             if not force and not item[2].query():
@@ -492,14 +626,18 @@ class OffloadEngine:
     def zero_grad(self) -> None:
         """Forget accumulated gradients (the host buffers are overwritten by the next ones)."""
         self.drain(force=True)
+        self._scale = None
         for g in self.groups:
             g.has_grad = [False] * len(g.params)
+            g.gnorm = None
             for p in g.params:
                 p.grad = None
 
     def host_grads(self) -> list[torch.Tensor]:
         """fp32 host gradients of every parameter that received one since the last ``zero_grad``."""
+        self.synchronize()
         self.drain(force=True)
+        self._materialize_scale()
         return [g.view(g.grad, j) for g, j in self._order if g.has_grad[j]]
 
     def local_grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
@@ -513,15 +651,46 @@ class OffloadEngine:
         grads = self.host_grads()
         if grads:
             torch._foreach_mul_(grads, factor)
+            for g in self.groups:
+                g.gnorm = None
 
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
-        """Same result as ``torch.nn.utils.clip_grad_norm_`` over this engine's parameters."""
-        grads = self.host_grads()
-        if not grads:
+        """Same result as ``torch.nn.utils.clip_grad_norm_`` over this engine's parameters.
+
+        With the async pipeline the norm comes from per-block norms computed while gradients were
+        folded during backward, and the coefficient is applied inside the next step (fused Adam's
+        ``grad_scale``, or a multiply per block in the worker), not in a separate pass here.
+        """
+        if not self.async_step or float(norm_type) != 2.0:
+            grads = self.host_grads()
+            if not grads:
+                return torch.tensor(0.0)
+            total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite)
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
+            torch._foreach_mul_(grads, coef)
+            for g in self.groups:
+                g.gnorm = None
+            return total
+        self.drain(force=True)
+        self._materialize_scale()
+        norms = []
+        for g in self.groups:
+            if not any(g.has_grad):
+                continue
+            if g.gnorm is None:
+                vs = [g.view(g.grad, j) for j in range(len(g.params)) if g.has_grad[j]]
+                g.gnorm = torch.nn.utils.get_total_norm(vs, 2.0)
+            norms.append(g.gnorm)
+        if not norms:
             return torch.tensor(0.0)
-        total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite)
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
-        torch._foreach_mul_(grads, coef)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2)
+        if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                               f"so it cannot be clipped. To disable this error and scale the gradients by the "
+                               f"non-finite norm anyway, set `error_if_nonfinite=False`")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if float(coef) < 1.0 or not bool(torch.isfinite(coef)):
+            self._scale = coef
         return total
 
     # ------------------------------------------------------------------ optimizer step
@@ -529,7 +698,10 @@ class OffloadEngine:
         """One optimizer step over the host masters, then new weights to the resident working copies."""
         if self.optimizer is None:
             raise OffloadError("the offload engine has no optimizer; pass optimizer= or call set_optimizer()")
+        if self.async_step:
+            return self._step_async()
         self.drain(force=True)
+        self._materialize_scale()
         if self.cuda:
             self.h2d_stream.synchronize()
         t0 = time.perf_counter()
@@ -553,6 +725,80 @@ class OffloadEngine:
         self._stats["step_time_s"] += time.perf_counter() - t0
         self._stats["steps"] += 1
         self.optimizer._opt_called = True  # keeps LR schedulers' order check quiet
+
+    def _step_async(self) -> None:
+        """Step the resident group now, then each block in forward order on the worker thread.
+
+        ``before_forward(i)`` (and any fetch of block ``i``) waits for block ``i``'s step, so the next
+        forward runs while later blocks still step; reading masters or state waits for all of them.
+        """
+        self.drain(force=True)
+        for g in self.groups:  # a step still running from before (no forward in between)
+            self._wait_group_step(g)
+        scale = self._scale
+        self._scale = None
+        bwd_done = None
+        if self.cuda:
+            bwd_done = torch.cuda.Event()
+            bwd_done.record(torch.cuda.current_stream(self.device))
+        t0 = time.perf_counter()
+        order = [self.rest] + self.blocks
+        for g in order:
+            gi = g.index
+            inner = self._inner[gi]
+            if inner is None:
+                continue
+            sync_hyperparams(self.optimizer, inner, self._inner_groups[gi])
+            has = list(g.has_grad)
+            if g is self.rest:
+                self._step_group(g, inner, has, scale, bwd_done)
+                self._wait_group_step_now(g)
+            else:
+                g.step_fut = self._pool().submit(self._step_group, g, inner, has, scale, bwd_done)
+        self._stats["step_time_s"] += time.perf_counter() - t0  # the blocks' time is added by the worker
+        self._stats["steps"] += 1
+        self.optimizer._opt_called = True
+
+    def _wait_group_step_now(self, g: ParamGroup) -> None:
+        if self.cuda and g.step_event is not None:
+            torch.cuda.current_stream(self.device).wait_event(g.step_event)
+        g.step_event = None
+
+    def _step_group(self, g: ParamGroup, inner, has: list, scale, bwd_done) -> None:
+        t0 = time.perf_counter()
+        for j, hp in enumerate(g.host_params):
+            hp.grad = g.view(g.grad, j) if has[j] else None
+        fused = scale is not None and all(gr.get("fused") for gr in inner.param_groups)
+        if scale is not None and not fused:
+            grads = [hp.grad for hp in g.host_params if hp.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, scale)
+        if fused:
+            inner.grad_scale = (1.0 / scale).to(torch.float32)  # the kernel divides grads by it
+        try:
+            inner.step()
+        finally:
+            if fused:
+                del inner.grad_scale
+            for hp in g.host_params:
+                hp.grad = None
+        g.refresh_shadow()
+        ev = None
+        if g.resident:
+            self._stats["h2d_bytes"] += g.work_bytes
+            if self.cuda:
+                s = self.h2d_stream
+                with torch.cuda.stream(s):
+                    if bwd_done is not None:
+                        s.wait_event(bwd_done)
+                    g.work.copy_(g.shadow, non_blocking=True)
+                    ev = torch.cuda.Event()
+                    ev.record(s)
+            else:
+                g.work.copy_(g.shadow)
+        g.step_event = ev
+        if g is not self.rest:
+            self._stats["step_time_s"] += time.perf_counter() - t0
 
     def _device_step(self, g: ParamGroup, inner: torch.optim.Optimizer) -> None:
         m = g.master.to(self.device, non_blocking=True)
@@ -586,6 +832,7 @@ class OffloadEngine:
     # ------------------------------------------------------------------ state
     def master_of(self, p: nn.Parameter) -> torch.Tensor:
         """The fp32 host master of device parameter ``p`` (a view: do not keep it across steps)."""
+        self.synchronize()
         g, j = self._where[id(p)]
         return g.view(g.master, j)
 
@@ -594,6 +841,7 @@ class OffloadEngine:
 
     def load_param_(self, p: nn.Parameter, value: torch.Tensor) -> None:
         """Set parameter ``p`` (master, shadow and, if resident, working copy) to ``value``."""
+        self.synchronize()
         g, j = self._where[id(p)]
         g.view(g.master, j).copy_(value.detach().reshape(g.shapes[j]))
         if g.shadow is not g.master:
@@ -612,6 +860,7 @@ class OffloadEngine:
 
     def optimizer_state_dict(self) -> dict:
         """The state dict the user's optimizer would have (its parameter indices, its groups)."""
+        self.synchronize()
         if self.optimizer is None:
             raise OffloadError("the offload engine has no optimizer")
         state = {}
@@ -631,6 +880,7 @@ class OffloadEngine:
 
     def load_optimizer_state_dict(self, sd: dict) -> None:
         """Load a state dict in the user's optimizer's format (from :meth:`optimizer_state_dict` or torch)."""
+        self.synchronize()
         if self.optimizer is None:
             raise OffloadError("the offload engine has no optimizer")
         ugroups = sd["param_groups"]
@@ -676,6 +926,7 @@ class OffloadEngine:
     # ------------------------------------------------------------------ stats / close
     def stats(self) -> dict:
         """Counters: bytes copied each way, copy and stall time, resident peak, step time."""
+        self.synchronize()
         st = dict(self._stats)
         if self.cuda and self.timing:
             torch.cuda.synchronize(self.device)
@@ -697,10 +948,14 @@ class OffloadEngine:
 
     def close(self, restore: bool = True) -> None:
         """Remove hooks and, if ``restore``, give every parameter a normal device tensor (fp32 master values)."""
+        self.synchronize()
         self.drain(force=True)
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
         if restore:
             for g in self.groups:
                 for j, p in enumerate(g.params):

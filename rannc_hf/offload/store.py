@@ -99,6 +99,8 @@ class ParamGroup:
         self.grad = _empty_host(self.numel, torch.float32, self.pin)
         self.grad.zero_()
         self.staging = _empty_host(self.numel, compute_dtype, True) if self.device.type == "cuda" else None
+        if self.staging is not None:
+            self.staging.zero_()  # padding stays zero: whole-block folds and norms read it
         self.work = torch.empty(self.numel, dtype=compute_dtype, device=self.device)
         self.work.copy_(self.shadow)
         for p, v in zip(self.params, self.views(self.work)):
