@@ -224,5 +224,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `python -m rannc_hf.cli`: use the package module so plugins register into it
+    from rannc_hf.cli import main as _main
+
+    sys.exit(_main())
