@@ -186,10 +186,11 @@ def test_host_memory_refusal(monkeypatch):
     assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
 
 
-def _train_async(family, mode, opt_fn, fused):
+def _train_async(family, mode, opt_fn, fused, device_blocks=0):
     model, batch_fn = zoo.make_with_batches(family, 0)
     opt = opt_fn(model.parameters())
-    h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True, cpu_fused=fused)
+    h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True, cpu_fused=fused,
+                       device_step_blocks=device_blocks)
     assert h.engine.async_step
     losses = []
     for s in range(STEPS):
@@ -205,8 +206,8 @@ def _train_async(family, mode, opt_fn, fused):
 
 
 @pytest.mark.parametrize("mode", ["optimizer", "all"])
-@pytest.mark.parametrize("opt_name", ["adamw_fused", "sgd"])
-def test_async_step_matches_plain(mode, opt_name):
+@pytest.mark.parametrize("opt_name,device_blocks", [("adamw_fused", 0), ("sgd", 0), ("adamw_fused", 1), ("sgd", 1)])
+def test_async_step_matches_plain(mode, opt_name, device_blocks):
     """Background pipeline (per-block norms, clip coefficient inside the step, blocks stepped on a
     worker thread while the next forward waits block by block) trains like plain PyTorch."""
     if opt_name == "adamw_fused":
@@ -227,7 +228,11 @@ def test_async_step_matches_plain(mode, opt_name):
         opt.step()
         opt.zero_grad()
     ref = (losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()})
-    got = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused")
+    got = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks)
+    if device_blocks:
+        assert got[2].engine.blocks[0].device_step and not got[2].engine.blocks[1].device_step
+        sd = got[2].optimizer_state_dict()  # the user's format, state of every parameter
+        assert len(sd["state"]) == len(list(got[3].param_groups[0]["params"]))
     torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=1e-5, atol=1e-5)
     for k in ref[1]:
         torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{k}: {m}")

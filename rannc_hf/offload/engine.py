@@ -116,7 +116,7 @@ class OffloadEngine:
                  optimizer: Optional[torch.optim.Optimizer] = None, rest: Optional[Iterable[nn.Parameter]] = None,
                  check_memory: bool = True, trace: bool = False, timing: bool = False,
                  cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
-                 async_step: Optional[bool] = None):
+                 async_step: Optional[bool] = None, device_step_blocks: int = 0):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -143,6 +143,10 @@ class OffloadEngine:
         self._worker = None
         self._fold_futs: list = []
         self._scale = None        # pending clip coefficient (applied inside the next step)
+        # hybrid step (async pipeline only): the first ``device_step_blocks`` blocks keep their optimizer
+        # state on the device and step there (master + gradient streamed in, master back), while the
+        # worker steps the other blocks on the CPU at the same time: PCIe and host memory both work
+        self.device_step_blocks = int(device_step_blocks) if self.async_step else 0
 
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:
@@ -161,6 +165,7 @@ class OffloadEngine:
         self.groups = self.blocks + [self.rest]
         self.num_blocks = len(self.blocks)
         for g in self.groups:  # async pipeline bookkeeping
+            g.device_step = g.index < self.device_step_blocks and g is not self.rest
             g.n_req = sum(1 for p in g.params if p.requires_grad)
             g.round, g.round_set = [], set()
             g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
@@ -259,7 +264,8 @@ class OffloadEngine:
         self._inner, self._inner_groups = [], []
         for g in self.groups:
             host_of = {id(p): hp for p, hp in zip(g.params, g.host_params)}
-            inner = build_inner_optimizer(optimizer, host_of, g.params, step_on_cpu=self.step_on_cpu,
+            inner = build_inner_optimizer(optimizer, host_of, g.params,
+                                          step_on_cpu=self.step_on_cpu and not getattr(g, "device_step", False),
                                           cpu_fused=self.cpu_fused)
             self._inner.append(inner)
             self._inner_groups.append(user_group_index(optimizer, g.params) if inner is not None else [])
@@ -571,15 +577,19 @@ class OffloadEngine:
         for f in futs:
             f.result()
 
-    def _wait_group_step(self, g: ParamGroup) -> None:
-        """Block until the background step of ``g`` is done and make the compute stream wait for its copy."""
+    def _wait_group_step(self, g: ParamGroup, host: bool = False) -> None:
+        """Block until the background step of ``g`` is done and make the compute stream (and the fetch
+        stream) wait for its copies; ``host``: also wait until the host buffers hold the new values."""
         fut = g.step_fut
-        if fut is None:
-            return
-        fut.result()
-        g.step_fut = None
-        if self.cuda and g.step_event is not None:
-            torch.cuda.current_stream(self.device).wait_event(g.step_event)
+        if fut is not None:
+            fut.result()
+            g.step_fut = None
+        ev = g.step_event
+        if self.cuda and ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+            self.h2d_stream.wait_event(ev)
+            if host:
+                ev.synchronize()
         g.step_event = None
 
     def synchronize(self) -> None:
@@ -587,7 +597,7 @@ class OffloadEngine:
         if self.async_step:
             self._wait_folds()
             for g in self.groups:
-                self._wait_group_step(g)
+                self._wait_group_step(g, host=True)
 
     def _materialize_scale(self) -> None:
         if self._scale is not None:
@@ -742,7 +752,7 @@ class OffloadEngine:
             bwd_done = torch.cuda.Event()
             bwd_done.record(torch.cuda.current_stream(self.device))
         t0 = time.perf_counter()
-        order = [self.rest] + self.blocks
+        order = [self.rest] + [g for g in self.blocks if not g.device_step] + [g for g in self.blocks if g.device_step]
         for g in order:
             gi = g.index
             inner = self._inner[gi]
@@ -753,11 +763,47 @@ class OffloadEngine:
             if g is self.rest:
                 self._step_group(g, inner, has, scale, bwd_done)
                 self._wait_group_step_now(g)
+            elif g.device_step:
+                self._device_step_async(g, inner, has, scale)
             else:
                 g.step_fut = self._pool().submit(self._step_group, g, inner, has, scale, bwd_done)
         self._stats["step_time_s"] += time.perf_counter() - t0  # the blocks' time is added by the worker
         self._stats["steps"] += 1
         self.optimizer._opt_called = True
+
+    def _device_step_async(self, g: ParamGroup, inner, has: list, scale) -> None:
+        """Step ``g`` on the device (state resident there): master and gradient in, new master and
+        compute-dtype shadow back, working copy cast on the device; all on the compute stream, no wait."""
+        dev = self.device
+        m = g.master.to(dev, non_blocking=True)
+        gr = g.grad.to(dev, non_blocking=True)
+        for j, hp in enumerate(g.host_params):
+            hp.data = g.view(m, j)
+            hp.grad = g.view(gr, j) if has[j] else None
+        if scale is not None:
+            grads = [hp.grad for hp in g.host_params if hp.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, float(scale))
+        inner.step()
+        for j, hp in enumerate(g.host_params):
+            hp.grad = None
+        if self.cuda:
+            g.master.copy_(m, non_blocking=True)
+            if g.shadow is not g.master:
+                g.shadow.copy_(m.to(g.shadow.dtype), non_blocking=True)
+            if g.resident:
+                g.work.copy_(m)
+            ev = torch.cuda.Event()
+            ev.record(torch.cuda.current_stream(dev))
+            g.step_event = ev
+            self._stats["d2h_bytes"] += g.master.nbytes + (g.shadow.nbytes if g.shadow is not g.master else 0)
+        else:
+            g.refresh_shadow()
+            if g.resident:
+                g.work.copy_(g.shadow)
+        for j, hp in enumerate(g.host_params):
+            hp.data = g.view(g.master, j)
+        self._stats["h2d_bytes"] += g.master.nbytes + g.grad.nbytes
 
     def _wait_group_step_now(self, g: ParamGroup) -> None:
         if self.cuda and g.step_event is not None:
@@ -917,7 +963,7 @@ class OffloadEngine:
                     idx += 1
                 groups.append({**{k: v for k, v in ig.items() if k != "params"}, "params": ids})
             inner.load_state_dict({"state": local, "param_groups": groups})
-            if not self.step_on_cpu and self.cuda:  # params mode: state lives on the device
+            if (not self.step_on_cpu or self.groups[gi].device_step) and self.cuda:  # state lives on the device
                 for st in inner.state.values():
                     for key, v in st.items():
                         if torch.is_tensor(v) and key != "step":

@@ -210,7 +210,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
                    device: Union[str, torch.device, None] = None, compute_dtype: Optional[torch.dtype] = None,
                    prefetch_blocks: Optional[int] = None, patch_optimizer: bool = True, check_memory: bool = True,
                    trace: bool = False, timing: bool = False, cpu_fused: Optional[bool] = None,
-                   async_step: Optional[bool] = None) -> OffloadHandle:
+                   async_step: Optional[bool] = None, device_step_blocks: int = 0) -> OffloadHandle:
     """Offload ``model``'s blocks per ``config_or_mode`` and return an :class:`OffloadHandle`.
 
     Args:
@@ -224,7 +224,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
         device: compute device (default ``cuda`` when available, else ``cpu``).
         prefetch_blocks: blocks fetched ahead (default: the config's, or 2).
         check_memory: refuse with :class:`OffloadError` if host RAM is too small.
-        trace, timing, cpu_fused, async_step: see :class:`~rannc_hf.offload.engine.OffloadEngine`.
+        trace, timing, cpu_fused, async_step, device_step_blocks: see :class:`~rannc_hf.offload.engine.OffloadEngine`.
     """
     mode, dtype, pf = _resolve(config_or_mode, compute_dtype, prefetch_blocks)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -247,7 +247,8 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     rest = [p for p in model.parameters() if id(p) not in in_blocks]
     engine = OffloadEngine(block_params, device=dev, mode=mode, compute_dtype=dtype, prefetch_blocks=pf,
                            optimizer=optimizer, rest=rest, check_memory=check_memory, trace=trace, timing=timing,
-                           cpu_fused=cpu_fused, param_order=list(model.parameters()), async_step=async_step)
+                           cpu_fused=cpu_fused, param_order=list(model.parameters()), async_step=async_step,
+                           device_step_blocks=device_step_blocks)
     handle = OffloadHandle(model, optimizer, engine, mode, blocks)
     eid = engine.id
     for i, b in enumerate(blocks):
