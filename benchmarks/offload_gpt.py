@@ -81,7 +81,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_case(args, device, mode: str, accum: int, cap_bytes) -> dict:
+def run_case(args, device, mode: str, accum: int, cap_bytes, dev_blocks: int = 0) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -99,7 +99,8 @@ def run_case(args, device, mode: str, accum: int, cap_bytes) -> dict:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dtype = torch.bfloat16
     host = HostPeak()
-    result = {"mode": mode, "accum": accum, "params": n_params, "gpu_cap_bytes": cap_bytes}
+    result = {"mode": mode, "accum": accum, "params": n_params, "gpu_cap_bytes": cap_bytes,
+              "device_step_blocks": dev_blocks}
     try:
         if mode == "plain":
             model.to(device)
@@ -109,7 +110,7 @@ def run_case(args, device, mode: str, accum: int, cap_bytes) -> dict:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             handle = offload_module(model, opt, mode, device=device, compute_dtype=dtype,
                                     prefetch_blocks=args.prefetch, timing=device.type == "cuda",
-                                    async_step=args.async_step)
+                                    async_step=args.async_step, device_step_blocks=dev_blocks)
         seq, mb = args.seq, args.micro_batch
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (mb, seq), generator=g).to(device)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fwd-time", type=float, default=None, help="GPU fwd s/microbatch for the prediction")
     ap.add_argument("--bwd-time", type=float, default=None, help="GPU bwd s/microbatch for the prediction")
     ap.add_argument("--cases", default=None,
-                    help="explicit comma list of MODE:ACCUM (e.g. plain:1,optimizer:1,all:1,optimizer:8); "
+                    help="explicit comma list of MODE:ACCUM[:K] (e.g. plain:1,optimizer:1:12,optimizer:8); K: blocks stepped on the GPU; "
                          "overrides --modes/--accum/--baseline")
     ap.add_argument("--async", dest="async_step", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
                     help="engine background pipeline (default: on for CUDA)")
@@ -240,17 +241,18 @@ def main(argv=None) -> int:
     cases = []
     if args.cases:
         for c in args.cases.split(","):
-            m, a = c.split(":")
-            cases.append((m, int(a), None if m == "plain" else cap))
+            m, a, *k = c.split(":")
+            cases.append((m, int(a), None if m == "plain" else cap, int(k[0]) if k else 0))
     else:
         if args.baseline:
             cases += [("plain", a, None) for a in args.accum]
         cases += [(m.strip(), a, cap) for m in args.modes.split(",") if m.strip() for a in args.accum]
+        cases = [c if len(c) == 4 else (*c, 0) for c in cases]
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
     results = []
-    for mode, accum, c in cases:
+    for mode, accum, c, k in cases:
         t = time.time()
-        r = run_case(args, device, mode, accum, c)
+        r = run_case(args, device, mode, accum, c, k)
         results.append(r)
         msg = (f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s']:.2f} s" if r.get("ok") else r.get("error"))
         extra = ""
@@ -258,7 +260,7 @@ def main(argv=None) -> int:
             extra += f", GPU peak {r['peak_gpu_bytes'] / GiB:.1f} GiB"
         if r.get("offload"):
             extra += f", hidden {r['offload']['hidden_fraction']:.0%}"
-        print(f"[{mode:9s} accum {accum}] {msg}{extra}, host peak {r['peak_host_rss_bytes'] / GiB:.1f} GiB "
+        print(f"[{mode:9s} accum {accum} gpu-step {k}] {msg}{extra}, host peak {r['peak_host_rss_bytes'] / GiB:.1f} GiB "
               f"({time.time() - t:.0f} s)", flush=True)
 
     import transformers
