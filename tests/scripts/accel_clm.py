@@ -59,6 +59,7 @@ def parse_args():
     p.add_argument("--eval_samples", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prepare_separately", action="store_true")
+    p.add_argument("--no_eval", action="store_true")
     return p.parse_args()
 
 
@@ -169,6 +170,9 @@ def main():
             if completed_steps >= args.max_train_steps:
                 break
 
+        eval_loss = float("nan")
+        if args.no_eval:
+            continue
         model.eval()
         losses = []
         for batch in eval_dataloader:
