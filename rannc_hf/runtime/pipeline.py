@@ -64,7 +64,7 @@ class StagePipeline:
         self.stages = []
         for sid, mod in zip(self.stage_ids, self.modules):
             spec = mod.spec
-            ins = meta_args(graph, spec.inputs)
+            ins = meta_args(graph, spec.inputs, transport=not spec.is_first)
             outs = (torch.empty((), dtype=torch.float32, device="meta", requires_grad=True),) if spec.is_last \
                 else meta_args(graph, spec.outputs)
             self.stages.append(PipelineStage(mod, sid, num_stages, self.device, input_args=ins, output_args=outs,

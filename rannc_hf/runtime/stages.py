@@ -151,19 +151,57 @@ def value_meta(graph: Graph, name: str) -> torch.Tensor:
     raise KeyError(name)
 
 
-def meta_args(graph: Graph, names: Sequence[str], device: torch.device | str = "meta") -> tuple[torch.Tensor, ...]:
-    """Empty tensors shaped like the given values; floating ones ``requires_grad=True`` (PipelineStage static args)."""
+def _torch_version() -> tuple[int, int]:
+    parts = torch.__version__.split("+")[0].split(".")
+    return int(parts[0]), int(parts[1])
+
+
+# torch < 2.13: PipelineStage marks every received buffer requires_grad, which fails for int/bool tensors
+# (labels, masks). There such values travel as floats (exactly: bool/int8/int16 -> fp32, int32/int64 -> fp64)
+# and the receiving stage casts them back.
+ENCODE_INTS = _torch_version() < (2, 13)
+
+
+def transport_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a value of ``dtype`` has on the wire between stages."""
+    if not ENCODE_INTS or dtype.is_floating_point or dtype.is_complex:
+        return dtype
+    if dtype in (torch.bool, torch.uint8, torch.int8, torch.int16):
+        return torch.float32
+    return torch.float64
+
+
+def meta_args(graph: Graph, names: Sequence[str], device: torch.device | str = "meta",
+              transport: bool = True) -> tuple[torch.Tensor, ...]:
+    """Empty tensors shaped like the given values; floating ones ``requires_grad=True`` (PipelineStage static args).
+
+    ``transport``: use the on-the-wire dtype (:func:`transport_dtype`)."""
     vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
     out = []
     for name in names:
         v = vals[name]
         if not isinstance(v, torch.Tensor):
             raise TypeError(f"value {name} crossing a stage boundary is not a tensor ({type(v).__name__})")
-        t = torch.empty(tuple(int(s) for s in v.shape), dtype=v.dtype, device=device)
+        dt = transport_dtype(v.dtype) if transport else v.dtype
+        t = torch.empty(tuple(int(s) for s in v.shape), dtype=dt, device=device)
         if t.is_floating_point() or t.is_complex():
             t.requires_grad_(True)
         out.append(t)
     return tuple(out)
+
+
+class _TieInputs(torch.autograd.Function):
+    """Identity on ``out`` whose backward gives every tied input a zero gradient (torch < 2.13 needs a
+    gradient for every received input it sends back, even those the stage does not differentiate)."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        ctx.metas = [(i.shape, i.dtype, i.device) for i in inputs]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *[torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.metas])
 
 
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -177,8 +215,10 @@ class StageModule(nn.Module):
     """
 
     def __init__(self, gm: fx.GraphModule, spec: StageSpec, out_dtypes: Sequence[torch.dtype] = (),
-                 precision: str = "fp32", recompute: str = "none", device_type: str = "cpu"):
+                 precision: str = "fp32", recompute: str = "none", device_type: str = "cpu",
+                 in_dtypes: Sequence[torch.dtype] = ()):
         super().__init__()
+        self.in_dtypes = list(in_dtypes)   # received values are cast to these (see transport_dtype)
         self.gm = gm
         self.spec = spec
         self.out_dtypes = list(out_dtypes)
@@ -193,13 +233,33 @@ class StageModule(nn.Module):
         return torch.autocast(self.device_type, dtype=dt)
 
     def _run(self, *args):
+        received = args
+        if self.in_dtypes:
+            args = tuple(a.to(d) if isinstance(a, torch.Tensor) and a.dtype != d else a
+                         for a, d in zip(args, self.in_dtypes))
         with self._autocast():
             out = self.gm(*args)
         if self.spec.is_last:
-            return out.float() if out.dtype != torch.float32 and out.is_floating_point() else out
-        if self.out_dtypes:
+            out = out.float() if out.dtype != torch.float32 and out.is_floating_point() else out
+        elif self.out_dtypes:
             out = tuple(o.to(d) if o.dtype != d else o for o, d in zip(out, self.out_dtypes))
+        if ENCODE_INTS and not self.spec.is_first and torch.is_grad_enabled():
+            out = self._tie(out, received)
         return out
+
+    @staticmethod
+    def _tie(out, received):
+        ins = [a for a in received if isinstance(a, torch.Tensor) and a.requires_grad]
+        if not ins:
+            return out
+        if isinstance(out, torch.Tensor):
+            return _TieInputs.apply(out, *ins) if out.requires_grad else out
+        out = list(out)
+        for k, o in enumerate(out):
+            if o.requires_grad:
+                out[k] = _TieInputs.apply(o, *ins)
+                break
+        return tuple(out)
 
     def forward(self, *args):
         if self.recompute == "full" and torch.is_grad_enabled():
@@ -221,8 +281,10 @@ def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[i
     for s in idx:
         spec = specs[s]
         rc = recompute if isinstance(recompute, str) else recompute[s]
-        dtypes = [] if spec.is_last else [vals[v].dtype for v in spec.outputs]
-        sm = StageModule(build_graph_module(graph, spec, model, device), spec, dtypes, precision, rc, device_type)
+        dtypes = [] if spec.is_last else [transport_dtype(vals[v].dtype) for v in spec.outputs]
+        in_dtypes = [] if spec.is_first else [vals[v].dtype for v in spec.inputs]
+        sm = StageModule(build_graph_module(graph, spec, model, device), spec, dtypes, precision, rc, device_type,
+                         in_dtypes)
         sm.graph_ref = graph
         out.append(sm)
     return out
