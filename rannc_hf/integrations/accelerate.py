@@ -50,7 +50,6 @@ exactly ``Accelerator``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
