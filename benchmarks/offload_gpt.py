@@ -81,7 +81,7 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def run_case(args, device, mode: str, accum: int, cap_bytes, dev_blocks: int = 0) -> dict:
+def run_case(args, device, mode: str, accum: int, cap_bytes, dev_blocks: int = 0, threads: int = 0) -> dict:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -100,7 +100,7 @@ def run_case(args, device, mode: str, accum: int, cap_bytes, dev_blocks: int = 0
     dtype = torch.bfloat16
     host = HostPeak()
     result = {"mode": mode, "accum": accum, "params": n_params, "gpu_cap_bytes": cap_bytes,
-              "device_step_blocks": dev_blocks}
+              "device_step_blocks": dev_blocks, "worker_threads": threads or torch.get_num_threads()}
     try:
         if mode == "plain":
             model.to(device)
@@ -110,24 +110,40 @@ def run_case(args, device, mode: str, accum: int, cap_bytes, dev_blocks: int = 0
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             handle = offload_module(model, opt, mode, device=device, compute_dtype=dtype,
                                     prefetch_blocks=args.prefetch, timing=device.type == "cuda",
-                                    async_step=args.async_step, device_step_blocks=dev_blocks)
+                                    async_step=args.async_step, device_step_blocks=dev_blocks,
+                                    cpu_threads=threads or None)
         seq, mb = args.seq, args.micro_batch
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, cfg.vocab_size, (mb, seq), generator=g).to(device)
 
+        marks = []
+
+        def mark(name):
+            if marks is not None and device.type == "cuda" and record[0]:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                marks.append((name, time.perf_counter(), ev))
+
+        record = [False]
+
         def one_step():
+            mark("start")
             for _ in range(accum):
                 if mode == "plain":
                     with torch.autocast(device.type, dtype=dtype):
                         loss = model(input_ids=ids, labels=ids).loss / accum
                 else:
                     loss = model(input_ids=ids, labels=ids).loss / accum
+                mark("forward")
                 loss.backward()
+                mark("backward")
             if handle is not None:
                 handle.clip_grad_norm_(1.0)
             else:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            mark("clip")
             opt.step()
+            mark("step")
             opt.zero_grad(set_to_none=True)
             return loss
 
@@ -148,6 +164,34 @@ def run_case(args, device, mode: str, accum: int, cap_bytes, dev_blocks: int = 0
         dt = time.perf_counter() - t0
         tokens = (args.steps8 if (accum > 1 and args.steps8) else args.steps) * accum * mb * seq
         n_steps = args.steps8 if (accum > 1 and args.steps8) else args.steps
+        if device.type == "cuda":  # one more step with a timeline: host marks, GPU events, worker tasks
+            finish()
+            if handle is not None:
+                handle.engine.wlog.clear()
+            record[0] = True
+            one_step()
+            mark("next_forward")
+            model(input_ids=ids, labels=ids).loss.backward()  # the next forward waits for the blocks' steps
+            mark("next_backward")
+            finish()
+            record[0] = False
+            h0, e0 = marks[0][1], marks[0][2]
+            result["timeline"] = [(n, round(h - h0, 4), round(e0.elapsed_time(e) / 1e3, 4)) for n, h, e in marks]
+            if handle is not None:
+                result["worker_log"] = [(k, b, round(a - h0, 4), round(w - h0, 4), round(c - h0, 4))
+                                        for k, b, a, w, c in handle.engine.wlog]
+                handle.engine.zero_grad()
+            print("  timeline (name, host s, gpu s):", result["timeline"], flush=True)
+            if handle is not None:
+                wl = result["worker_log"]
+                folds = [x for x in wl if x[0] == "fold"]
+                steps_ = [x for x in wl if x[0] == "step"]
+                if folds:
+                    print(f"  folds: {len(folds)} from {folds[0][2]} to {folds[-1][4]}, busy "
+                          f"{sum(x[4] - x[3] for x in folds):.3f} s, event wait {sum(x[3] - x[2] for x in folds):.3f} s", flush=True)
+                if steps_:
+                    print(f"  steps: {len(steps_)} from {steps_[0][2]} to {steps_[-1][4]}, busy "
+                          f"{sum(x[4] - x[3] for x in steps_):.3f} s", flush=True)
         result.update(ok=True, loss=float(loss.detach()) * accum, step_time_s=dt / n_steps, tokens_per_s=tokens / dt,
                       tflops_per_s=6 * n_params * tokens / dt / 1e12)
         if device.type == "cuda":
@@ -242,44 +286,50 @@ def main(argv=None) -> int:
     if args.cases:
         for c in args.cases.split(","):
             m, a, *k = c.split(":")
-            cases.append((m, int(a), None if m == "plain" else cap, int(k[0]) if k else 0))
+            cases.append((m, int(a), None if m == "plain" else cap, int(k[0]) if k else 0,
+                          int(k[1]) if len(k) > 1 else 0))
     else:
         if args.baseline:
             cases += [("plain", a, None) for a in args.accum]
         cases += [(m.strip(), a, cap) for m in args.modes.split(",") if m.strip() for a in args.accum]
-        cases = [c if len(c) == 4 else (*c, 0) for c in cases]
+        cases = [c if len(c) == 5 else (*c, 0, 0) for c in cases]
     print(f"torch threads {torch.get_num_threads()}, cpus {os.cpu_count()}", flush=True)
+    def dump():
+        import transformers
+
+        out = {
+            "benchmark": "offload_gpt",
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "host": {"cpus": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                         "transformers": transformers.__version__},
+            "config": {k: v for k, v in vars(args).items() if k != "out"},
+            "results": results,
+        }
+        path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                        f"offload_gpt{'_tiny' if args.tiny else ''}_{_dt.date.today().isoformat()}.json")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(out, f, indent=2, default=str)
+        return path
+
     results = []
-    for mode, accum, c, k in cases:
+    for mode, accum, c, k, th in cases:
         t = time.time()
-        r = run_case(args, device, mode, accum, c, k)
+        r = run_case(args, device, mode, accum, c, k, th)
         results.append(r)
+        path = dump()  # after every case: a later one may run out of time
         msg = (f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s']:.2f} s" if r.get("ok") else r.get("error"))
         extra = ""
         if r.get("ok") and "peak_gpu_bytes" in r:
             extra += f", GPU peak {r['peak_gpu_bytes'] / GiB:.1f} GiB"
         if r.get("offload"):
             extra += f", hidden {r['offload']['hidden_fraction']:.0%}"
-        print(f"[{mode:9s} accum {accum} gpu-step {k}] {msg}{extra}, host peak {r['peak_host_rss_bytes'] / GiB:.1f} GiB "
+        print(f"[{mode:9s} accum {accum} gpu-step {k} threads {th}] {msg}{extra}, host peak {r['peak_host_rss_bytes'] / GiB:.1f} GiB "
               f"({time.time() - t:.0f} s)", flush=True)
 
-    import transformers
-
-    out = {
-        "benchmark": "offload_gpt",
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "host": {"cpus": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total},
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "results": results,
-    }
-    path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
-                                    f"offload_gpt{'_tiny' if args.tiny else ''}_{_dt.date.today().isoformat()}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(out, f, indent=2, default=str)
+    path = dump()
     print(f"wrote {path}")
     return 0 if all(r.get("ok") for r in results) else 1
 

@@ -116,7 +116,8 @@ class OffloadEngine:
                  optimizer: Optional[torch.optim.Optimizer] = None, rest: Optional[Iterable[nn.Parameter]] = None,
                  check_memory: bool = True, trace: bool = False, timing: bool = False,
                  cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
-                 async_step: Optional[bool] = None, device_step_blocks: int = 0):
+                 async_step: Optional[bool] = None, device_step_blocks: int = 0,
+                 cpu_threads: Optional[int] = None):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -143,6 +144,8 @@ class OffloadEngine:
         self._worker = None
         self._fold_futs: list = []
         self._scale = None        # pending clip coefficient (applied inside the next step)
+        self.cpu_threads = cpu_threads
+        self.wlog: list = []      # (task, block, start, end) perf_counter times of worker tasks (timing=True)
         # hybrid step (async pipeline only): the first ``device_step_blocks`` blocks keep their optimizer
         # state on the device and step there (master + gradient streamed in, master back), while the
         # worker steps the other blocks on the CPU at the same time: PCIe and host memory both work
@@ -520,7 +523,7 @@ class OffloadEngine:
         if self._worker is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            n = torch.get_num_threads()  # a new thread's OpenMP team would not inherit set_num_threads
+            n = self.cpu_threads or torch.get_num_threads()  # a new thread would not inherit set_num_threads
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rannc-offload",
                                               initializer=torch.set_num_threads, initargs=(n,))
         return self._worker
@@ -542,6 +545,7 @@ class OffloadEngine:
         self._fold_futs.append(fut)
 
     def _fold_task(self, g: ParamGroup, js: list[int], ev) -> None:
+        tw = time.perf_counter()
         ev.synchronize()
         t0 = time.perf_counter()
         n = len(g.params)
@@ -567,7 +571,10 @@ class OffloadEngine:
                     dst.copy_(src)
                 g.has_grad[j] = True
             g.gnorm = None
-        self._stats["grad_reduce_time_s"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        self._stats["grad_reduce_time_s"] += t1 - t0
+        if self.timing:
+            self.wlog.append(("fold", g.index, tw, t0, t1))
 
     def _wait_folds(self) -> None:
         for g in self.groups:
@@ -843,8 +850,11 @@ class OffloadEngine:
             else:
                 g.work.copy_(g.shadow)
         g.step_event = ev
+        t1 = time.perf_counter()
         if g is not self.rest:
-            self._stats["step_time_s"] += time.perf_counter() - t0
+            self._stats["step_time_s"] += t1 - t0
+        if self.timing:
+            self.wlog.append(("step", g.index, t0, t0, t1))
 
     def _device_step(self, g: ParamGroup, inner: torch.optim.Optimizer) -> None:
         m = g.master.to(self.device, non_blocking=True)

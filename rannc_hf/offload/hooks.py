@@ -210,7 +210,8 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
                    device: Union[str, torch.device, None] = None, compute_dtype: Optional[torch.dtype] = None,
                    prefetch_blocks: Optional[int] = None, patch_optimizer: bool = True, check_memory: bool = True,
                    trace: bool = False, timing: bool = False, cpu_fused: Optional[bool] = None,
-                   async_step: Optional[bool] = None, device_step_blocks: int = 0) -> OffloadHandle:
+                   async_step: Optional[bool] = None, device_step_blocks: int = 0,
+                   cpu_threads: Optional[int] = None) -> OffloadHandle:
     """Offload ``model``'s blocks per ``config_or_mode`` and return an :class:`OffloadHandle`.
 
     Args:
@@ -248,7 +249,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     engine = OffloadEngine(block_params, device=dev, mode=mode, compute_dtype=dtype, prefetch_blocks=pf,
                            optimizer=optimizer, rest=rest, check_memory=check_memory, trace=trace, timing=timing,
                            cpu_fused=cpu_fused, param_order=list(model.parameters()), async_step=async_step,
-                           device_step_blocks=device_step_blocks)
+                           device_step_blocks=device_step_blocks, cpu_threads=cpu_threads)
     handle = OffloadHandle(model, optimizer, engine, mode, blocks)
     eid = engine.id
     for i, b in enumerate(blocks):
