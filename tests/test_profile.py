@@ -59,3 +59,15 @@ def test_measured_costs_cached(tmp_path):
     assert len(files) == 1 and json.loads(files[0].read_text())["fingerprint"] == g.fingerprint()
     f2, _ = measure_blocks(g, batch, blocks, model=model, cache_dir=str(tmp_path))
     assert np.allclose(f, f2)
+
+
+def test_measured_costs_run_hf_models_with_baked_constants(tmp_path):
+    """T5's export has a constant `use_cache=False` placeholder; measuring must feed it and time backward."""
+    from rannc_hf.capture import capture
+    from rannc_hf.profile.measure import measure_blocks
+    from rannc_hf.zoo import make
+
+    model, batch = make("t5", batch_size=2)
+    g = capture(model, batch)
+    fwd, bwd = measure_blocks(g, batch, [(0, 20), (21, len(g.ops) - 1)], iters=1, cache_dir=str(tmp_path))
+    assert (fwd > 0).all() and bwd.sum() > 0

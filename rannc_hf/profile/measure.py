@@ -73,6 +73,36 @@ class _Timer(fx.Interpreter):
         return out
 
 
+def loss_of(output: Any) -> Any:
+    """The scalar loss of a captured module's output (a tensor, a ModelOutput, a dict or a tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "loss"):
+        return output.loss
+    if isinstance(output, dict):
+        return output.get("loss")
+    if isinstance(output, (tuple, list)) and output:
+        return output[0]
+    return None
+
+
+def placeholder_values(graph, gm, args: tuple, kwargs: dict, device) -> list:
+    """Values for every placeholder of the captured module, in order: the batch's tensors by their
+    input key, and the constants export baked in (``use_cache=False``) from the placeholder's meta."""
+    by_key = {**{f"arg{i}": a for i, a in enumerate(args)}, **kwargs}
+    key_of = {i.name: i.key for i in graph.inputs}
+    values = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        if node.name in key_of:
+            v = by_key[key_of[node.name]]
+            values.append(v.to(device) if isinstance(v, torch.Tensor) else v)
+        else:
+            values.append(node.meta.get("val"))
+    return values
+
+
 def measure_blocks(graph, example_batch: Any, blocks: list[tuple[int, int]], model: Optional[torch.nn.Module] = None,
                    iters: int = 3, cache_dir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
     """(forward seconds, backward seconds) per block at the graph's capture batch."""
@@ -93,16 +123,14 @@ def measure_blocks(graph, example_batch: Any, blocks: list[tuple[int, int]], mod
 
     from ..capture import normalize_batch
     args, kwargs = normalize_batch(example_batch)
-    flat = [a for a in args] + [kwargs[k] for k in kwargs if kwargs[k] is not None]
-    flat = [t.to(device) if isinstance(t, torch.Tensor) else t for t in flat]
-    tensors = [t for t in flat if isinstance(t, torch.Tensor)]
-    op_index = {op.name: op.index for op in graph.ops}
     gm = graph.module
+    tensors = placeholder_values(graph, gm, args, kwargs, device)
+    op_index = {op.name: op.index for op in graph.ops}
     fwd_runs, bwd_runs = [], []
     for it in range(iters + 1):
         timer = _Timer(gm, op_index, device)
         out = timer.run(*tensors)
-        loss = out[0] if isinstance(out, (tuple, list)) else out
+        loss = loss_of(out)
         _sync(device)
         t = time.perf_counter()
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
