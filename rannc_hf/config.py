@@ -28,7 +28,8 @@ from .units import format_bytes, parse_bytes
 CONFIG_ENV = "RANNC_HF_CONFIG"
 ENV_PREFIX = "RANNC_HF_"
 # RANNC_HF_* variables that are not config fields (cache and results folders)
-NON_CONFIG_ENV = frozenset({CONFIG_ENV, "RANNC_HF_CACHE", "RANNC_HF_RESULTS"})
+NON_CONFIG_ENV = frozenset({CONFIG_ENV, "RANNC_HF_CACHE", "RANNC_HF_RESULTS",
+                            "RANNC_HF_TEST_KILL_AT_STEP", "RANNC_HF_TEST_KILL_RANK"})   # test hooks (rannc_hf.reliability.testing)
 
 SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved-1f1b")
 PARTITIONERS = ("auto", "even", "params")
