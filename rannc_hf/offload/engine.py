@@ -146,6 +146,7 @@ class OffloadEngine:
         self._scale = None        # pending clip coefficient (applied inside the next step)
         self.cpu_threads = cpu_threads
         self.wlog: list = []      # (task, block, start, end) perf_counter times of worker tasks (timing=True)
+        self._norm_pool = None
         # hybrid step (async pipeline only): the first ``device_step_blocks`` blocks keep their optimizer
         # state on the device and step there (master + gradient streamed in, master back), while the
         # worker steps the other blocks on the CPU at the same time: PCIe and host memory both work
@@ -172,6 +173,7 @@ class OffloadEngine:
             g.n_req = sum(1 for p in g.params if p.requires_grad)
             g.round, g.round_set = [], set()
             g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
+            g.dev_norms, g.dev_norms_ok = [], True
         self._where: dict[int, tuple[ParamGroup, int]] = {}
         for g in self.groups:
             for j, p in enumerate(g.params):
@@ -488,6 +490,10 @@ class OffloadEngine:
                     g.fold_fut = None
             s = self.d2h_stream
             s.wait_stream(torch.cuda.current_stream(self.device))
+            if not g.has_grad[j]:  # first arrival since zero_grad: the host grad will be this one, upcast
+                g.dev_norms.append(torch.linalg.vector_norm(grad, 2, dtype=torch.float32))
+            else:
+                g.dev_norms_ok = False
             with torch.cuda.stream(s):
                 if self.timing and not g.round:
                     g.round_start_event = torch.cuda.Event(enable_timing=True)
@@ -535,33 +541,41 @@ class OffloadEngine:
         if not js:
             return
         s = self.d2h_stream
+        dn = None
+        if g.dev_norms_ok and len(g.dev_norms) == len(js):
+            dn = torch.linalg.vector_norm(torch.stack(g.dev_norms), 2)  # on the compute stream
+        g.dev_norms, g.dev_norms_ok = [], True
         ev = torch.cuda.Event(enable_timing=self.timing)
         ev.record(s)
         if self.timing and g.round_start_event is not None:  # a block's D2H copies, timed as one
             self._copy_events.append((g.round_start_event, ev))
             g.round_start_event = None
-        fut = self._pool().submit(self._fold_task, g, js, ev)
+        fut = self._pool().submit(self._fold_task, g, js, ev, dn)
         g.fold_fut = fut
         self._fold_futs.append(fut)
 
-    def _fold_task(self, g: ParamGroup, js: list[int], ev) -> None:
+    def _fold_task(self, g: ParamGroup, js: list[int], ev, dev_norm=None) -> None:
+        """Fold one block's staged gradients into its fp32 buffer: one flat copy (first micro-batch:
+        its norm is ``dev_norm``, taken on the GPU from the same values) or a chunked add through an
+        fp32 temporary (mixed-dtype ``add_`` is several times slower on the CPU)."""
         tw = time.perf_counter()
         ev.synchronize()
         t0 = time.perf_counter()
         n = len(g.params)
         if len(js) == n and (all(g.has_grad) or not any(g.has_grad)):
-            add = all(g.has_grad)
-            chunk = 1 << 23
-            norms = []
-            for o in range(0, g.numel, chunk):  # fold and norm chunk by chunk (the chunk is still in cache)
-                d, src = g.grad[o:o + chunk], g.staging[o:o + chunk]
-                if add:
-                    d.add_(src)
-                else:
-                    d.copy_(src)
-                norms.append(torch.linalg.vector_norm(d, 2))
+            if all(g.has_grad):
+                chunk = 1 << 20
+                tmp = torch.empty(min(chunk, g.numel), dtype=torch.float32)
+                for o in range(0, g.numel, chunk):
+                    d = g.grad[o:o + chunk]
+                    t = tmp[:d.numel()]
+                    t.copy_(g.staging[o:o + chunk])
+                    d.add_(t)
+                g.gnorm = None
+            else:
+                g.grad.copy_(g.staging)
+                g.gnorm = dev_norm
             g.has_grad = [True] * n
-            g.gnorm = torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.zeros(())
         else:
             for j in js:
                 dst, src = g.view(g.grad, j), g.view(g.staging, j)
@@ -575,6 +589,30 @@ class OffloadEngine:
         self._stats["grad_reduce_time_s"] += t1 - t0
         if self.timing:
             self.wlog.append(("fold", g.index, tw, t0, t1))
+
+    def _host_norms(self, groups: list) -> None:
+        """Per-group gradient norms of host fp32 buffers, chunks spread over single-threaded workers
+        (a CPU norm runs at about one core's memory bandwidth however many threads torch has)."""
+        pieces = []
+        for g in groups:
+            for j in range(len(g.params)):
+                if g.has_grad[j]:
+                    v = g.view(g.grad, j).reshape(-1)
+                    for o in range(0, v.numel(), 1 << 22):
+                        pieces.append((g, v[o:o + (1 << 22)]))
+        if self._norm_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            n = self.cpu_threads or torch.get_num_threads()
+            self._norm_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="rannc-norm",
+                                                 initializer=torch.set_num_threads, initargs=(1,))
+        res = list(self._norm_pool.map(lambda gv: torch.linalg.vector_norm(gv[1], 2), pieces))
+        by: dict[int, list] = {}
+        for (g, _), r in zip(pieces, res):
+            by.setdefault(id(g), []).append(r)
+        for g in groups:
+            rs = by.get(id(g))
+            g.gnorm = torch.linalg.vector_norm(torch.stack(rs), 2) if rs else torch.zeros(())
 
     def _wait_folds(self) -> None:
         for g in self.groups:
@@ -647,6 +685,7 @@ class OffloadEngine:
         for g in self.groups:
             g.has_grad = [False] * len(g.params)
             g.gnorm = None
+            g.dev_norms, g.dev_norms_ok = [], True
             for p in g.params:
                 p.grad = None
 
@@ -656,6 +695,29 @@ class OffloadEngine:
         self.drain(force=True)
         self._materialize_scale()
         return [g.view(g.grad, j) for g, j in self._order if g.has_grad[j]]
+
+    def grad_of(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        """The fp32 host gradient of ``p`` accumulated since ``zero_grad`` (a view of the host buffer), or None."""
+        self.synchronize()
+        self.drain(force=True)
+        self._materialize_scale()
+        g, j = self._where[id(p)]
+        return g.view(g.grad, j) if g.has_grad[j] else None
+
+    def set_grad_(self, p: nn.Parameter, value: Optional[torch.Tensor]) -> None:
+        """Overwrite (``value``) or clear (``None``) the host gradient of ``p`` (pipeline runtimes: all-reduced grads)."""
+        self.synchronize()
+        self.drain(force=True)
+        self._materialize_scale()
+        g, j = self._where[id(p)]
+        if value is None:
+            g.has_grad[j] = False
+        else:
+            dst = g.view(g.grad, j)
+            if value.data_ptr() != dst.data_ptr():
+                dst.copy_(value.detach().reshape(dst.shape))
+            g.has_grad[j] = True
+        g.gnorm = None
 
     def local_grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """Norm of this engine's gradients (a pipeline combines stages' norms, then :meth:`scale_grads_`)."""
@@ -690,14 +752,10 @@ class OffloadEngine:
             return total
         self.drain(force=True)
         self._materialize_scale()
-        norms = []
-        for g in self.groups:
-            if not any(g.has_grad):
-                continue
-            if g.gnorm is None:
-                vs = [g.view(g.grad, j) for j in range(len(g.params)) if g.has_grad[j]]
-                g.gnorm = torch.nn.utils.get_total_norm(vs, 2.0)
-            norms.append(g.gnorm)
+        todo = [g for g in self.groups if any(g.has_grad) and g.gnorm is None]
+        if todo:
+            self._host_norms(todo)
+        norms = [g.gnorm.to("cpu", torch.float32) for g in self.groups if any(g.has_grad)]
         if not norms:
             return torch.tensor(0.0)
         total = torch.linalg.vector_norm(torch.stack(norms), 2)
@@ -1012,6 +1070,9 @@ class OffloadEngine:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._norm_pool is not None:
+            self._norm_pool.shutdown(wait=True)
+            self._norm_pool = None
         if restore:
             for g in self.groups:
                 for j, p in enumerate(g.params):
