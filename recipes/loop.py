@@ -116,10 +116,33 @@ def train(args) -> dict:
     # ---- the loop
     history: list[dict] = []
     step, t_start = 0, time.time()
-    bar = tqdm(total=args.max_steps, desc="training", disable=not accelerator.is_local_main_process)
     data_iter = iter(train_dl)
+    # ---- resume: the newest *verified* checkpoint under output_dir/checkpoints (--resume auto, the
+    # default); the data order is replayed so the run continues exactly where the checkpoint was taken
+    from rannc_hf.reliability import load_checkpoint, resolve_checkpoint, save_checkpoint
+    from rannc_hf.reliability.testing import maybe_kill
+
+    ckpt_root = os.path.join(args.output_dir, "checkpoints")
+    resume = getattr(args, "resume", "auto") or "none"
+    ckpt = None if resume == "none" else resolve_checkpoint(ckpt_root if resume == "auto" else resume)
+    if ckpt is None and resume not in ("auto", "none"):
+        raise FileNotFoundError(f"--resume {resume}: no complete, verified checkpoint there")
+    if ckpt is not None:
+        with open(os.path.join(ckpt, "manifest.json")) as f:
+            step = int(json.load(f)["step"])
+        for _ in range(step * args.gradient_accumulation_steps):   # same batches as an uninterrupted run
+            try:
+                next(data_iter)
+            except StopIteration:
+                data_iter = iter(train_dl)
+                next(data_iter)
+        man = load_checkpoint(accelerator, ckpt)
+        history = list(man.get("extra", {}).get("history", []))
+        log(f"resumed from {ckpt} (step {step})")
+    bar = tqdm(total=args.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process)
     running = []
     while step < args.max_steps:
+        maybe_kill(step, args.output_dir)   # fault-injection hook for tests (RANNC_HF_TEST_KILL_AT_STEP)
         stats.on_step_begin(targs, None, None)
         for _ in range(args.gradient_accumulation_steps):
             try:
@@ -154,6 +177,8 @@ def train(args) -> dict:
         if args.eval_every and step % args.eval_every == 0 and step < args.max_steps:
             history.append({"step": step, "eval_loss": evaluate(model, eval_dl, accelerator, args.eval_batches)})
             log(f"step {step:>5}  eval_loss {history[-1]['eval_loss']:.4f}")
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            save_checkpoint(accelerator, ckpt_root, step, keep=2, extra={"history": history})
     bar.close()
     final_eval = evaluate(model, eval_dl, accelerator, args.eval_batches)
     history.append({"step": step, "eval_loss": final_eval})

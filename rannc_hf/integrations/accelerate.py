@@ -738,12 +738,24 @@ class RanncAccelerator(Accelerator):
             self._rannc_saving_state = False
         self.wait_for_everyone()
         if writer:
+            from ..reliability.checkpoint import write_manifest
+
+            # sizes + sha256 of every file: load_state (and rannc_hf.reliability) verify them
+            write_manifest(tmp, int(getattr(self, "step", 0) or 0))
             atomic_dir(tmp, final, merge=False)
         self.wait_for_everyone()
         return final
 
     def load_state(self, input_dir: Optional[str] = None, load_kwargs: Optional[dict] = None, **load_model_func_kwargs):
-        """Accelerate's ``load_state``; a RanncModule takes the full model and keeps its part."""
+        """Accelerate's ``load_state``; a RanncModule takes the full model and keeps its part.
+
+        A directory with a ``manifest.json`` (written by ``save_state``) is verified first: a
+        truncated or corrupted file raises :class:`~rannc_hf.errors.CheckpointError` naming it.
+        """
+        if input_dir is not None and os.path.isfile(os.path.join(os.fspath(input_dir), "manifest.json")):
+            from ..reliability.checkpoint import verify_checkpoint
+
+            verify_checkpoint(input_dir)
         if not self.rannc_enabled:
             return super().load_state(input_dir, load_kwargs=load_kwargs, **load_model_func_kwargs)
         saved = self._models
