@@ -75,6 +75,8 @@ def _float(name: str, value: Any, lo: float, hi: float) -> float:
 def _unknown_key_error(key: str, valid: list[str], where: str = "config") -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
+    if where.endswith(":"):   # "config file 'x.yaml':" / "environment variable RANNC_HF_X:"
+        return ConfigError(f"{where} unknown key '{key}'{hint}; valid keys: {', '.join(valid)}")
     return ConfigError(f"unknown {where} key '{key}'{hint}; valid keys: {', '.join(valid)}")
 
 

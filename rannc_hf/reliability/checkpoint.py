@@ -560,6 +560,12 @@ def resolve_checkpoint(path: str | os.PathLike) -> Optional[str]:
                 err = e
         else:
             chosen = find_latest_checkpoint(path) or ""
+            found = list_checkpoints(path)
+            if not chosen and found:   # checkpoints exist but none verifies: never silently start over
+                err = CheckpointError(
+                    f"none of the {len(found)} checkpoint(s) under {path!r} verifies "
+                    f"({', '.join(os.path.basename(p) for _, p in found)}; the warnings above name the bad files). "
+                    f"Restore one from a backup, or move them away / pass another directory to start from scratch")
     msg = _bcast_str(f"!{err}" if err else chosen) if _dist_on() else (f"!{err}" if err else chosen)
     if msg.startswith("!"):
         raise err if err is not None else CheckpointError(msg[1:])
