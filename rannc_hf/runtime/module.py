@@ -56,7 +56,14 @@ Semantics
   batch). If the batch size is not a multiple of ``dp_size x num_microbatches``, or the new graph would
   put different parameters on this rank, a :class:`~rannc_hf.errors.ShapeMismatchError` says how to pad
   or bucket. Each new shape costs a capture (about a second for small models): bucket lengths.
-* **Offload.** ``rannc_hf.offload`` hooks in per stage at :meth:`_attach_offload` (not wired yet).
+* **Offload.** A stage whose offload mode (``config.offload``; with ``auto`` the plan's per-stage choice,
+  none on CPU devices) is ``optimizer`` | ``params`` | ``all`` trains through an
+  :class:`~rannc_hf.offload.OffloadEngine` on its rank (:mod:`rannc_hf.runtime.offload_stage`): blocks are
+  the model's repeated layers inside the stage, ``offload_enter``/``offload_exit`` fences sit in the stage
+  graph, gradients go to fp32 host buffers, ``clip_grad_norm_`` adds their norm to the global one, the
+  user's ``optimizer.step()`` runs the engine's step, ``state_dict``/``optimizer_state_dict`` gather the
+  host masters/state. The host-memory need is checked per node first (:class:`~rannc_hf.errors.OffloadError`).
+  See ``docs/offload.md``.
 """
 
 from __future__ import annotations
@@ -166,6 +173,7 @@ class RanncModule(nn.Module):
         self._full_meta: dict[int, tuple] = {}
         self._opt_groups_fqn: Optional[list] = None
         self._name_of = {id(p): n for n, p in model.named_parameters()}
+        self._offload = None            # rannc_hf.runtime.offload_stage.StageOffload when a local stage offloads
         if example_batch is not None:
             self._ensure_built(*self._split_call((), dict(example_batch) if isinstance(example_batch, dict)
                                                  else {}, example_batch), train=model.training)
@@ -331,6 +339,8 @@ class RanncModule(nn.Module):
                 f"a batch of this shape/mode (training={train}) would place different parameters on pipeline rank "
                 f"{mesh.pp_rank} than the first one; pad or bucket inputs to the shapes seen first (e.g. pad "
                 f"sequences to a fixed length) so every step uses the same partition")
+        if self._offload is not None and var is not self._primary:
+            self._offload.fence(var)
         return var
 
     def _on_first_build(self, g: Graph, cuts: list) -> None:
@@ -379,8 +389,10 @@ class RanncModule(nn.Module):
             opt.step = step
 
     def _attach_offload(self) -> None:
-        """Hook point for ``rannc_hf.offload`` (per-stage OffloadEngine with enter/exit fences); not wired yet."""
-        return None
+        """Per-stage offload (see :mod:`rannc_hf.runtime.offload_stage`): engine, fences, optimizer routing."""
+        from .offload_stage import attach
+
+        self._offload = attach(self)
 
     def _local_tensor_ids(self) -> set[int]:
         ids = set()
@@ -412,10 +424,14 @@ class RanncModule(nn.Module):
         if backward:
             pipe.loss_scale = self.scaler.scale
             saved = stash_grads(var.params)
+            if self._offload is not None:
+                self._offload.before_run()
             try:
                 loss_sum = pipe.run(inputs, train=True)
             finally:
                 new = restore_grads(var.params, saved)
+            if self._offload is not None:
+                new = self._offload.collect(var, new)
             div = float(m) * (self.scaler.scale if self.scaler.enabled else 1.0)
             for g in new:
                 if g is not None:
@@ -439,7 +455,10 @@ class RanncModule(nn.Module):
         loss = self._share_loss(loss_sum, m)
         if backward:
             anchor = torch.empty(0, requires_grad=True)
-            loss = _CarryGrads.apply(anchor, loss, self, _Payload(var.params, new, self._sync))
+            payload = _Payload(var.params, new, self._sync)
+            if self._offload is not None:
+                self._offload.store(var, new, payload)
+            loss = _CarryGrads.apply(anchor, loss, self, payload)
         if "loss" in var.graph.output_keys:
             return PipelineOutput(loss=loss)
         return loss
@@ -458,6 +477,8 @@ class RanncModule(nn.Module):
                                "(backward through the same loss twice is not supported)")
         go = grad_output.detach()
         one = bool(go.numel() == 1 and float(go) == 1.0)
+        if self._offload is not None:
+            self._offload.accumulate(payload, go, payload.synced and self._unsynced)
         for p, g in zip(payload.params, payload.grads):
             if g is None:
                 continue
@@ -499,11 +520,15 @@ class RanncModule(nn.Module):
         if var is None:
             return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type)
         owned = [p.grad for p, n in zip(var.params, var.names) if self._owned(n)]
+        if self._offload is not None:
+            owned += self._offload.owned_grads(var, self._owned)
         total = global_grad_norm(owned, self.mesh.pp_group, float(norm_type), self.device)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in var.params:
             if p.grad is not None:
                 p.grad.mul_(coef.to(p.grad.dtype))
+        if self._offload is not None:
+            self._offload.scale_grads_(coef)
         return total
 
     # ---- checkpoints ---------------------------------------------------------------------
@@ -552,7 +577,8 @@ class RanncModule(nn.Module):
         for i in order:
             t = uniq[i]
             shape, dtype = self._full_meta.get(i, (tuple(t.shape), t.dtype))
-            buf = t.data if owners[i] == rank else torch.empty(shape, dtype=dtype)
+            val = t.data if self._offload is None else self._offload.value_of(t)
+            buf = val if owners[i] == rank else torch.empty(shape, dtype=dtype)
             items.append((owners[i], buf))
         got = dict(zip(order, self._broadcast_tensors(items)))
         out = {}
@@ -578,6 +604,8 @@ class RanncModule(nn.Module):
         with torch.no_grad():
             for k, t in own.items():
                 if k in state_dict and isinstance(t, torch.Tensor) and t.numel() > 0:
+                    if self._offload is not None and self._offload.load_value_(t, state_dict[k]):
+                        continue
                     t.data.copy_(state_dict[k].to(t.device, t.dtype))
         return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
@@ -589,9 +617,10 @@ class RanncModule(nn.Module):
         owners = self._owner_rank_of()
         rank = dist.get_rank()
         mine: dict[str, dict] = {}
+        ostate = opt.state if self._offload is None else self._offload.optimizer_state(opt)
         for p in self._primary.params:
-            if owners.get(id(p)) == rank and p in opt.state:
-                mine[self._name_of[id(p)]] = opt.state[p]
+            if owners.get(id(p)) == rank and p in ostate:
+                mine[self._name_of[id(p)]] = ostate[p]
         state: dict[str, dict] = {}
         world = dist.get_world_size()
         for src in range(world):
@@ -644,6 +673,11 @@ class RanncModule(nn.Module):
             for k, v in saved.items():
                 if k != "params":
                     g[k] = v
+        if self._offload is not None:
+            fq = {id(p): self._name_of.get(id(p)) for p in self._primary.params}
+            self._offload.load_optimizer_state(opt, {p: sd["state"][fq[id(p)]] for p in self._primary.params
+                                                     if fq[id(p)] in sd["state"]})
+            return
         for p in self._primary.params:
             fqn = self._name_of.get(id(p))
             st = sd["state"].get(fqn)
