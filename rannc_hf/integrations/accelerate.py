@@ -486,6 +486,9 @@ class RanncAccelerator(Accelerator):
         with torch.random.fork_rng(devices=[]):
             rm = RanncModule(model, optimizer, config=self.rannc_config, example_batch=example, local_batch=True)
         rm._is_accelerate_prepared = True
+        from ..reliability.watchdog import guard_module
+
+        guard_module(rm)   # a dead/stuck peer: CollectiveTimeoutError naming the rank and collective, no hang
         self.rannc_module = rm
         self._rannc_originals[id(rm)] = model
         if getattr(rm, "mesh", 1) is not None:
