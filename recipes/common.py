@@ -122,6 +122,9 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
     r.add_argument("--eval_every", type=int, default=100, help="steps between validation runs (0: only at the end)")
     r.add_argument("--eval_batches", type=int, default=10, help="validation batches per evaluation")
     r.add_argument("--save_every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
+    r.add_argument("--resume", default="auto",
+                   help="auto: continue from the newest verified checkpoint in output_dir/checkpoints; "
+                        "none: start fresh; or a checkpoint directory")
     r.add_argument("--no_plot", action="store_true", help="do not write loss.png")
     r.add_argument("--report_to", default="none", choices=["none", "tensorboard"], help="where to log metrics")
     return p

@@ -160,6 +160,9 @@ def rannc_launch_command(args: argparse.Namespace) -> None:
     except ConfigError as e:
         _fail(str(e))
     os.environ[CONFIG_ENV] = path
+    # restarted workers must not reuse the previous attempt's rendezvous store (pytorch issue 135712);
+    # without this a job started with --max_restarts cannot come back after a rank dies
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     _apply_cpu_quirk(args)
     try:
         launch_command(args)
