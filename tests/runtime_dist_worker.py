@@ -211,6 +211,77 @@ def ws2() -> None:
 
     run_case("shapes", shapes)
 
+    def released():
+        # GPU runs empty the parameters other stages own; a later re-capture (new shape, eval) must still work
+        model, bf = make_with_batches("gpt2", 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(num_stages=2, num_microbatches=2,
+                                                                          schedule="gpipe", precision="fp32"))
+        b = bf(BATCH, 0)
+        l1 = float(loss_of(rm(**b)))
+        rm._release_nonlocal()
+        n_released = sum(1 for p in model.parameters() if p.numel() == 0)
+        short = {k: v[:, :8] for k, v in b.items()}
+        l2 = float(loss_of(rm(**short)))
+        rm.eval()
+        with torch.no_grad():
+            l3 = float(loss_of(rm(**b)))
+        rm.train()
+        still = sum(1 for p in model.parameters() if p.numel() == 0)
+        ref_model, _ = make_with_batches("gpt2", 0)
+        sd = rm.state_dict()
+        same_sd = all(torch.equal(sd[k], v) for k, v in ref_model.state_dict().items())
+        with torch.no_grad():
+            r1 = sum(float(loss_of(ref_model(**{k: v[i:i + 4] for k, v in b.items()}))) for i in (0, 4)) / 2
+            r2 = sum(float(loss_of(ref_model(**{k: v[i:i + 4] for k, v in short.items()}))) for i in (0, 4)) / 2
+        return {"l1": l1, "l2": l2, "l3": l3, "r1": r1, "r2": r2, "released": n_released, "still": still,
+                "same_sd": same_sd, "plan_time": rm.plan.predicted_step_time,
+                "plan_mem": rm.plan.stages[0].peak_bytes}
+
+    run_case("released", released)
+
+    def eval_logits():
+        # forward only: logits from the last stage on every rank; eval_forward (Trainer) on an uneven batch
+        model, bf = make_with_batches("gpt2", 0)
+        rm = rannc_hf.RanncModule(model, None, config=rannc_hf.RanncConfig(num_stages=2, num_microbatches=2,
+                                                                          schedule="gpipe", precision="fp32"))
+        b = bf(BATCH, 0)
+        rm(**b)
+        rm.eval()
+        with torch.no_grad():
+            out = rm(**b)
+        ev = rm.eval_forward(**{k: v[:5] for k, v in b.items()})
+        ref_model, _ = make_with_batches("gpt2", 0)
+        ref_model.eval()
+        with torch.no_grad():
+            ref = ref_model(**b).logits
+        return {"err": float((out.logits - ref).abs().max()), "shape": list(out.logits.shape),
+                "ev_err": float((ev["logits"] - ref[:5]).abs().max()), "ev_shape": list(ev["logits"].shape)}
+
+    run_case("eval_logits", eval_logits)
+
+    def compiled():
+        os.environ["RANNC_HF_COMPILE_BACKEND"] = "aot_eager"
+        try:
+            model, bf = make_with_batches("forkjoin", 0)
+            opt = torch.optim.AdamW(model.parameters(), lr=LR)
+            rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+                num_stages=2, num_microbatches=4, schedule="1f1b", precision="fp32", compile="true"))
+            losses = []
+            for step in range(2):
+                loss = loss_of(rm(**bf(BATCH, step)))
+                loss.backward()
+                rm.clip_grad_norm_(1.0)
+                opt.step()
+                opt.zero_grad()
+                losses.append(float(loss))
+            dump_state("forkjoin_compiled", rm.state_dict())
+            return {"losses": losses, "compiled": all(m.compiled is not None for m in rm._primary.pipe.modules)}
+        finally:
+            del os.environ["RANNC_HF_COMPILE_BACKEND"]
+
+    run_case("forkjoin_compiled", compiled)
+
     def recompute():
         rm, opt, info = train_case("recompute", "gpt2", stages=2, dp=1, m=4, schedule="1f1b", recompute="full")
         dump_state("gpt2_recompute", rm.state_dict())

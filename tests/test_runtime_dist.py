@@ -203,3 +203,28 @@ def test_interleaved_1f1b(out):
     ref_losses, _, ref_sd = reference("llama")
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     max_rel(load_file(os.path.join(out, "llama_interleaved.safetensors")), ref_sd)
+
+
+def test_recapture_after_release(out):
+    info = _case(out, "released")
+    assert info["released"] > 0 and info["still"] == info["released"]     # stand-ins are removed again
+    assert abs(info["l1"] - info["r1"]) < 1e-5 and abs(info["l2"] - info["r2"]) < 1e-5
+    assert abs(info["l3"] - info["r1"]) < 1e-5
+    assert info["same_sd"]
+    assert info["plan_time"] > 0 and info["plan_mem"] > 0                  # the planner's predictions are kept
+
+
+def test_eval_logits_on_every_rank(out):
+    info = _case(out, "eval_logits")
+    assert info["shape"][0] == BATCH and info["err"] < 1e-4
+    assert info["ev_shape"][0] == 5 and info["ev_err"] < 1e-4
+
+
+def test_compile_pipeline_matches(out):
+    info = _case(out, "forkjoin_compiled")
+    assert info["compiled"]
+    ref_losses, _, ref_sd = reference("forkjoin", steps=2)
+    torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+    got = load_file(os.path.join(out, "forkjoin_compiled.safetensors"))
+    for k, r in ref_sd.items():
+        torch.testing.assert_close(got[k], r, rtol=1e-4, atol=1e-5)

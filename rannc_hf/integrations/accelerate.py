@@ -452,9 +452,7 @@ class RanncAccelerator(Accelerator):
                 if rm is not None and isinstance(a, torch.optim.Optimizer) and getattr(rm, "optimizer", 1) is None:
                     raw = _raw_optimizer(a)
                     if any(p is q for g in raw.param_groups for p in g["params"] for q in rm.module.parameters()):
-                        rm.optimizer = raw
-                        if getattr(rm, "_primary", None) is not None and hasattr(rm, "_localize_optimizer"):
-                            rm._localize_optimizer()
+                        rm.set_optimizer(raw)   # narrowed to this rank's parameters now if built, else at build
                         args[j] = raw
             if rm is not None and getattr(rm, "mesh", 1) is None:
                 example = self._example_batch(args)
@@ -464,10 +462,10 @@ class RanncAccelerator(Accelerator):
 
     def _build_now(self, rm, example: dict) -> None:
         """Plan/build a RanncModule prepared without a batch, from a dataloader's first batch."""
-        if not hasattr(rm, "_ensure_built"):
+        if not hasattr(rm, "build"):
             raise ValueError("RanncAccelerator.prepare(): pass the model together with its training dataloader")
         with torch.random.fork_rng(devices=[]):
-            rm._ensure_built(*rm._split_call((), dict(example)), train=rm.module.training)
+            rm.build(dict(example))
         self._find_replicas(rm)
 
     def _example_batch(self, args: list) -> Optional[dict]:

@@ -56,6 +56,25 @@ Semantics
   batch). If the batch size is not a multiple of ``dp_size x num_microbatches``, or the new graph would
   put different parameters on this rank, a :class:`~rannc_hf.errors.ShapeMismatchError` says how to pad
   or bucket. Each new shape costs a capture (about a second for small models): bucket lengths.
+* **Single-stage fast path.** With one stage and one replica (one process) and no offload, no pipeline is
+  built: ``forward`` calls the user's module directly (on the device, under ``torch.autocast`` for
+  bf16/fp16, through ``torch.compile`` when :attr:`compile_enabled`). With one microbatch and no fp16 scaler
+  it returns the model's own output, so ``loss.backward()`` is plain autograd (no extra pass, same memory as
+  plain PyTorch). With ``num_microbatches > 1`` (or fp16) it loops over the microbatches with a backward
+  each and hands the gradients to ``loss.backward()`` as above. The optimizer is left untouched (every
+  parameter is local); ``state_dict``/``clip_grad_norm_`` are the module's own. One stage with
+  ``dp_size > 1`` keeps the general path (the runtime's flattened gradient all-reduce, not DDP).
+  ``RANNC_HF_FAST_PATH=0`` turns the fast path off.
+* **Compile.** ``config.compile``: ``true`` compiles every stage graph (and the fast-path module) with
+  ``torch.compile``; ``auto`` does so on CUDA with bf16/fp16 compute, never on CPU; ``false`` never.
+  ``RANNC_HF_COMPILE_BACKEND`` picks the backend (default ``inductor``).
+* **Forward only / logits.** Under ``torch.no_grad()`` the stages run forward point to point and ``forward``
+  returns ``PipelineOutput(loss, logits, outputs)``: the model's other outputs come from the last stage,
+  broadcast to every rank of the pipeline (and gathered over replicas for a global batch).
+  :meth:`eval_forward` evaluates a whole batch per replica and returns a dict (what ``RanncTrainer`` uses).
+* **Building early.** :meth:`build` plans, captures and builds from an example batch; :meth:`set_optimizer`
+  narrows an optimizer created after wrapping. A capture after :meth:`_release_nonlocal` (GPU: parameters of
+  other stages emptied) gives the emptied tensors shape-only stand-ins for its duration.
 * **Offload.** A stage whose offload mode (``config.offload``; with ``auto`` the plan's per-stage choice,
   none on CPU devices) is ``optimizer`` | ``params`` | ``all`` trains through an
   :class:`~rannc_hf.offload.OffloadEngine` on its rank (:mod:`rannc_hf.runtime.offload_stage`): blocks are
@@ -100,6 +119,7 @@ class PipelineOutput:
 
     loss: torch.Tensor
     logits: Any = None
+    outputs: dict = field(default_factory=dict)   # forward-only calls: every other model output, by key
 
     def __getitem__(self, key):
         if key in ("loss", 0):
@@ -174,9 +194,11 @@ class RanncModule(nn.Module):
         self._opt_groups_fqn: Optional[list] = None
         self._name_of = {id(p): n for n, p in model.named_parameters()}
         self._offload = None            # rannc_hf.runtime.offload_stage.StageOffload when a local stage offloads
+        self._fast = False              # single-stage fast path (see _build_fast)
+        self._fast_fn: Any = None       # the module the fast path calls (compiled or not)
+        self.eval_outputs = True        # forward-only calls return the model's other outputs (logits)
         if example_batch is not None:
-            self._ensure_built(*self._split_call((), dict(example_batch) if isinstance(example_batch, dict)
-                                                 else {}, example_batch), train=model.training)
+            self.build(example_batch)
 
     # ---- public properties ---------------------------------------------------------------
     @property
@@ -216,6 +238,29 @@ class RanncModule(nn.Module):
         """The trainable parameters this rank's stages own (what its optimizer steps)."""
         return list(self._primary.params) if self._primary else list(self.module.parameters())
 
+    def build(self, example_batch: Any) -> "RanncModule":
+        """Decide the layout, capture and build now from an example batch (the same kind of batch ``forward``
+        gets: global, or this replica's with ``local_batch=True``), in the current train/eval mode. Returns self.
+        Collective: every rank calls it with a batch of the same shape."""
+        if hasattr(example_batch, "keys") and not isinstance(example_batch, dict):
+            example_batch = dict(example_batch)       # BatchEncoding and other mappings
+        kwargs = example_batch if isinstance(example_batch, dict) else {}
+        self._ensure_built(*self._split_call((), kwargs, example_batch), train=self.module.training)
+        return self
+
+    @property
+    def built(self) -> bool:
+        """True once the layout is decided and this rank's part is built (first call or :meth:`build`)."""
+        return self._fast or self._primary is not None
+
+    def set_optimizer(self, optimizer: Optional[torch.optim.Optimizer]) -> Optional[torch.optim.Optimizer]:
+        """Use ``optimizer`` (created over the original model's parameters, e.g. after wrapping): it is narrowed
+        in place to this rank's parameters now if the module is built, else when it is. Returns it."""
+        self.optimizer = optimizer
+        if optimizer is not None and self.built:
+            self._localize_optimizer()
+        return optimizer
+
     # ---- batch handling ------------------------------------------------------------------
     @staticmethod
     def _split_call(args: tuple, kwargs: dict, example: Any = None) -> tuple[dict, dict]:
@@ -254,7 +299,9 @@ class RanncModule(nn.Module):
         return {k: v[lo:lo + rows] for k, v in tensors.items()}
 
     # ---- building ------------------------------------------------------------------------
-    def _ensure_built(self, tensors: dict, other: dict, train: bool) -> _Variant:
+    def _ensure_built(self, tensors: dict, other: dict, train: bool) -> Optional[_Variant]:
+        if self._fast:
+            return None
         sig = self._signature(tensors, other, train)
         var = self._variants.get(sig)
         if var is not None:
@@ -262,6 +309,9 @@ class RanncModule(nn.Module):
         B = self._batch_of(tensors)
         if self.layout is None:
             self._decide(tensors, other, B)
+            if self._fast_eligible():
+                self._build_fast(tensors, other, B, train)
+                return None
         rows = self._check_batch(B)
         mb = rows // self.layout.num_microbatches
         example = {k: v[:mb] for k, v in tensors.items()}
@@ -288,13 +338,148 @@ class RanncModule(nn.Module):
         pp = self.layout.num_stages // self.layout.virtual_stages
         self.mesh = Mesh(pp, self.layout.dp_size, self.config.collective_timeout_s, self.device)
 
+    # ---- single-stage fast path ------------------------------------------------------------
+    def _wants_offload(self) -> bool:
+        try:   # the offload wiring's own rule (auto: the plan's per-stage choice, none on CPU devices)
+            from .offload_stage import stage_modes
+        except ImportError:
+            stage_modes = None
+        if stage_modes is not None:
+            return any(m != "none" for m in stage_modes(self, None))
+        if self.config.offload in ("optimizer", "params", "all"):
+            return True
+        plan = self.layout.plan if self.layout is not None else None
+        return bool(plan is not None and any(getattr(s, "offload", "none") not in ("none", "", None)
+                                             for s in plan.stages))
+
+    def _fast_eligible(self) -> bool:
+        """One stage, one replica, no offload: run the user's module directly (``RANNC_HF_FAST_PATH=0`` disables)."""
+        lay = self.layout
+        return (lay.num_stages == 1 and lay.dp_size == 1 and not self._wants_offload()
+                and os.environ.get("RANNC_HF_FAST_PATH", "1") != "0")
+
+    def _build_fast(self, tensors: dict, other: dict, B: int, train: bool) -> None:
+        """The plan (the planner's, a saved one checked against a capture, or a one-stage plan of a capture),
+        the module on the device, the optimizer hooks; no stage modules, no process groups beyond the trivial."""
+        from ..planner.plan import Plan
+
+        lay = self.layout
+        rows = self._check_batch(B)
+        from_file = getattr(self, "_plan_from_file", False)
+        if lay.plan is not None and not from_file:
+            self.plan = lay.plan
+        else:
+            mb = rows // lay.num_microbatches
+            example = {k: v[:mb] for k, v in tensors.items()}
+            example.update(other)
+            g = self._given_graph
+            if g is None:
+                was = self.module.training
+                self.module.train(train)
+                try:
+                    g = capture(self.module, example)
+                finally:
+                    self.module.train(was)
+            if from_file:
+                lay.plan.check_graph(g)
+                self.plan = lay.plan
+            else:
+                self.plan = Plan.from_cuts(g, [], num_microbatches=lay.num_microbatches, dp_size=1,
+                                           schedule=lay.schedule)
+        pf = self.config.plan_file
+        if pf and not os.path.exists(pf) and dist.get_rank() == 0:
+            self.plan.save(pf)
+        self.module.to(self.device)       # in place: the optimizer keeps the same parameter objects
+        self._fast = True
+        self._fast_fn = self._maybe_compile(self.module)
+        self._localize_optimizer()
+
+    def _autocast(self):
+        dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
+        if dt is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dt)
+
+    def _chunks(self, args: tuple, kwargs: dict, m: int) -> list[tuple[tuple, dict]]:
+        """The batch (tensors moved to the device) as ``m`` equal microbatches along dim 0."""
+        dev = self.device
+
+        def mv(v):
+            return v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+        args = tuple(mv(a) for a in args)
+        kwargs = {k: mv(v) for k, v in kwargs.items()}
+        if m == 1:
+            return [(args, kwargs)]
+        B = self._batch_of(self._split_call(args, kwargs)[0])
+        mb = B // m
+
+        def cut(v, i):
+            return v[i * mb:(i + 1) * mb] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B else v
+
+        return [(tuple(cut(a, i) for a in args), {k: cut(v, i) for k, v in kwargs.items()}) for i in range(m)]
+
+    def _fast_forward(self, args: tuple, kwargs: dict):
+        m = self.layout.num_microbatches
+        self._check_batch(self._batch_of(self._split_call(args, kwargs)[0]))
+        chunks = self._chunks(args, kwargs, m)
+        fn = self._fast_fn
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        backward = torch.is_grad_enabled() and bool(params)
+        if m == 1 and not (backward and self.scaler.enabled):
+            # plain autograd: the user's loss.backward() is the model's own backward (M == 1, no fp16 scaler),
+            # or a forward-only call returning the model's whole output (logits included)
+            (a, kw), = chunks
+            with self._autocast():
+                out = fn(*a, **kw)
+            return _float_loss(out)
+        if not backward:
+            with torch.no_grad():
+                outs = []
+                for a, kw in chunks:
+                    with self._autocast():
+                        outs.append(fn(*a, **kw))
+            return _merge_outputs(outs)
+        scale = self.scaler.scale if self.scaler.enabled else 1.0
+        saved = stash_grads(params)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        is_tensor = True
+        try:
+            for a, kw in chunks:
+                with self._autocast():
+                    out = fn(*a, **kw)
+                is_tensor = isinstance(out, torch.Tensor)
+                loss = _loss_value(out).float()
+                (loss * scale if scale != 1.0 else loss).backward()
+                total += loss.detach()
+                del out, loss
+        finally:
+            new = restore_grads(params, saved)
+        div = float(m) * scale
+        for g in new:
+            if g is not None:
+                g.div_(div)
+        if self.scaler.enabled:
+            bad = any_nonfinite(new, None, self.device, force=self._debug_inject_inf)
+            self._debug_inject_inf = False
+            self.scaler.update(bad)
+            if bad:
+                new = [None] * len(new)
+        anchor = torch.empty(0, requires_grad=True)
+        loss = _CarryGrads.apply(anchor, (total / m).detach(), self, _Payload(params, new, self._sync))
+        return loss if is_tensor else PipelineOutput(loss=loss)
+
     def _build_variant(self, example: dict, train: bool) -> _Variant:
         was = self.module.training
         self.module.train(train)
         try:
             g = self._given_graph if (self._given_graph is not None and not self._variants and train) else None
             if g is None:
-                g = capture(self.module, example)
+                if self._primary is not None and self._local_on_device():
+                    # a re-capture (new shape / eval): local weights already live on the device
+                    example = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+                with self._stand_ins():
+                    g = capture(self.module, example)
         finally:
             self.module.train(was)
         lay, mesh = self.layout, self.mesh
@@ -315,7 +500,8 @@ class RanncModule(nn.Module):
             recompute = [s.recompute if s.recompute in ("none", "full") else r
                          for s, r in zip(lay.plan.stages, recompute)]
         pipe = StagePipeline(g, cuts, mesh, lay.num_microbatches, lay.schedule, virtual_stages=lay.virtual_stages,
-                             model=self.module, precision=self.config.precision, recompute=recompute)
+                             model=self.module, precision=self.config.precision, recompute=recompute,
+                             compile_backend=self._compile_backend())
         holders: dict[str, list[int]] = {}
         for spec in stage_specs(g, cuts):
             for name in spec.params:
@@ -349,11 +535,19 @@ class RanncModule(nn.Module):
         lay = self.layout
         if lay.plan is not None and getattr(self, "_plan_from_file", False):
             self.plan = lay.plan
+        elif lay.plan is not None and _same_cuts(lay.plan, g, cuts):
+            # the planner's cuts are the ones running (its op ranges refer to the microbatch-size graph):
+            # keep its per-stage memory, fwd/bwd times and predicted step time for plan.summary()
+            self.plan = lay.plan
+            if not self.plan.graph_fingerprint:
+                self.plan.graph_fingerprint = g.fingerprint()
         else:
             self.plan = Plan.from_cuts(g, cuts, num_microbatches=lay.num_microbatches, dp_size=lay.dp_size,
                                        schedule=lay.schedule, virtual_stages=lay.virtual_stages)
             if lay.plan is not None:
-                self.plan.notes = list(getattr(lay.plan, "notes", []))
+                self.plan.notes = list(getattr(lay.plan, "notes", [])) + [
+                    "the planner's cuts did not fit the captured microbatch graph: balanced cuts are used and "
+                    "stage costs are not predicted"]
                 self.plan.partitioner = lay.plan.partitioner
         pf = self.config.plan_file
         if pf and not os.path.exists(pf) and dist.get_rank() == 0:
@@ -369,7 +563,7 @@ class RanncModule(nn.Module):
         opt = self.optimizer
         if opt is None:
             return
-        local = {id(p) for p in self._primary.params}
+        local = {id(p) for p in self.local_parameters()}
         self._opt_groups_fqn = []
         for group in opt.param_groups:
             self._opt_groups_fqn.append([self._name_of.get(id(p), "") for p in group["params"]])
@@ -388,6 +582,100 @@ class RanncModule(nn.Module):
 
             opt.step = step
 
+    @property
+    def compile_enabled(self) -> bool:
+        """``config.compile``: ``true``/``false`` as given; ``auto`` compiles on CUDA with bf16/fp16 compute (where
+        ``torch.compile`` pays: 1.56x eager on GPT-2 1.3B, H200) and not on CPU (compile time outweighs the gain)."""
+        c = str(self.config.compile).lower()
+        if c in ("true", "false"):
+            return c == "true"
+        return self.device.type == "cuda" and self.config.precision in ("bf16", "fp16")
+
+    def _compile_backend(self) -> Optional[str]:
+        """The ``torch.compile`` backend, or None when compile is off (``RANNC_HF_COMPILE_BACKEND`` overrides
+        ``inductor``, e.g. ``aot_eager`` for fast CPU tests)."""
+        if not self.compile_enabled:
+            return None
+        return os.environ.get("RANNC_HF_COMPILE_BACKEND") or "inductor"
+
+    def _maybe_compile(self, module: nn.Module) -> nn.Module:
+        """``module`` or its ``torch.compile`` wrapper per ``config.compile`` (see :attr:`compile_enabled`)."""
+        backend = self._compile_backend()
+        return module if backend is None else torch.compile(module, backend=backend)
+
+    def _share_outputs(self, var: _Variant, ex: Optional[list]) -> dict:
+        """The last stage's other outputs (per microbatch) as full-batch tensors on every rank of the pipeline
+        (``dist.broadcast`` over the pp group, shapes/dtypes from the capture), gathered over the dp replicas for
+        a global batch. Keys are the model's output keys (``logits``, ...)."""
+        from .stages import output_specs, value_meta
+
+        g, mesh, m = var.graph, self.mesh, self.layout.num_microbatches
+        names = output_specs(g, var.cuts)[1]
+        if not names:
+            return {}
+        keymap = dict(zip(g.outputs, g.output_keys)) if len(g.outputs) == len(g.output_keys) else {}
+        last = mesh.rank_of(mesh.dp_rank, (len(var.cuts)) % mesh.pp_size)
+        out = {}
+        for j, name in enumerate(names):
+            meta = value_meta(g, name)
+            batched = meta.dim() > 0 and meta.shape[0] == g.batch_size
+            if ex is not None:
+                parts = [e[j] for e in ex]
+                t = torch.cat(parts) if batched else parts[0]
+                t = t.to(self.device).contiguous()
+            else:
+                shape = ((meta.shape[0] * m,) + tuple(meta.shape[1:])) if batched else tuple(meta.shape)
+                t = torch.empty(tuple(int(x) for x in shape), dtype=meta.dtype, device=self.device)
+            if mesh.pp_size > 1:
+                dist.broadcast(t, src=last, group=mesh.pp_group)
+            if batched and mesh.dp_size > 1 and not self.local_batch:
+                parts = [torch.empty_like(t) for _ in range(mesh.dp_size)]
+                dist.all_gather(parts, t, group=mesh.dp_group)
+                t = torch.cat(parts)
+            out[keymap.get(name, f"output{j + 1}")] = t
+        return out
+
+    def eval_forward(self, *args, **kwargs) -> "EvalOutput":
+        """Forward only, for evaluation/prediction (used by ``RanncTrainer.prediction_step``): the batch given is
+        evaluated whole by this rank's pipeline (no data-parallel split), under ``torch.no_grad()``; returns a dict
+        ``{"loss": ..., "logits": ..., ...}`` identical on every rank of the pipeline. A batch that does not split
+        into the microbatches is padded by repeating its last row (outputs are cut back; its loss then counts the
+        repeated row)."""
+        tensors, _ = self._split_call(args, kwargs)
+        B = self._batch_of(tensors)
+        m = self.layout.num_microbatches if self.layout is not None else 1
+        pad = (-B) % m
+
+        def padded(v):
+            if pad and isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == B:
+                return torch.cat([v, v[-1:].expand(pad, *v.shape[1:])])
+            return v
+
+        prev = self.local_batch
+        self.local_batch = True
+        try:
+            with torch.no_grad():
+                out = self(*(padded(a) for a in args), **{k: padded(v) for k, v in kwargs.items()})
+        finally:
+            self.local_batch = prev
+        res = EvalOutput()
+        if isinstance(out, torch.Tensor):
+            res["loss"] = out
+            return res
+        if isinstance(out, PipelineOutput):
+            items = {"loss": out.loss, **out.outputs}
+            if out.logits is not None and "logits" not in items:
+                items["logits"] = out.logits
+        elif isinstance(out, dict):
+            items = dict(out)
+        else:
+            items = {"loss": _loss_value(out)}
+        for k, v in items.items():
+            if isinstance(v, torch.Tensor) and pad and v.dim() > 0 and v.shape[0] == B + pad:
+                v = v[:B]
+            res[k] = v.detach() if isinstance(v, torch.Tensor) else v
+        return res
+
     def _attach_offload(self) -> None:
         """Per-stage offload (see :mod:`rannc_hf.runtime.offload_stage`): engine, fences, optimizer routing."""
         from .offload_stage import attach
@@ -401,6 +689,37 @@ class RanncModule(nn.Module):
                 ids.add(id(t))
         return ids
 
+    def _local_on_device(self) -> bool:
+        for m in self._primary.pipe.modules:
+            for t in m.parameters():
+                return t.device == self.device
+        return False
+
+    @contextlib.contextmanager
+    def _stand_ins(self) -> Iterator[None]:
+        """During a capture, tensors emptied by :meth:`_release_nonlocal` get a stand-in of their full shape and
+        dtype (parameters: one zero expanded to the shape, no memory; buffers, which the graph may write in
+        place: real zeros); the same objects get their empty storage back afterwards, so stage modules bind
+        the real parameter objects."""
+        swapped = []
+        try:
+            for t in list(self.module.parameters()) + list(self.module.buffers()):
+                meta = self._full_meta.get(id(t))
+                if meta is None or t.numel() > 0 or tuple(t.shape) == tuple(meta[0]):
+                    continue
+                shape, dtype = meta
+                dev = self.device if self._local_on_device() else t.device
+                if isinstance(t, nn.Parameter):
+                    stand = torch.zeros((), dtype=dtype, device=dev).expand(shape)
+                else:
+                    stand = torch.zeros(shape, dtype=dtype, device=dev)
+                swapped.append((t, t.data))
+                t.data = stand
+            yield
+        finally:
+            for t, old in swapped:
+                t.data = old
+
     def _release_nonlocal(self) -> None:
         """GPU runs: parameters/buffers no local stage reads keep no memory (their shapes are remembered)."""
         local = self._local_tensor_ids()
@@ -413,6 +732,8 @@ class RanncModule(nn.Module):
         tensors, other = self._split_call(args, kwargs)
         train = self.training
         var = self._ensure_built(tensors, other, train)
+        if self._fast:
+            return self._fast_forward(args, kwargs)
         lay, mesh, pipe = self.layout, self.mesh, var.pipe
         rows = self._check_batch(self._batch_of(tensors))
         inputs = None
@@ -421,6 +742,7 @@ class RanncModule(nn.Module):
             inputs = [t.to(self.device, non_blocking=True) for t in batch_inputs(var.graph, shard)]
         backward = torch.is_grad_enabled() and bool(var.params)
         m = lay.num_microbatches
+        extras: dict = {}
         if backward:
             pipe.loss_scale = self.scaler.scale
             saved = stash_grads(var.params)
@@ -449,6 +771,10 @@ class RanncModule(nn.Module):
                     new[i] = gi
             if self._sync and mesh.dp_size > 1:
                 allreduce_sum_(var.params, new, mesh.dp_group, divide_by=float(mesh.dp_size))
+        elif getattr(self, "_offload", None) is None:
+            # forward only: the stages run point to point; the model's other outputs (logits) come back too
+            loss_sum, ex = pipe.forward_only(inputs)
+            extras = self._share_outputs(var, ex) if self.eval_outputs else {}
         else:
             with torch.no_grad():
                 loss_sum = pipe.run(inputs, train=False)
@@ -460,6 +786,9 @@ class RanncModule(nn.Module):
                 self._offload.store(var, new, payload)
             loss = _CarryGrads.apply(anchor, loss, self, payload)
         if "loss" in var.graph.output_keys:
+            if not backward and extras:
+                logits = extras.get("logits", next(iter(extras.values())))
+                return PipelineOutput(loss=loss, logits=logits, outputs=extras)
             return PipelineOutput(loss=loss)
         return loss
 
@@ -535,6 +864,9 @@ class RanncModule(nn.Module):
     def _owner_rank_of(self) -> dict[int, int]:
         """id(tensor) -> global rank that holds the authoritative copy (replica 0, first holding stage)."""
         var, mesh = self._primary, self.mesh
+        if var is None:   # fast path / not built: everything is local to this (only) rank
+            return {id(t): dist.get_rank() if dist.is_initialized() else 0
+                    for t in list(self.module.parameters()) + list(self.module.buffers())}
         out = {}
         for name, pps in var.holders.items():
             try:
@@ -618,7 +950,7 @@ class RanncModule(nn.Module):
         rank = dist.get_rank()
         mine: dict[str, dict] = {}
         ostate = opt.state if self._offload is None else self._offload.optimizer_state(opt)
-        for p in self._primary.params:
+        for p in self.local_parameters():
             if owners.get(id(p)) == rank and p in ostate:
                 mine[self._name_of[id(p)]] = ostate[p]
         state: dict[str, dict] = {}
@@ -678,7 +1010,7 @@ class RanncModule(nn.Module):
             self._offload.load_optimizer_state(opt, {p: sd["state"][fq[id(p)]] for p in self._primary.params
                                                      if fq[id(p)] in sd["state"]})
             return
-        for p in self._primary.params:
+        for p in self.local_parameters():
             fqn = self._name_of.get(id(p))
             st = sd["state"].get(fqn)
             if st is None:
@@ -692,3 +1024,57 @@ def _fetch(root: Any, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+class EvalOutput(dict):
+    """What :meth:`RanncModule.eval_forward` returns: a dict (``loss``, ``logits``, ...) with attribute access."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError as e:
+            raise AttributeError(key) from e
+
+
+def _same_cuts(plan, g: Graph, cuts: list) -> bool:
+    """True if ``plan``'s stages end at ``cuts`` of ``g`` (same op count, same cut positions)."""
+    return int(plan.num_ops or len(g.ops)) == len(g.ops) and list(plan.cuts) == [int(c) for c in cuts]
+
+
+def _loss_value(out) -> torch.Tensor:
+    """The scalar loss of a model call (``out.loss``, ``out["loss"]``, ``out[0]`` or the tensor itself)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if getattr(out, "loss", None) is not None:
+        return out.loss
+    if isinstance(out, dict):
+        return out["loss"]
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"cannot find the loss in a model output of type {type(out).__name__}")
+
+
+def _float_loss(out):
+    """``out`` with its loss as fp32 (autocast may leave it in bf16/fp16); other fields untouched."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() and out.dtype != torch.float32 else out
+    loss = getattr(out, "loss", None)
+    if isinstance(loss, torch.Tensor) and loss.is_floating_point() and loss.dtype != torch.float32:
+        try:
+            out["loss"] = loss.float()
+        except Exception:  # noqa: BLE001 - an output type that cannot be updated keeps its dtype
+            pass
+    return out
+
+
+def _merge_outputs(outs: list):
+    """Forward-only microbatch outputs as one: mean loss, other batch-leading tensors concatenated."""
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack([o.detach().float() for o in outs]).mean()
+    loss = torch.stack([_loss_value(o).detach().float() for o in outs]).mean()
+    logits = getattr(outs[0], "logits", None)
+    if logits is None and isinstance(outs[0], dict):
+        logits = outs[0].get("logits")
+    if isinstance(logits, torch.Tensor):
+        logits = torch.cat([o["logits"] if isinstance(o, dict) else o.logits for o in outs])
+    return PipelineOutput(loss=loss, logits=logits)

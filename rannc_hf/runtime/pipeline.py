@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
@@ -39,7 +40,8 @@ class StagePipeline:
 
     def __init__(self, graph: Graph, cuts: Sequence[int], mesh: Mesh, num_microbatches: int,
                  schedule: str = "gpipe", *, virtual_stages: int = 1, model: Optional[nn.Module] = None,
-                 precision: str = "fp32", recompute: Sequence[str] | str = "none"):
+                 precision: str = "fp32", recompute: Sequence[str] | str = "none",
+                 compile_backend: Optional[str] = None):
         num_stages = len(cuts) + 1
         if num_stages != mesh.pp_size * virtual_stages:
             raise ConfigError(f"{num_stages} stages do not fit {mesh.pp_size} pipeline ranks x {virtual_stages} "
@@ -60,6 +62,11 @@ class StagePipeline:
         self.modules: list[StageModule] = build_stages(graph, cuts, only=self.stage_ids, model=model,
                                                        precision=precision, recompute=recompute,
                                                        device_type=self.device.type, device=self.device)
+        if compile_backend:
+            for m in self.modules:
+                m.compile(compile_backend)
+        self._build_args = (graph, list(cuts), model, precision, compile_backend)
+        self._fwd: Optional[list[StageModule]] = None
         self.loss_scale = 1.0
         self.stages = []
         for sid, mod in zip(self.stage_ids, self.modules):
@@ -128,6 +135,55 @@ class StagePipeline:
             return None
         total = torch.stack([l.detach().float() for l in losses]).sum()
         return total / self.loss_scale if self.loss_scale != 1.0 else total
+
+
+    # ---- forward only (eval, logits) --------------------------------------------------------
+    def forward_only(self, inputs: Optional[Sequence[torch.Tensor]]) -> tuple[Optional[torch.Tensor], Optional[list]]:
+        """Forward of every microbatch through the stages built by ``output_specs`` (no schedule, no autograd):
+        boundary values go point to point (``dist.send``/``dist.recv``, shapes and dtypes from the capture) in
+        one fixed order on every rank. Returns ``(sum of microbatch losses, [extras of each microbatch])`` on the
+        rank holding the last stage, ``(None, None)`` elsewhere."""
+        graph, cuts, model, precision, backend = self._build_args
+        if self._fwd is None:
+            self._fwd = build_stages(graph, cuts, only=self.stage_ids, model=model, precision=precision,
+                                     device_type=self.device.type, device=self.device, with_outputs=True)
+            if backend:
+                for m in self._fwd:
+                    m.compile(backend)
+        mods = dict(zip(self.stage_ids, self._fwd))
+        M, pp, me = self.num_microbatches, self.mesh.pp_size, self.mesh.pp_rank
+        ranks = self.mesh.pp_ranks
+        chunks = [t.chunk(M) for t in inputs] if self.has_first and inputs is not None else []
+        total, extras = None, []
+        with torch.no_grad():
+            for i in range(M):
+                carry = None
+                for s in range(self.num_stages):
+                    if s not in mods:
+                        continue
+                    m = mods[s]
+                    if s == 0:
+                        args = tuple(c[i] for c in chunks)
+                    elif (s - 1) % pp == me:
+                        args = carry
+                    else:
+                        args = tuple(torch.empty(t.shape, dtype=t.dtype, device=self.device)
+                                     for t in meta_args(graph, m.spec.inputs))
+                        for t in args:
+                            dist.recv(t, src=ranks[(s - 1) % pp])
+                    out = m(*args)
+                    if m.spec.is_last:
+                        loss = out[0] if isinstance(out, (tuple, list)) else out
+                        total = loss.detach().float() if total is None else total + loss.detach().float()
+                        extras.append(list(out[1:]) if isinstance(out, (tuple, list)) else [])
+                    else:
+                        carry = tuple(out)
+                        if (s + 1) % pp != me:
+                            for t in carry:
+                                dist.send(t.contiguous(), dst=ranks[(s + 1) % pp])
+        if not self.has_last:
+            return None, None
+        return total, extras
 
 
 def _is_param(gm: nn.Module, name: str) -> bool:

@@ -81,6 +81,27 @@ def stage_specs(graph: Graph, cuts: Sequence[int]) -> list[StageSpec]:
     return specs
 
 
+def output_specs(graph: Graph, cuts: Sequence[int]) -> tuple[list[StageSpec], list[str]]:
+    """Stage specs for forward-only runs that also return the model's other outputs (logits, ...): each
+    tensor output travels from the stage that computes it through the later ones, and the last stage returns
+    ``(loss, *extras)``. Returns ``(specs, extras)``."""
+    specs = stage_specs(graph, cuts)
+    vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
+    extras: list[str] = []
+    for o in graph.outputs:
+        if o != graph.loss and o not in extras and isinstance(vals.get(o), torch.Tensor):
+            extras.append(o)
+    for s, spec in enumerate(specs):
+        if s > 0:
+            spec.inputs = list(specs[s - 1].outputs)
+        if spec.is_last:
+            spec.outputs = [graph.loss] + extras
+        else:
+            spec.outputs = spec.outputs + [e for e in extras
+                                           if graph.defined_at(e) <= spec.op_range[1] and e not in spec.outputs]
+    return specs, extras
+
+
 def _fetch(root: Any, target: str):
     obj = root
     for part in target.split("."):
@@ -134,8 +155,10 @@ def build_graph_module(graph: Graph, spec: StageSpec, model: Optional[nn.Module]
         for obj in root.values():
             if isinstance(obj, torch.Tensor) and obj.device != device:
                 obj.data = obj.data.to(device)
-    if spec.is_last:
+    if spec.is_last and len(spec.outputs) == 1:
         g.output(env[spec.outputs[0]])
+    elif spec.is_last:      # forward-only stages (output_specs): (loss, *other model outputs)
+        g.output(tuple(env[v] for v in spec.outputs))
     else:
         outs = tuple(g.call_method("contiguous", (env[v],)) for v in spec.outputs)
         g.output(outs)
@@ -225,6 +248,11 @@ class StageModule(nn.Module):
         self.precision = precision
         self.recompute = recompute
         self.device_type = device_type
+        object.__setattr__(self, "compiled", None)   # torch.compile(gm) when enabled (not a registered submodule)
+
+    def compile(self, backend: str = "inductor", **kwargs) -> None:  # noqa: A003 - nn.Module.compile, same idea
+        """Run the stage graph through ``torch.compile`` (parameters stay the ``gm``'s own objects)."""
+        object.__setattr__(self, "compiled", torch.compile(self.gm, backend=backend, **kwargs))
 
     def _autocast(self):
         dt = _AUTOCAST[self.precision]
@@ -238,8 +266,11 @@ class StageModule(nn.Module):
             args = tuple(a.to(d) if isinstance(a, torch.Tensor) and a.dtype != d else a
                          for a, d in zip(args, self.in_dtypes))
         with self._autocast():
-            out = self.gm(*args)
-        if self.spec.is_last:
+            out = (self.compiled if self.compiled is not None else self.gm)(*args)
+        if self.spec.is_last and isinstance(out, (tuple, list)):   # (loss, *extras): extras in capture dtypes
+            loss = out[0].float() if out[0].is_floating_point() else out[0]
+            out = (loss, *(o.to(d) if o.dtype != d else o for o, d in zip(out[1:], self.out_dtypes)))
+        elif self.spec.is_last:
             out = out.float() if out.dtype != torch.float32 and out.is_floating_point() else out
         elif self.out_dtypes:
             out = tuple(o.to(d) if o.dtype != d else o for o, d in zip(out, self.out_dtypes))
@@ -272,16 +303,19 @@ class StageModule(nn.Module):
 def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[int]] = None,
                  model: Optional[nn.Module] = None, precision: str = "fp32",
                  recompute: Sequence[str] | str = "none", device_type: str = "cpu",
-                 device: Optional[torch.device] = None) -> list[StageModule]:
-    """Stage modules for ``cuts`` (all stages, or the indices in ``only``, in that order)."""
-    specs = stage_specs(graph, cuts)
+                 device: Optional[torch.device] = None, with_outputs: bool = False) -> list[StageModule]:
+    """Stage modules for ``cuts`` (all stages, or the indices in ``only``, in that order).
+
+    ``with_outputs``: forward-only stages built from :func:`output_specs` (the last returns ``(loss, *extras)``)."""
+    specs = output_specs(graph, cuts)[0] if with_outputs else stage_specs(graph, cuts)
     vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
     idx = list(range(len(specs))) if only is None else list(only)
     out = []
     for s in idx:
         spec = specs[s]
         rc = recompute if isinstance(recompute, str) else recompute[s]
-        dtypes = [] if spec.is_last else [transport_dtype(vals[v].dtype) for v in spec.outputs]
+        dtypes = [vals[v].dtype for v in spec.outputs[1:]] if spec.is_last else \
+            [transport_dtype(vals[v].dtype) for v in spec.outputs]
         in_dtypes = [] if spec.is_first else [vals[v].dtype for v in spec.inputs]
         sm = StageModule(build_graph_module(graph, spec, model, device), spec, dtypes, precision, rc, device_type,
                          in_dtypes)

@@ -1,0 +1,135 @@
+"""Single-stage fast path: one stage, one replica -> the user's module runs directly (plain autograd for M=1).
+
+Reference: single-process training, per step gradient accumulation over M contiguous chunks (loss / M),
+clip_grad_norm_(1.0), AdamW. fp32, CPU, one process (a one-rank gloo group).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rannc_hf
+from rannc_hf.zoo import loss_of, make_with_batches
+
+BATCH, STEPS, LR = 4, 2, 1e-3
+
+
+def _reference(fam: str, m: int, steps: int = STEPS):
+    model, bf = make_with_batches(fam, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    losses = []
+    for step in range(steps):
+        b = bf(BATCH, step)
+        total = 0.0
+        for c in range(m):
+            loss = loss_of(model(**{k: v.chunk(m)[c] for k, v in b.items()})) / m
+            loss.backward()
+            total += float(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(total)
+    return losses, model.state_dict()
+
+
+def _rannc(fam: str, m: int, steps: int = STEPS, **cfg):
+    model, bf = make_with_batches(fam, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+        num_stages=1, num_microbatches=m, precision="fp32", **cfg))
+    losses = []
+    for step in range(steps):
+        loss = loss_of(rm(**bf(BATCH, step)))
+        loss.backward()
+        rm.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return rm, opt, losses
+
+
+def _close(sd, ref, rtol=1e-5, atol=1e-6):
+    assert set(sd) == set(ref)
+    for k, r in ref.items():
+        if r.is_floating_point():
+            torch.testing.assert_close(sd[k], r, rtol=rtol, atol=atol, msg=k)
+
+
+@pytest.mark.parametrize("family,m", [("gpt2", 1), ("gpt2", 2), ("llama", 1), ("cnn", 2), ("t5", 2)])
+def test_fast_path_matches_single_process(family, m):
+    rm, opt, losses = _rannc(family, m)
+    assert rm._fast and rm._primary is None and not rm._variants
+    ref_losses, ref_sd = _reference(family, m)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    _close(rm.state_dict(), ref_sd)
+    # the optimizer was left alone: every parameter is local
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(rm.module.parameters()))
+
+
+def test_fast_path_m1_returns_live_autograd_loss():
+    model, bf = make_with_batches("gpt2", 0)
+    rm = rannc_hf.RanncModule(model, None, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=1,
+                                                                       precision="fp32"))
+    out = rm(**bf(BATCH, 0))
+    assert out.loss.grad_fn is not None and "CarryGrads" not in type(out.loss.grad_fn).__name__
+    assert out.logits.shape[0] == BATCH                   # the model's whole output comes back
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_fast_path_scaling_accumulation_and_optimizer_state(m):
+    model, bf = make_with_batches("forkjoin", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=m,
+                                                                       precision="fp32"))
+    ref, _ = make_with_batches("forkjoin", 0)
+    ropt = torch.optim.AdamW(ref.parameters(), lr=LR)
+    for step, w in enumerate([1.0, 0.5]):                 # accumulation across calls, user-side scaling
+        b = bf(BATCH, step)
+        (loss_of(rm(**b)) * w).backward()
+        for c in range(m):
+            (loss_of(ref(**{k: v.chunk(m)[c] for k, v in b.items()})) * w / m).backward()
+    n1, n2 = rm.clip_grad_norm_(1.0), torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+    torch.testing.assert_close(n1, n2, rtol=1e-5, atol=1e-6)
+    opt.step()
+    ropt.step()
+    _close(rm.state_dict(), ref.state_dict())
+    osd = rm.optimizer_state_dict()
+    assert set(osd["state"]) == {n for n, _ in model.named_parameters()}
+    rm.load_optimizer_state_dict(osd)
+    with torch.no_grad():                                  # forward only: loss (and no gradients)
+        out = rm(**bf(BATCH, 5))
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+    assert torch.isfinite(loss_of(out))
+
+
+def test_plan_keeps_planner_predictions():
+    model, bf = make_with_batches("gpt2", 0)
+    rm = rannc_hf.RanncModule(model, None, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=1,
+                                                                       precision="fp32"), example_batch=bf(BATCH, 0))
+    assert rm.built and rm.plan.predicted_step_time > 0 and rm.plan.stages[0].peak_bytes > 0
+    assert "memory 0 B" not in rm.plan.summary()
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_compile_true_matches_eager(monkeypatch, m):
+    monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")      # inductor on 2 CPU cores is too slow here
+    rm, opt, losses = _rannc("forkjoin", m, compile="true")
+    assert rm.compile_enabled and rm._fast_fn is not rm.module
+    ref_losses, ref_sd = _reference("forkjoin", m)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+    _close(rm.state_dict(), ref_sd, rtol=1e-4, atol=1e-5)
+    assert not rannc_hf.RanncModule(torch.nn.Linear(2, 2), config=rannc_hf.RanncConfig(precision="bf16")).compile_enabled
+
+
+def test_eval_forward_returns_logits():
+    model, bf = make_with_batches("gpt2", 0)
+    rm = rannc_hf.RanncModule(model, None, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=2,
+                                                                       precision="fp32"))
+    rm.build(bf(BATCH, 0))
+    rm.eval()
+    b = bf(3, 0)                                          # 3 rows, 2 microbatches: padded, cut back
+    out = rm.eval_forward(**b)
+    ref = model(**b)
+    assert isinstance(out, dict) and out["logits"].shape == ref.logits.shape
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
