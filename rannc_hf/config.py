@@ -120,7 +120,8 @@ class _DictLoadable:
 class RanncConfig(_DictLoadable):
     """How rannc_hf partitions and runs a model. ``None`` / ``"auto"`` lets the planner decide."""
 
-    num_stages: Optional[int] = field(default=None, metadata={"help": "pipeline stages; None: planner decides"})
+    num_stages: Optional[int] = field(default=None, metadata={"help": "pipeline stages (ranks along the pipeline; interleaved schedules run several chunks "
+                                          "per rank); None: planner decides"})
     num_microbatches: Optional[int] = field(default=None, metadata={"help": "microbatches per step; None: planner decides"})
     schedule: str = field(default="auto", metadata={"help": "auto | gpipe | 1f1b | interleaved-1f1b"})
     partitioner: str = field(default="auto", metadata={"help": "auto (cost search) | even (equal layers) | params (equal param bytes)"})

@@ -290,7 +290,7 @@ def ws2() -> None:
     run_case("gpt2_recompute", recompute)
 
     def interleaved():
-        rm, opt, info = train_case("interleaved", "llama", stages=4, dp=1, m=4, schedule="interleaved-1f1b",
+        rm, opt, info = train_case("interleaved", "llama", stages=2, dp=1, m=4, schedule="interleaved-1f1b",
                                    use_graph=False)
         dump_state("llama_interleaved", rm.state_dict())
         return info

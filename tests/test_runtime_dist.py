@@ -199,7 +199,7 @@ def test_recompute_full_matches(out):
 
 def test_interleaved_1f1b(out):
     info = _case(out, "llama_interleaved")
-    assert info["schedule"] == "interleaved-1f1b" and len(info["cuts"]) == 3
+    assert info["schedule"] == "interleaved-1f1b" and len(info["cuts"]) >= 3   # 2 ranks x >= 2 chunks
     ref_losses, _, ref_sd = reference("llama")
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     max_rel(load_file(os.path.join(out, "llama_interleaved.safetensors")), ref_sd)

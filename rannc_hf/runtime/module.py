@@ -215,7 +215,8 @@ class RanncModule(nn.Module):
 
     @property
     def num_stages(self) -> int:
-        return self.layout.num_stages if self.layout else 1
+        """Pipeline ranks (interleaved schedules run ``layout.virtual_stages`` chunks on each)."""
+        return self.layout.num_stages // self.layout.virtual_stages if self.layout else 1
 
     @property
     def num_microbatches(self) -> int:

@@ -84,8 +84,8 @@ def decide_layout(model, global_batch, config: RanncConfig, *, world_size: int, 
                       resolve_schedule(plan.schedule, plan.num_microbatches, pp), plan.virtual_stages, plan)
     # ---- fallback: the config, else all ranks as pipeline stages
     virtual = 2 if config.schedule == "interleaved-1f1b" else 1
-    if config.num_stages is not None:
-        pp = max(1, config.num_stages // virtual)
+    if config.num_stages is not None:   # num_stages counts pipeline ranks; interleaving adds chunks per rank
+        pp = config.num_stages
         dp = config.dp_size or max(1, world_size // pp)
     elif config.dp_size is not None:
         dp = config.dp_size
@@ -104,7 +104,7 @@ def _respecting_config(plan, config: RanncConfig, world_size: int):
     """The planner's plan if it honours the fixed config values and the world size, else None (fallback)."""
     pp = plan.num_ranks_pp
     ok = plan.world_size == world_size
-    ok &= config.num_stages is None or plan.num_stages == config.num_stages
+    ok &= config.num_stages is None or plan.num_ranks_pp == config.num_stages   # pipeline ranks
     ok &= config.dp_size is None or plan.dp_size == config.dp_size
     ok &= config.num_microbatches is None or plan.num_microbatches == config.num_microbatches
     ok &= config.schedule == "auto" or plan.schedule == config.schedule
