@@ -60,50 +60,76 @@ def plan_tables() -> str:
     speed = _load("plan_speed.json")
     if speed:
         speed["_file"] = "plan_speed.json"
-        out.append("| model | GPUs | params | capture s | plan s | total s | stages x dp x microbatches |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("| model | GPUs | params | plan time (capture included) | target | stages x dp x microbatches | "
+                   "schedule | predicted step |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for c in speed.get("cases", []):
-            layout = f"{c.get('num_stages', '?')} x {c.get('dp_size', '?')} x {c.get('num_microbatches', '?')}"
-            out.append(f"| {c.get('name', '?')} | {c.get('gpus', '?')} | {c.get('params_b', 0):.1f}B | "
-                       f"{c.get('capture_s', 0):.1f} | {c.get('plan_s', 0):.1f} | {c.get('total_s', 0):.1f} | {layout} |")
+            cl = c.get("cluster", {})
+            out.append(f"| {c['case']} | {cl.get('num_gpus')} x {cl.get('gpu_memory')} | {c['params_b']:.1f}B | "
+                       f"{c['wall_s']:.1f} s | < {c.get('target_s', '-')} s | {c['stages']} x {c['dp']} x "
+                       f"{c['microbatches']} | {c['schedule']} | {c['predicted_step_s']:.2f} s |")
         out.append("\n" + _env_line(speed))
     quality = _load("plan_quality.json")
     if quality:
         quality["_file"] = "plan_quality.json"
-        out.append("\n| model | GPUs | auto ms | even ms | params ms | auto vs even | auto vs params |")
+        out.append("\nPredicted step time of the auto plan vs the `even` and `params` partitioners (same simulator; "
+                   "ratio = baseline / auto, higher is better for auto). *free*: the planner may choose any layout "
+                   "(models that fit one GPU get pure data parallelism, so all three agree); *pipeline*: "
+                   "pipeline depth fixed to min(GPUs, 8).\n")
+        out.append("| model | GPUs | mode | auto layout | auto s | vs even | vs params |")
         out.append("|---|---|---|---|---|---|---|")
-        for c in quality.get("cases", []):
-            a, e, p = c.get("auto_ms"), c.get("even_ms"), c.get("params_ms")
-
-            def f(x):
-                return f"{x:.1f}" if isinstance(x, (int, float)) else "does not fit"
-
-            def r(x):
-                return f"{x / a:.2f}x" if isinstance(x, (int, float)) and a else "-"
-            out.append(f"| {c.get('name', '?')} | {c.get('gpus', '?')} | {f(a)} | {f(e)} | {f(p)} | {r(e)} | {r(p)} |")
+        for r in quality.get("rows", []):
+            out.append(f"| {r['model']} | {r['gpus']} | {r['mode']} | {r['auto_shape']} | {r['auto_step_s']:.3f} | "
+                       f"{r['ratio_even']:.2f}x | {r['ratio_params']:.2f}x |")
         out.append("\n" + _env_line(quality))
+    pred = _load("multi_gpu_predicted.json")
+    if pred:
+        pred["_file"] = "multi_gpu_predicted.json"
+        out.append("\nPredicted multi-GPU step times on H200s (not yet measured; `benchmarks/multi_gpu.py run` "
+                   "measures them under torchrun):\n")
+        out.append("| model | GPUs | auto ms | layout | even ms | params ms |")
+        out.append("|---|---|---|---|---|---|")
+        for c in pred.get("cases", []):
+            a = c.get("auto", {})
+
+            def ms(x):
+                return f"{x['step_ms']:.0f}" if "step_ms" in x else "no fit"
+            lay = f"{a.get('stages', '?')}pp x {a.get('dp', '?')}dp, M={a.get('microbatches', '?')}" if "step_ms" in a else ""
+            out.append(f"| {c['model']} | {c['gpus']} | {ms(a)} | {lay} | {ms(c.get('even', {}))} | "
+                       f"{ms(c.get('params', {}))} |")
+        out.append("\n" + _env_line(pred))
     return "\n".join(out) if out else "_no results yet_"
 
 
 def offload() -> str:
-    d = _load("offload_gpt_h200.json") or _load("offload_gpt_h200_first.json")
+    d = _load("offload_gpt_h200.json")
     if not d:
         return "_no results yet_"
-    d["_file"] = "offload_gpt_h200.json" if _load("offload_gpt_h200.json") else "offload_gpt_h200_first.json"
-    rows = ["| system | tokens/s | GPU peak GiB | note |", "|---|---|---|---|"]
-    for r in d.get("results", d.get("runs", [])):
-        name = r.get("name") or r.get("system") or r.get("mode") or "?"
-        if r.get("accum"):
-            name += f" (accum {r['accum']})"
-        tok = r.get("tokens_per_s")
-        peak = r.get("gpu_peak_gib", r.get("peak_gib"))
-        if peak is None and r.get("peak_gpu_bytes"):
-            peak = r["peak_gpu_bytes"] / 2**30
-        note = r.get("note", "") or ("failed: " + str(r["error"])[:60] if r.get("error") else "")
-        peak_s = f"{peak:.1f}" if isinstance(peak, (int, float)) else "-"
-        rows.append(f"| {name} | {tok:,.0f} | {peak_s} | {note} |" if tok else f"| {name} | - | - | {note} |")
-    ratios = d.get("ratios")
-    tail = ("\n\nratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items() if isinstance(v, (int, float)))) if ratios else ""
+    d["_file"] = "offload_gpt_h200.json"
+    rows = ["| run | mode | GPU-stepped blocks | tokens/s | GPU peak GiB | host peak GiB |", "|---|---|---|---|---|---|"]
+    prev = d.get("previous")
+    if prev:
+        rows.append(f"| first engine | optimizer / all | 0 | {prev['optimizer_accum1_tokens_per_s']:,} / "
+                    f"{prev['all_accum1_tokens_per_s']:,} | 10.9 / 6.7 | |")
+    for run_name, run in (d.get("runs") or {}).items():
+        for r in run.get("results", [run] if "tokens_per_s" in run else []):
+            name = f"| {run_name} | {r['mode']} (accum {r.get('accum', 1)}) | {r.get('device_step_blocks', 0)} | "
+            if "tokens_per_s" not in r:
+                rows.append(name + f"{r.get('error', 'not measured')} | | |")
+                continue
+            gpu = r.get("peak_gpu_gib") or (r.get("peak_gpu_bytes", 0) / 2**30)
+            host = r.get("peak_host_gib") or (r.get("peak_host_rss_bytes", 0) / 2**30)
+            rows.append(name + f"{r['tokens_per_s']:,.0f} | {gpu:.1f} | {host:.1f} |")
+    peers = d.get("peers_stored_not_same_run") or {}
+    rat = d.get("ratios_vs_stored_peers") or {}
+    tail = ""
+    if rat:
+        tail = (f"\n\nBest: {rat['best_accum1_tokens_per_s']:,} tokens/s = {rat['vs_deepspeed_zero3']:.2f}x DeepSpeed "
+                f"ZeRO-3 offload ({peers.get('deepspeed_zero3_param_opt_offload_tokens_per_s', '?'):,}; target "
+                f"{rat['target_vs_deepspeed']}x) and {rat['vs_fsdp2_cpuoffload']:.2f}x FSDP2 CPUOffloadPolicy "
+                f"({peers.get('fsdp2_cpuoffload_tokens_per_s', '?'):,}; target {rat['target_vs_fsdp2']}x). **The peers "
+                f"are the stored anchor figures, not the same run** (their re-run did not fit the device time); "
+                f"the accumulation-8 case was not measured.")
     return "\n".join(rows) + tail + "\n\n" + _env_line(d)
 
 
