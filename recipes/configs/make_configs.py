@@ -91,8 +91,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from transformers import AutoConfig
 
+    arch = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "bert": "BertForPreTraining"}
     for name, cfg in configs().items():
         path = os.path.join(HERE, f"{name}.json")
+        cfg.architectures = [arch[cfg.model_type]]   # what `rannc-hf plan` builds from the file
         if args.check:
             cfg = AutoConfig.from_pretrained(path)
         else:
