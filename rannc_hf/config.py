@@ -29,6 +29,7 @@ CONFIG_ENV = "RANNC_HF_CONFIG"
 ENV_PREFIX = "RANNC_HF_"
 # RANNC_HF_* variables that are not config fields (cache and results folders)
 NON_CONFIG_ENV = frozenset({CONFIG_ENV, "RANNC_HF_CACHE", "RANNC_HF_RESULTS",
+                            "RANNC_HF_FAST_PATH", "RANNC_HF_COMPILE_BACKEND",   # runtime switches
                             "RANNC_HF_TEST_KILL_AT_STEP", "RANNC_HF_TEST_KILL_RANK"})   # test hooks (rannc_hf.reliability.testing)
 
 SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved-1f1b")
@@ -78,6 +79,19 @@ def _unknown_key_error(key: str, valid: list[str], where: str = "config") -> Con
     if where.endswith(":"):   # "config file 'x.yaml':" / "environment variable RANNC_HF_X:"
         return ConfigError(f"{where} unknown key '{key}'{hint}; valid keys: {', '.join(valid)}")
     return ConfigError(f"unknown {where} key '{key}'{hint}; valid keys: {', '.join(valid)}")
+
+
+def env_overrides(valid: list[str], environ: Optional[dict] = None) -> dict:
+    """The ``RANNC_HF_<FIELD>`` variables as ``{field: value}``; an unknown field is an error listing the valid ones."""
+    env = os.environ if environ is None else environ
+    data = {}
+    for k, v in env.items():
+        if k.startswith(ENV_PREFIX) and k not in NON_CONFIG_ENV:
+            key = k[len(ENV_PREFIX):].lower()
+            if key not in valid:
+                raise _unknown_key_error(key, valid, f"environment variable {k}:")
+            data[key] = None if v.lower() in ("none", "null") else v
+    return data
 
 
 class _DictLoadable:
@@ -171,13 +185,7 @@ class RanncConfig(_DictLoadable):
         path = env.get(CONFIG_ENV)
         if path:
             data = cls.from_yaml(path).to_dict()
-        valid = cls.valid_keys()
-        for k, v in env.items():
-            if k.startswith(ENV_PREFIX) and k not in NON_CONFIG_ENV:
-                key = k[len(ENV_PREFIX):].lower()
-                if key not in valid:
-                    raise _unknown_key_error(key, valid, f"environment variable {k}:")
-                data[key] = None if v.lower() in ("none", "null") else v
+        data.update(env_overrides(cls.valid_keys(), env))
         return cls(**data)
 
     def to_json(self) -> str:

@@ -63,7 +63,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, recursively_apply
 
-from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error
+from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error, env_overrides
 from ..errors import ConfigError
 from .checkpoint import atomic_dir, original_model, save_full_model
 
@@ -167,13 +167,7 @@ class RanncPlugin:
         path = env.get(CONFIG_ENV)
         if path:
             data = cls.from_yaml(path).set_fields()
-        valid = cls.valid_keys()
-        for k, v in env.items():
-            if k.startswith(ENV_PREFIX) and k not in NON_CONFIG_ENV:
-                key = k[len(ENV_PREFIX):].lower()
-                if key not in valid:
-                    raise _unknown_key_error(key, valid, f"environment variable {k}:")
-                data[key] = None if v.lower() in ("none", "null") else v
+        data.update(env_overrides(cls.valid_keys(), env))
         return cls(**data)
 
     @staticmethod
