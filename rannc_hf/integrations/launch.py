@@ -58,6 +58,12 @@ def add_launch_parser(subparsers) -> argparse.ArgumentParser:
     parser.description = _DESCRIPTION
     _add_rannc_args(parser)
     parser.set_defaults(func=rannc_launch_command)
+    # accelerate registers "launch" without help text, so `rannc-hf --help` would not list it
+    try:
+        subparsers._choices_actions.append(argparse._SubParsersAction._ChoicesPseudoAction(
+            "launch", (), "start a training script on every rank (accelerate launch + --rannc_config)"))
+    except AttributeError:  # argparse internals changed: the command still works, it is just not listed
+        pass
     return parser
 
 
