@@ -8,7 +8,7 @@ same cuts).
 * ``uninterrupted``: one run, no checkpoints. Its parameters match single-process gradient
   accumulation over the same padded microbatches (rtol 1e-5, atol 1e-6), and so do its losses:
   changing shapes train correctly over the pipeline, never hang.
-* ``killed``: ``torchrun --max-restarts 1`` with ``RANNC_HF_TEST_KILL_AT_STEP=5`` (rank 1 SIGKILLs
+* ``killed``: ``rannc-hf launch --max_restarts 1`` (accelerate's launcher, torchrun's elastic agent) with ``RANNC_HF_TEST_KILL_AT_STEP=5`` (rank 1 SIGKILLs
   itself once at step 5, checkpoints every 2 steps). Rank 0 reports a CollectiveTimeoutError naming
   the collective and rank 1, torchrun restarts both, the job resumes from checkpoint 4 (the newest
   verified one) and ends with parameters **bitwise equal** to the uninterrupted run.
@@ -51,13 +51,35 @@ def _torchrun(out, *extra_args, restarts=0, env=None, timeout=240):
     return r, time.time() - t
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rannc_launch(tmp, out, *extra_args, restarts=0, env=None, timeout=300):
+    """The same job started the way users start it: `rannc-hf launch --max_restarts N` (accelerate's flags)."""
+    cfg = tmp / "rannc.yaml"
+    cfg.write_text("num_stages: 2\nschedule: 1f1b\nprecision: fp32\n")
+    cmd = [sys.executable, "-m", "rannc_hf.cli", "launch", "--rannc_config", str(cfg), "--multi_gpu",
+           "--num_processes", "2", "--max_restarts", str(restarts), "--main_process_port", str(_free_port()),
+           "--monitor_interval", "1", SCRIPT, str(out), *ARGS, *extra_args]
+    t = time.time()
+    r = subprocess.run(cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
+    return r, time.time() - t
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel")
     times = {}
     _, times["uninterrupted"] = _torchrun(tmp / "full", "--save_every", "0")
-    killed, times["killed"] = _torchrun(tmp / "kill", "--save_every", "2", restarts=1,
-                                        env=_env(RANNC_HF_TEST_KILL_AT_STEP="5"))
+    killed, times["killed"] = _rannc_launch(tmp, tmp / "kill", "--save_every", "2", restarts=1,
+                                            env=_env(RANNC_HF_TEST_KILL_AT_STEP="5"))
     t = time.time()
     spec = importlib.util.spec_from_file_location("rel_train", SCRIPT)
     rel = importlib.util.module_from_spec(spec)

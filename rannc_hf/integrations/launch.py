@@ -169,6 +169,10 @@ def rannc_launch_command(args: argparse.Namespace) -> None:
     # restarted workers must not reuse the previous attempt's rendezvous store (pytorch issue 135712);
     # without this a job started with --max_restarts cannot come back after a rank dies
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    # with the "static" rendezvous a restarted gloo group reads the dead attempt's addresses from the
+    # store that outlives it; c10d rendezvous starts every attempt in a fresh round
+    if getattr(args, "max_restarts", 0) and getattr(args, "rdzv_backend", "static") == "static":
+        args.rdzv_backend = "c10d"
     _apply_cpu_quirk(args)
     try:
         launch_command(args)
