@@ -101,7 +101,8 @@ def peak_flops_of(device: Optional[torch.device], precision: str = "bf16", profi
     """Peak FLOP/s of one device from ``rannc_hf.profile.devices`` (guarded: ``None`` when unknown).
 
     ``profile`` may name a profile (``"h200"``), be a ``DeviceProfile`` or a JSON path; default: the local device
-    (a GPU when ``device`` is CUDA, else the rough ``cpu`` profile).
+    (a GPU when ``device`` is CUDA; on a CPU ``None`` unless a profile is given, since the built-in
+    CPU profile is too rough for an MFU figure).
     """
     try:
         from rannc_hf.profile import devices as _dev  # written separately; optional
@@ -109,7 +110,11 @@ def peak_flops_of(device: Optional[torch.device], precision: str = "bf16", profi
         return None
     try:
         if profile is None:
-            profile = "auto" if (device is not None and device.type == "cuda") else "cpu"
+            if device is None or device.type != "cuda":
+                # the built-in CPU profile is a rough guess: an MFU against it would mislead; pass
+                # peak_tflops= or a calibrated profile (rannc-hf calibrate) to get CPU MFU figures
+                return None
+            profile = "auto"
         prof = _dev.get_profile(profile)
         v = prof.peak_flops(precision)
         return float(v) if v else None
