@@ -94,6 +94,20 @@ def env_overrides(valid: list[str], environ: Optional[dict] = None) -> dict:
     return data
 
 
+def read_yaml(path: str, valid_keys: list[str]) -> Any:
+    """``yaml.safe_load`` of a config file, with clear errors for a missing file or invalid YAML."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist; pass the path of a YAML file with keys "
+                          f"{', '.join(valid_keys)}")
+    with open(path) as f:
+        try:
+            return yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+
+
 class _DictLoadable:
     """Mixin: strict construction from dicts / YAML with helpful unknown-key errors."""
 
@@ -113,17 +127,8 @@ class _DictLoadable:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike):
-        import yaml
-
         path = os.fspath(path)
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path!r} does not exist; pass the path of a YAML file with keys "
-                              f"{', '.join(cls.valid_keys())}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        data = read_yaml(path, cls.valid_keys()) or {}
         return cls.from_dict(data, where=f"config file {path!r}:")
 
     def to_dict(self) -> dict:

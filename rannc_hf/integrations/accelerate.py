@@ -63,7 +63,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, recursively_apply
 
-from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error, env_overrides
+from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error, env_overrides, read_yaml
 from ..errors import ConfigError
 from .checkpoint import atomic_dir, original_model, save_full_model
 
@@ -146,18 +146,8 @@ class RanncPlugin:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "RanncPlugin":
         """A plugin with exactly the keys set in the YAML file ``path``."""
-        import yaml
-
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file {path!r} does not exist; pass the path of a YAML file with keys "
-                              f"{', '.join(cls.valid_keys())}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
-        return cls.from_dict(data, where=f"config file {path!r}:")
+        return cls.from_dict(read_yaml(path, cls.valid_keys()), where=f"config file {path!r}:")
 
     @classmethod
     def from_env(cls, environ: Optional[dict] = None) -> "RanncPlugin":
