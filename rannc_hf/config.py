@@ -108,6 +108,15 @@ def read_yaml(path: str, valid_keys: list[str]) -> Any:
             raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
 
 
+def env_config_values(valid: list[str], read_file, environ: Optional[dict] = None) -> dict:
+    """Values of ``read_file($RANNC_HF_CONFIG)`` (if set) with the ``RANNC_HF_<FIELD>`` overrides on top."""
+    env = os.environ if environ is None else environ
+    path = env.get(CONFIG_ENV)
+    data = dict(read_file(path)) if path else {}
+    data.update(env_overrides(valid, env))
+    return data
+
+
 class _DictLoadable:
     """Mixin: strict construction from dicts / YAML with helpful unknown-key errors."""
 
@@ -185,13 +194,7 @@ class RanncConfig(_DictLoadable):
     @classmethod
     def from_env(cls, environ: Optional[dict] = None) -> "RanncConfig":
         """Config from ``$RANNC_HF_CONFIG`` (a YAML path) plus ``RANNC_HF_<FIELD>`` overrides."""
-        env = os.environ if environ is None else environ
-        data: dict = {}
-        path = env.get(CONFIG_ENV)
-        if path:
-            data = cls.from_yaml(path).to_dict()
-        data.update(env_overrides(cls.valid_keys(), env))
-        return cls(**data)
+        return cls(**env_config_values(cls.valid_keys(), lambda path: cls.from_yaml(path).to_dict(), environ))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -34,10 +34,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n
+        return numel_of(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -49,6 +46,14 @@ _DTYPE_BYTES = {
     "torch.int32": 4, "torch.int16": 2, "torch.int8": 1, "torch.uint8": 1, "torch.bool": 1,
     "torch.complex64": 8, "torch.float8_e4m3fn": 1, "torch.float8_e5m2": 1,
 }
+
+
+def numel_of(shape: tuple) -> int:
+    """Number of elements of a tensor of this shape."""
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def dtype_bytes(dtype: str) -> int:
@@ -89,10 +94,7 @@ class ParamInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= int(s)
-        return n
+        return numel_of(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -63,7 +63,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, recursively_apply
 
-from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error, env_overrides, read_yaml
+from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error, env_config_values, read_yaml
 from ..errors import ConfigError
 from .checkpoint import atomic_dir, original_model, save_full_model
 
@@ -152,13 +152,7 @@ class RanncPlugin:
     @classmethod
     def from_env(cls, environ: Optional[dict] = None) -> "RanncPlugin":
         """``$RANNC_HF_CONFIG`` (a YAML path), then ``RANNC_HF_<FIELD>`` variables on top."""
-        env = os.environ if environ is None else environ
-        data: dict = {}
-        path = env.get(CONFIG_ENV)
-        if path:
-            data = cls.from_yaml(path).set_fields()
-        data.update(env_overrides(cls.valid_keys(), env))
-        return cls(**data)
+        return cls(**env_config_values(cls.valid_keys(), lambda path: cls.from_yaml(path).set_fields(), environ))
 
     @staticmethod
     def env_is_set(environ: Optional[dict] = None) -> bool:

@@ -36,6 +36,16 @@ from .engine import OffloadEngine
 from .fences import offload_enter, offload_exit
 from .optimizer import state_bytes_per_param
 
+
+def check_state_keys(module: nn.Module, own: dict, state_dict: dict, strict: bool) -> tuple[list, list]:
+    """``load_state_dict``'s key check: ``(missing, unexpected)``; with ``strict`` the same error as ``nn.Module``."""
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"Error(s) in loading state_dict for {type(module).__name__}: "
+                           f"missing keys {missing}, unexpected keys {unexpected}")
+    return missing, unexpected
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -159,11 +169,7 @@ class OffloadHandle:
             own = self.module.state_dict(keep_vars=True)
         finally:
             self._raw_state = False
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self.module).__name__}: "
-                               f"missing keys {missing}, unexpected keys {unexpected}")
+        missing, unexpected = check_state_keys(self.module, own, state_dict, strict)
         with torch.no_grad():
             for k, v in state_dict.items():
                 if k not in own:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..errors import PlanMismatchError
+from ..offload.hooks import check_state_keys
 
 
 class _StateMixin:
@@ -93,11 +94,7 @@ class _StateMixin:
         if self._primary is None:
             return self.module.load_state_dict(state_dict, strict=strict)
         own = self.module.state_dict(keep_vars=True)
-        missing = [k for k in own if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self.module).__name__}: "
-                               f"missing keys {missing}, unexpected keys {unexpected}")
+        missing, unexpected = check_state_keys(self.module, own, state_dict, strict)
         with torch.no_grad():
             for k, t in own.items():
                 if k in state_dict and isinstance(t, torch.Tensor) and t.numel() > 0:
