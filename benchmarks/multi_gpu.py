@@ -144,21 +144,23 @@ def run(args) -> int:
     import rannc_hf
 
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if dev != "cpu":  # each rank builds on its own GPU (initialising a 6.7B model on the CPU takes minutes)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dev = f"cuda:{torch.cuda.current_device()}"
     name = "gpt-tiny" if args.tiny else args.model
     results = []
     for part in args.partitioners:
-        model, batch, per_sample = build(name, args.batch, device="cpu")
-        model.to(dev)
-        batch = {k: v.to(dev) for k, v in batch.items()}
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
-        cfg = rannc_hf.RanncConfig(partitioner=part, precision="bf16" if dev == "cuda" else "fp32",
+        torch.manual_seed(0)  # same weights and batch on every rank
+        model, batch, per_sample = build(name, args.batch, device=dev)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
+        cfg = rannc_hf.RanncConfig(partitioner=part, precision="bf16" if dev != "cpu" else "fp32",
                                    num_stages=args.num_stages)
         m = rannc_hf.RanncModule(model, opt, config=cfg, example_batch=batch)
-        if dev == "cuda":
+        if dev != "cpu":
             torch.cuda.reset_peak_memory_stats()
         times = []
         for i in range(args.warmup + args.steps):
-            if dev == "cuda":
+            if dev != "cpu":
                 torch.cuda.synchronize()
             dist.barrier()
             t = time.perf_counter()
@@ -167,27 +169,28 @@ def run(args) -> int:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            if dev == "cuda":
+            if dev != "cpu":
                 torch.cuda.synchronize()
             dist.barrier()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
         step = sorted(times)[len(times) // 2]
-        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else 0.0])
-        peaks = [torch.zeros(1) for _ in range(dist.get_world_size())]
+        peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if dev != "cpu" else 0.0], device=dev)
+        peaks = [torch.zeros(1, device=dev) for _ in range(dist.get_world_size())]
         dist.all_gather(peaks, peak)
         results.append({"partitioner": part, "step_s": step, "predicted_step_s": m.plan.predicted_step_time,
                         "tokens_per_s": args.batch * per_sample / step, "stages": m.num_stages, "dp": m.dp_size,
                         "microbatches": m.num_microbatches, "peak_gib_per_rank": [float(p) for p in peaks],
                         "loss": float(loss.detach())})
         del m, model, opt
-        if dev == "cuda":
+        if dev != "cpu":
             torch.cuda.empty_cache()
     if dist.get_rank() == 0:
         from benchmarks.common import write_result
 
         out = os.environ.get("OUT")
-        path = write_result(f"multi_gpu_{name}_{dist.get_world_size()}{'gpu' if dev == 'cuda' else 'cpu'}",
+        pp = f"_pp{args.num_stages}" if args.num_stages else ""
+        path = write_result(f"multi_gpu_{name}_{dist.get_world_size()}{'gpu' if dev != 'cpu' else 'cpu'}{pp}",
                             {"results": results}, out_dir=out)
         print(json.dumps(results, indent=1))
         print("wrote", path)

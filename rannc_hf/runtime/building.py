@@ -13,6 +13,7 @@ A batch of a new shape/dtype signature (or eval mode) is captured again and buil
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -29,6 +30,8 @@ from .pipeline import StagePipeline
 from .planning import cuts_for, decide_layout
 from .stages import stage_specs
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Variant:
@@ -41,6 +44,22 @@ class _Variant:
     names: list                   # their graph FQNs
     holders: dict                 # graph FQN -> sorted pipeline ranks reading it (params and buffers)
     shared_groups: list = field(default_factory=list)   # [(pp ranks, [param indices], group)]
+
+
+def apply_memory_cap(cap_bytes: Optional[int], device: torch.device) -> Optional[float]:
+    """Hold the CUDA caching allocator to ``cap_bytes`` (config ``gpu_memory``) so that a plan made for a
+    smaller GPU is also run as one: going over it is an out-of-memory error, not a silent overrun.
+    Returns the fraction set, or None (no cap, a CPU device, or a cap at least the device's memory)."""
+    if not cap_bytes or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    if cap_bytes >= total:
+        return None
+    frac = cap_bytes / total
+    torch.cuda.set_per_process_memory_fraction(frac, device)
+    log.info("GPU memory capped at %.2f GiB (%.1f%% of %s) per config gpu_memory", cap_bytes / 2**30,
+             100 * frac, torch.cuda.get_device_name(device))
+    return frac
 
 
 class _BuildMixin:
@@ -69,6 +88,7 @@ class _BuildMixin:
 
     def _decide(self, tensors: dict, other: dict, B: int) -> None:
         init_distributed(self.config.collective_timeout_s, self.device)
+        apply_memory_cap(self.config.gpu_memory_bytes, self.device)
         world = dist.get_world_size()
         plan = self._given_plan
         pf = self.config.plan_file
