@@ -71,3 +71,35 @@ def test_measured_costs_run_hf_models_with_baked_constants(tmp_path):
     g = capture(model, batch)
     fwd, bwd = measure_blocks(g, batch, [(0, 20), (21, len(g.ops) - 1)], iters=1, cache_dir=str(tmp_path))
     assert (fwd > 0).all() and bwd.sum() > 0
+
+
+def test_planner_measures_at_the_proxy_batch(tmp_path):
+    """plan() captures a batch of 8 at a proxy batch of 2; measuring must run that graph at batch 2
+    (it once fed the whole batch to the proxy graph: a view error on the GPU, then a memory-blind fallback)."""
+    import rannc_hf
+
+    model, batch = make("gpt2", batch_size=8)
+    cfg = rannc_hf.RanncConfig(profile_cache=str(tmp_path))
+    p = rannc_hf.plan(model, batch, cluster=rannc_hf.Cluster(num_gpus=1, device="cpu"), config=cfg,
+                      costs="measured", progress=False)
+    assert p.cost_source == "measured" and p.predicted_step_time > 0
+    assert list(tmp_path.glob("*.json")), "measured costs are cached"
+
+
+def test_failed_measurement_falls_back_to_analytic_costs(monkeypatch, caplog):
+    import rannc_hf
+    from rannc_hf.planner import api
+
+    def broken(*a, **k):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(api, "_want_measured", lambda *a: True)
+    monkeypatch.setattr("rannc_hf.profile.measure.measure_blocks", broken)
+    model, batch = make("gpt2", batch_size=4)
+    with caplog.at_level("WARNING"):
+        p = rannc_hf.plan(model, batch, cluster=rannc_hf.Cluster(num_gpus=1, device="cpu"), progress=False)
+    assert p.cost_source == "analytic" and p.predicted_step_time > 0
+    assert "measuring block costs failed (RuntimeError: kernel exploded)" in caplog.text
+    with pytest.raises(RuntimeError, match="kernel exploded"):   # asked for measured costs: no silent switch
+        rannc_hf.plan(model, batch, cluster=rannc_hf.Cluster(num_gpus=1, device="cpu"), costs="measured",
+                      progress=False)

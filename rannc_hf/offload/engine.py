@@ -1060,8 +1060,9 @@ class OffloadEngine:
         for k, v in self._stats.items():
             self._stats[k] = type(v)(0)
 
-    def close(self, restore: bool = True) -> None:
-        """Remove hooks and, if ``restore``, give every parameter a normal device tensor (fp32 master values)."""
+    def close(self, restore: bool | str = True) -> None:
+        """Remove hooks and, if ``restore``, give every parameter a normal tensor with its fp32 master values:
+        on the compute device (``True``) or on the host (``"cpu"``); ``False`` leaves parameters as they are."""
         self.synchronize()
         self.drain(force=True)
         for h in self._hooks:
@@ -1074,7 +1075,13 @@ class OffloadEngine:
             self._norm_pool.shutdown(wait=True)
             self._norm_pool = None
         if restore:
-            for g in self.groups:
-                for j, p in enumerate(g.params):
-                    p.data = g.view(g.master, j).to(self.device, copy=True)
+            dev = torch.device("cpu") if restore == "cpu" else self.device
+            need = sum(g.master.nbytes for g in self.groups)
+            try:
+                for g in self.groups:
+                    for j, p in enumerate(g.params):
+                        p.data = g.view(g.master, j).to(dev, copy=True)
+            except torch.OutOfMemoryError:
+                raise OffloadError(f"restoring the fp32 parameters ({need / 2**30:.2f} GiB) to {dev} ran out of "
+                                   f"memory: the model is larger than the GPU; use restore='cpu' (or False)") from None
         _ENGINES.pop(getattr(self, "id", -1), None)

@@ -199,8 +199,10 @@ class OffloadHandle:
         obj.__dict__[name] = fn
         self._patched.append((obj, name))
 
-    def remove(self) -> None:
-        """Undo everything: hooks, patches; parameters become normal device tensors (fp32 masters)."""
+    def remove(self, restore: bool | str = True) -> None:
+        """Undo everything: hooks, patches. ``restore``: parameters become normal tensors holding the fp32
+        masters, on the device (``True``) or on the host (``"cpu"``: for a model larger than the GPU);
+        ``False`` leaves them as they are (e.g. before dropping the model)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -208,7 +210,7 @@ class OffloadHandle:
             obj.__dict__.pop(name, None)
         self._patched = []
         if self.engine is not None:
-            self.engine.close(restore=True)
+            self.engine.close(restore=restore)
 
 
 def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,

@@ -19,6 +19,7 @@ cap per GPU is ``config.gpu_memory``, else ``cluster.gpu_memory``, else the devi
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any, Optional
 
@@ -29,6 +30,8 @@ from .coarsen import describe
 from .costs import CostModel
 from .plan import Plan, StagePlan
 from .search import OFFLOAD_ORDER, Candidate, Searcher
+
+log = logging.getLogger(__name__)
 
 
 def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Cluster] = None,
@@ -57,10 +60,16 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     source = "analytic"
     if _want_measured(costs, model_or_graph, cluster):
         from ..profile.measure import measure_blocks
-        cm.measured = measure_blocks(graph, example_batch, cm.blocks, model=model_or_graph,
-                                     cache_dir=config.profile_cache)
-        cm._cache.clear()
-        source = "measured"
+        try:  # the graph was captured at a proxy batch: measure it at that batch
+            cm.measured = measure_blocks(graph, _slice_batch(example_batch, graph.batch_size), cm.blocks,
+                                         model=model_or_graph, cache_dir=config.profile_cache)
+            cm._cache.clear()
+            source = "measured"
+        except Exception as e:  # noqa: BLE001 - a failed measurement must not lose the plan
+            if costs == "measured":
+                raise
+            log.warning("rannc_hf: measuring block costs failed (%s: %s); planning with analytic costs",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
     mem = config.gpu_memory_bytes or cluster.gpu_memory_bytes or cm.profile.memory
     cap = float(mem) * (1.0 - config.mem_margin)
     partitioners = ("auto", "even", "params") if config.partitioner == "auto" else (config.partitioner,)

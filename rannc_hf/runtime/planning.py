@@ -20,7 +20,7 @@ from typing import Any
 
 from ..capture.graph import Graph
 from ..config import RanncConfig
-from ..errors import PlanMismatchError
+from ..errors import PlanDoesNotFitError, PlanMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,8 @@ def decide_layout(model, global_batch, config: RanncConfig, *, world_size: int, 
 
                 plan = auto(model, global_batch, cluster=Cluster(num_gpus=world_size), config=config, progress=False)
                 plan = _respecting_config(plan, config, world_size)
+            except PlanDoesNotFitError:
+                raise  # a memory-blind fallback would only run out of memory later
             except Exception as e:  # noqa: BLE001 - the fallback below always works
                 log.warning("rannc_hf: automatic planner failed (%s); using the balanced fallback", e)
                 plan = None
