@@ -183,8 +183,9 @@ def _want_measured(costs: str, model: Any, cluster: Cluster) -> bool:
         import torch.nn as nn
         if not torch.cuda.is_available() or not isinstance(model, nn.Module):
             return False
-        if any(p.is_meta for p in model.parameters()):
-            return False
+        params = list(model.parameters())
+        if not params or any(p.device.type != "cuda" for p in params):
+            return False  # meta or host weights: timing them would time the CPU, not the GPU
         return cluster.device in ("auto", "local")
     except Exception:  # noqa: BLE001
         return False
