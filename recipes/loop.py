@@ -42,8 +42,8 @@ def _build_model(kind, config, nsp):
 def _rannc_plugin(args):
     from rannc_hf import RanncPlugin
 
-    if args.rannc_config:
-        return RanncPlugin.from_yaml(args.rannc_config)
+    if args.rannc_config:  # the file, with RANNC_HF_<KEY> variables on top (as under `rannc-hf launch`)
+        return RanncPlugin.from_env({**os.environ, "RANNC_HF_CONFIG": args.rannc_config})
     return RanncPlugin.from_env()
 
 

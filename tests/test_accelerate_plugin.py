@@ -238,3 +238,30 @@ def test_launch_parser_has_every_accelerate_flag():
     args = top.parse_args(["launch", "--rannc_config", "r.yaml", "--num_processes", "2", "t.py", "--lr", "1"])
     assert args.rannc_config == "r.yaml" and args.num_processes == 2 and args.training_script == "t.py"
     assert args.training_script_args == ["--lr", "1"] and args.func.__name__ == "rannc_launch_command"
+
+
+def test_yaml_path_takes_env_overrides_in_trainer_and_recipes(tmp_path, monkeypatch):
+    """A YAML given by path (Trainer's rannc_config, a recipe's --rannc_config) still takes RANNC_HF_<KEY>
+    overrides, as under `rannc-hf launch`; an unknown variable is still an error."""
+    import types
+
+    from rannc_hf.integrations.trainer import resolve_rannc_config
+
+    path = tmp_path / "r.yaml"
+    path.write_text("offload: auto\ncompile: auto\n")
+    monkeypatch.setenv("RANNC_HF_OFFLOAD", "optimizer")
+    monkeypatch.setenv("RANNC_HF_COMPILE", "false")
+    cfg = resolve_rannc_config(str(path), bf16=True)
+    assert cfg.offload == "optimizer" and cfg.compile == "false"
+
+    import importlib.util
+    recipes = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+    monkeypatch.syspath_prepend(recipes)
+    spec = importlib.util.spec_from_file_location("recipes_loop", os.path.join(recipes, "loop.py"))
+    loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(loop)
+    plugin = loop._rannc_plugin(types.SimpleNamespace(rannc_config=str(path)))
+    assert plugin.offload == "optimizer" and plugin.compile == "false"
+    monkeypatch.setenv("RANNC_HF_OFFLOD", "all")
+    with pytest.raises(ConfigError, match="offlod"):
+        resolve_rannc_config(str(path), bf16=True)

@@ -126,3 +126,29 @@ def test_recompute_and_bf16_stage_run(captured):
     with torch.no_grad():
         loss = run_sequential(stages, batch)
     assert loss.dtype == torch.float32 and abs(float(loss) - float(ref)) < 0.1
+
+
+def test_stage_built_for_another_device_keeps_no_capture_device():
+    """A model captured on the host and run on a GPU: every device baked into the graph (keyword or positional,
+    e.g. HF's ``attention_mask.to(device, torch.bool)``) must name the target. The meta device stands in for
+    the GPU here: a leftover CPU tensor meeting meta ones fails the run."""
+    import copy
+
+    import transformers as tf
+
+    from rannc_hf.capture import capture
+    from rannc_hf.runtime.stages import batch_inputs, build_stages
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=64, use_cache=False,
+                        bos_token_id=0, eos_token_id=0)
+    model = tf.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (2, 32))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    g = capture(model, batch)
+    assert "device(type='cpu')" in g.module.code          # the capture did bake the host device in
+    meta = torch.device("meta")
+    stage = build_stages(g, [], model=copy.deepcopy(model).to(meta), device=meta)[0]
+    assert "cpu" not in stage.gm.code
+    loss = stage.gm(*[t.to(meta) for t in batch_inputs(g, batch)])
+    assert loss.device == meta and loss.shape == ()

@@ -48,7 +48,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from ..config import RanncConfig
+from ..config import CONFIG_ENV, RanncConfig
 from ..errors import CheckpointError, ConfigError
 from .stats import RanncStatsCallback
 
@@ -100,8 +100,8 @@ def resolve_rannc_config(value: Any, bf16: bool = False, fp16: bool = False) -> 
         cfg = RanncConfig.from_dict(value.to_dict())
     elif isinstance(value, dict):
         cfg = RanncConfig.from_dict(value)
-    elif isinstance(value, (str, os.PathLike)):
-        cfg = RanncConfig.from_yaml(value)
+    elif isinstance(value, (str, os.PathLike)):  # the file, with RANNC_HF_<KEY> variables on top
+        cfg = RanncConfig.from_env({**os.environ, CONFIG_ENV: os.fspath(value)})
     else:
         raise ConfigError(f"rannc_config: expected a RanncConfig, a dict or a YAML path, got {type(value).__name__}")
     precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"

@@ -148,9 +148,10 @@ def build_graph_module(graph: Graph, spec: StageSpec, model: Optional[nn.Module]
                 raise RuntimeError(f"stage {spec.index}: op {op.name} reads {a.name} ({a.op}) which is neither "
                                    f"a stage input nor computed in the stage")
         env[node.name] = g.node_copy(node, lambda n: env[n.name])
-        if device is not None and isinstance(node.kwargs.get("device"), torch.device) \
-                and node.kwargs["device"] != device:
-            env[node.name].kwargs = {**env[node.name].kwargs, "device": device}
+        if device is not None:  # factories and .to() calls baked with the capture device, as kwarg or positional
+            new = env[node.name]
+            new.args = _retarget(new.args, device)
+            new.kwargs = _retarget(new.kwargs, device)
     if device is not None:
         for obj in root.values():
             if isinstance(obj, torch.Tensor) and obj.device != device:
@@ -164,6 +165,19 @@ def build_graph_module(graph: Graph, spec: StageSpec, model: Optional[nn.Module]
         g.output(outs)
     g.lint()
     return fx.GraphModule(root, g, class_name=f"Stage{spec.index}")
+
+
+def _retarget(value: Any, device: torch.device) -> Any:
+    """``value`` (a node's args or kwargs) with every ``torch.device`` other than ``device`` replaced by it."""
+    if isinstance(value, torch.device):
+        return device if value != device else value
+    if isinstance(value, tuple):
+        return tuple(_retarget(v, device) for v in value)
+    if isinstance(value, list):
+        return [_retarget(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _retarget(v, device) for k, v in value.items()}
+    return value
 
 
 def value_meta(graph: Graph, name: str) -> torch.Tensor:
