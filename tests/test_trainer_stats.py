@@ -41,6 +41,10 @@ def test_stats_callback_plain_trainer(tmp_path):
         assert math.isclose(h["rannc/tokens_per_s"] / h["rannc/samples_per_s"], 16.0, rel_tol=1e-6)
     summary = json.loads((tmp_path / "rannc_stats.json").read_text())
     assert summary["num_stages"] == 1 and summary["steps"] == 4
+    # whole-run throughput is steady state: the first step (capture, plan) is reported apart
+    assert summary["totals_exclude_first_step"] and summary["totals"]["first_step_time_s"] > 0
+    assert math.isclose(summary["totals"]["step_time_s"] * 3 + summary["totals"]["first_step_time_s"],
+                        sum(h["rannc/step_time_s"] * 2 for h in logs), rel_tol=1e-6)
     assert summary["stages"][0]["peak_mem_gib"] > 0
     assert cb.summary is not None
     tb = tb_scalars(str(tmp_path))

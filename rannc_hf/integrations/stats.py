@@ -253,6 +253,8 @@ class RanncStatsCallback(TrainerCallback):
         self._tot_time = 0.0
         self._tot_steps = 0
         self._first_step_time = 0.0
+        self._first_tokens = self._first_samples = 0
+        self._seen_first = False
         self._t0: Optional[float] = None
         self._history: list[dict] = []
 
@@ -277,8 +279,10 @@ class RanncStatsCallback(TrainerCallback):
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self._t0
         self._t0 = None
-        if self._tot_steps == 0:
+        if not self._seen_first:  # capture, planning and compile land here: kept apart from the totals
+            self._seen_first = True
             self._first_step_time = dt
+            self._first_tokens, self._first_samples = self._iv_tokens, self._iv_samples
         self._iv_time += dt
         self._iv_steps += 1
         busy = self._runtime_busy_time()
@@ -318,9 +322,13 @@ class RanncStatsCallback(TrainerCallback):
         stage_params = 0
         if self.plan is not None and stage < len(getattr(self.plan, "stages", [])):
             stage_params = int(getattr(self.plan.stages[stage], "num_params", 0) or 0)
+        tot = [self._tot_tokens + self._iv_tokens, self._tot_samples + self._iv_samples,
+               self._tot_time + self._iv_time, self._tot_steps + self._iv_steps]
+        if self._seen_first and tot[3] > 1:  # whole-run figures are steady state: the first step left out
+            tot = [tot[0] - self._first_tokens, tot[1] - self._first_samples, tot[2] - self._first_step_time,
+                   tot[3] - 1]
         v = [stage, dp_rank, peak, cur, self._iv_tokens, self._iv_samples, self._iv_time, self._iv_steps,
-             self._iv_busy, stage_params, self._tot_tokens + self._iv_tokens, self._tot_samples + self._iv_samples,
-             self._tot_time + self._iv_time, self._tot_steps + self._iv_steps, self._first_step_time]
+             self._iv_busy, stage_params, *tot, self._first_step_time]
         return torch.tensor(v, dtype=torch.float64)
 
     def _gather(self, vec: torch.Tensor) -> torch.Tensor:
@@ -448,9 +456,11 @@ class RanncStatsCallback(TrainerCallback):
         stats, records = self._compute(rows, interval=False)
         _, _, num_stages, dp_size = self._layout()
         plan = self.plan
+        first_apart = self._seen_first and self._tot_steps + self._iv_steps > 1   # see _local_vector
         summary = {
             "num_stages": num_stages, "dp_size": dp_size,
-            "steps": int(rows[:, _FIELDS.index("tot_steps")].max()),
+            "steps": int(rows[:, _FIELDS.index("tot_steps")].max()) + int(first_apart),
+            "totals_exclude_first_step": bool(first_apart),
             "device": str(self.device) if self.device is not None else None,
             "peak_tflops_per_device": (self._peak_flops() or 0) / 1e12 or None,
             "num_params": self.num_params,
