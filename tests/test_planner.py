@@ -11,8 +11,6 @@ from rannc_hf.capture import capture
 from rannc_hf.errors import ConfigError, PlanDoesNotFitError
 from rannc_hf.planner import Plan
 from rannc_hf.planner.coarsen import coarsen
-from rannc_hf.planner.costs import CostModel
-from rannc_hf.planner.search import Searcher
 from rannc_hf.planner.simulate import simulate
 from rannc_hf.zoo import FAMILIES, make
 

@@ -133,3 +133,16 @@ def test_eval_forward_returns_logits():
     ref = model(**b)
     assert isinstance(out, dict) and out["logits"].shape == ref.logits.shape
     torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_recompute_full_runs_segmented_stage_and_matches(family):
+    """recompute='full' needs the stage graph (checkpointed segments), so the fast path steps aside; the
+    training is still the single-process one."""
+    rm, opt, losses = _rannc(family, 2, recompute="full")
+    assert not rm._fast and rm._primary is not None
+    stage = rm._primary.pipe.modules[0]
+    assert stage.recompute == "full" and len(stage.segments()) > 1
+    ref_losses, ref_sd = _reference(family, 2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
+    _close(rm.state_dict(), ref_sd)

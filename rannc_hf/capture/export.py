@@ -20,9 +20,8 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import sys
 import traceback
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.fx as fx

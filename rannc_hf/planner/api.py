@@ -206,10 +206,11 @@ def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: Rannc
     for i, (lo, hi) in enumerate(c.chunks):
         a, b = cm.op_range(lo, hi)
         n_par, _, _ = cm.stage_params(lo, hi)
+        starts = [cm.blocks[j][1] + 1 for j in c.segments[i]] if c.recompute[i] and i < len(c.segments) else []
         stages.append(StagePlan(index=i, op_range=(a, b), modules=describe(graph, a, b), num_params=int(n_par),
                                 param_bytes=int(n_par * 4), memory=dict(c.memory[i]), fwd_ms=c.fwd[i] * 1e3,
                                 bwd_ms=c.bwd[i] * 1e3, recompute=rc_name if c.recompute[i] else "none",
-                                offload=c.offload[i], replicas=c.dp))
+                                recompute_starts=starts, offload=c.offload[i], replicas=c.dp))
     t = cm.table
     sc = t.scale(global_batch)
     flops = float(((t.flops + t.bwd_flops) * sc).sum())

@@ -17,7 +17,7 @@ batch-carrying values scale linearly, weights and masks do not.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 

@@ -14,13 +14,13 @@ state to the host as priced by :mod:`rannc_hf.offload.cost` (the offload engine'
 Activations per microbatch are multiplied by the microbatches a stage holds at once: GPipe holds all
 ``M``; 1F1B holds ``min(M, S - s)`` on stage ``s``; interleaved 1F1B with ``v`` chunks per rank holds
 its warm-up depth ``2 (S - r - 1) + (v - 1) S + 1`` chunk-microbatches (``/ v`` in stage units).
-With recompute (layer-level activation checkpointing) a stage keeps only every block's input per
-in-flight microbatch plus one block's full activations while it recomputes.
+With recompute a stage keeps, per in-flight microbatch, the values crossing its checkpoint boundaries,
+plus one segment's full activations while it recomputes (:mod:`rannc_hf.planner.recompute` picks the
+boundaries; the runtime checkpoints the same segments).
 """
 
 from __future__ import annotations
 
-from typing import Optional
 
 OPTIM_BYTES_PER_PARAM = 8.0
 DDP_BUCKET_BYTES = 25 * 2**20
@@ -76,7 +76,8 @@ def _fallback_offload_memory(n: float, mode: str, ci: int, nb: int, pf: int) -> 
 
 def activation_bytes(saved: float, block_inputs: float, max_block_saved: float, inflight: float,
                      recompute: bool) -> float:
-    """Activation bytes at the peak: ``inflight`` microbatches' worth, or checkpoints + one block's worth."""
+    """Activation bytes at the peak: ``inflight`` microbatches' worth, or checkpoints + one segment's worth
+    (``block_inputs``: bytes kept at the checkpoint boundaries; ``max_block_saved``: the largest segment)."""
     if recompute:
         return inflight * block_inputs + max_block_saved
     return inflight * saved

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from ..errors import PlanMismatchError
 from ..units import format_bytes
@@ -37,6 +37,7 @@ class StagePlan:
     fwd_ms: float = 0.0                       # per microbatch
     bwd_ms: float = 0.0                       # per microbatch (recompute included)
     recompute: str = "none"                   # none | full | selective
+    recompute_starts: list[int] = field(default_factory=list)  # ops that begin a checkpointed segment
     offload: str = "none"                     # none | optimizer | params | all
     replicas: int = 1
 

@@ -29,13 +29,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import numpy as np
 
 from ..config import Cluster, RanncConfig
 from ..profile.devices import DeviceProfile
 from .costs import BlockArrays, CostModel
 from .coarsen import layer_key
 from .memory import DDP_BUCKET_BYTES, compute_itemsize, in_flight, state_bytes, stage_memory
+from .recompute import choose_boundaries
 from .simulate import SimResult, estimate, ring_allreduce_time, simulate
 
 OFFLOAD_ORDER = ("none", "optimizer", "params", "all")
@@ -54,6 +54,7 @@ class Candidate:
     schedule: str
     chunks: list[tuple[int, int]]             #: block ranges, inclusive
     recompute: list[bool] = field(default_factory=list)
+    segments: list[list[int]] = field(default_factory=list)  # per chunk: recompute boundaries (block j ends one)
     offload: list[str] = field(default_factory=list)
     fwd: list[float] = field(default_factory=list)
     bwd: list[float] = field(default_factory=list)
@@ -304,7 +305,6 @@ class Searcher:
         for _ in range(60):
             mid = 0.5 * (lo + hi)
             chunks, start, acc = [], 0, 0.0
-            ok = True
             for j in range(N):
                 if acc + w[j] > mid and j > start:
                     chunks.append((start, j - 1))
@@ -339,8 +339,10 @@ class Searcher:
             chunk_params.append(n_par)
             k = self._inflight(c, S, v, M, sch)
             F = sum(f[lo:hi + 1]); Bw = sum(b[lo:hi + 1]); A = sum(sv[lo:hi + 1])
-            Cin = sum(cr[j - 1] for j in range(max(lo, 1), hi + 1))
-            maxA = max(sv[lo:hi + 1]); maxO = max(po[lo:hi + 1])
+            seg = choose_boundaries(a.cross[lo:hi], a.saved[lo:hi + 1], k) if True in self.rc_opts else None
+            Cin = (seg.kept_bytes if seg else 0.0) + (cr[lo - 1] if lo > 0 else 0.0)  # + the stage's own input
+            maxA = seg.max_segment_bytes if seg else 0.0
+            maxO = max(po[lo:hi + 1])
             cin = cr[lo - 1] if lo > 0 else 0.0
             cout = cr[hi]
             best = None
@@ -359,6 +361,7 @@ class Searcher:
                 return None
             _, rc, off, mem, t_f, t_b, opt_t = best
             cand.recompute.append(rc)
+            cand.segments.append([lo + j for j in seg.boundaries] if rc and seg else [])
             cand.offload.append(off)
             cand.memory.append(mem)
             cand.fwd.append(t_f)

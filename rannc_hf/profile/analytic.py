@@ -24,7 +24,6 @@ batch-carrying part (values with a ``batch_dim``) to any microbatch size.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Optional, Sequence
 

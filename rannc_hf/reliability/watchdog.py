@@ -102,7 +102,7 @@ def _group_ranks(group) -> list[int]:
 
 def _timeout_s(group=None) -> Optional[float]:
     try:
-        from torch.distributed.distributed_c10d import _get_default_group, _get_pg_default_device  # noqa: F401
+        from torch.distributed.distributed_c10d import _get_default_group
 
         pg = group or _get_default_group()
         opts = getattr(pg, "options", None) or getattr(pg, "_get_backend", lambda *_: None)(torch.device("cpu"))

@@ -131,13 +131,16 @@ class _BuildMixin:
                 from .planning import fallback_cuts
 
                 cuts = fallback_cuts(g, lay.num_stages)
-        recompute = ["full" if self.config.recompute == "full" else "none"] * lay.num_stages
+        # "selective" is priced like "full" by the planner and run the same way (segment checkpoints)
+        recompute = ["full" if self.config.recompute in ("full", "selective") else "none"] * lay.num_stages
+        starts = None  # the plan's checkpoint segments, when its stages are the ones being built
         if lay.plan is not None and len(lay.plan.stages) == lay.num_stages:
-            recompute = [s.recompute if s.recompute in ("none", "full") else r
-                         for s, r in zip(lay.plan.stages, recompute)]
+            recompute = ["none" if s.recompute == "none" else "full" for s in lay.plan.stages]
+            if [s.op_range[0] for s in lay.plan.stages[1:]] == [c + 1 for c in cuts]:
+                starts = [list(s.recompute_starts) for s in lay.plan.stages]
         pipe = StagePipeline(g, cuts, mesh, lay.num_microbatches, lay.schedule, virtual_stages=lay.virtual_stages,
                              model=self.module, precision=self.config.precision, recompute=recompute,
-                             compile_backend=self._compile_backend())
+                             compile_backend=self._compile_backend(), recompute_starts=starts)
         holders: dict[str, list[int]] = {}
         for spec in stage_specs(g, cuts):
             for name in spec.params:

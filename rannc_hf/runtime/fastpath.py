@@ -5,7 +5,8 @@
     loss = model(**batch).loss       # the user's module called directly (autocast / torch.compile as configured),
     loss.backward()                  # microbatch loop with a backward each when num_microbatches > 1 or fp16
 
-No pipeline and no stage modules are built; ``RANNC_HF_FAST_PATH=0`` turns it off. :class:`_FastPathMixin`
+No pipeline and no stage modules are built (not with offload or recompute, which need the stage graph);
+``RANNC_HF_FAST_PATH=0`` turns it off. :class:`_FastPathMixin`
 holds the RanncModule methods (``_fast_eligible``, ``_build_fast``, ``_fast_forward``, ...).
 """
 
@@ -39,11 +40,18 @@ class _FastPathMixin:
         return bool(plan is not None and any(getattr(s, "offload", "none") not in ("none", "", None)
                                              for s in plan.stages))
 
+    def _wants_recompute(self) -> bool:
+        plan = self.layout.plan if self.layout is not None else None
+        if plan is not None and plan.stages:
+            return any(s.recompute != "none" for s in plan.stages)
+        return self.config.recompute in ("full", "selective")
+
     def _fast_eligible(self) -> bool:
-        """One stage, one replica, no offload: run the user's module directly (``RANNC_HF_FAST_PATH=0`` disables)."""
+        """One stage, one replica, no offload, no recompute: run the user's module directly
+        (``RANNC_HF_FAST_PATH=0`` disables)."""
         lay = self.layout
         return (lay.num_stages == 1 and lay.dp_size == 1 and not self._wants_offload()
-                and os.environ.get("RANNC_HF_FAST_PATH", "1") != "0")
+                and not self._wants_recompute() and os.environ.get("RANNC_HF_FAST_PATH", "1") != "0")
 
     def _build_fast(self, tensors: dict, other: dict, B: int, train: bool) -> None:
         """The plan (the planner's, a saved one checked against a capture, or a one-stage plan of a capture),

@@ -41,7 +41,7 @@ class StagePipeline:
     def __init__(self, graph: Graph, cuts: Sequence[int], mesh: Mesh, num_microbatches: int,
                  schedule: str = "gpipe", *, virtual_stages: int = 1, model: Optional[nn.Module] = None,
                  precision: str = "fp32", recompute: Sequence[str] | str = "none",
-                 compile_backend: Optional[str] = None):
+                 compile_backend: Optional[str] = None, recompute_starts: Optional[Sequence[Sequence[int]]] = None):
         num_stages = len(cuts) + 1
         if num_stages != mesh.pp_size * virtual_stages:
             raise ConfigError(f"{num_stages} stages do not fit {mesh.pp_size} pipeline ranks x {virtual_stages} "
@@ -61,7 +61,8 @@ class StagePipeline:
         self.stage_ids = [mesh.pp_rank + k * mesh.pp_size for k in range(virtual_stages)]
         self.modules: list[StageModule] = build_stages(graph, cuts, only=self.stage_ids, model=model,
                                                        precision=precision, recompute=recompute,
-                                                       device_type=self.device.type, device=self.device)
+                                                       device_type=self.device.type, device=self.device,
+                                                       recompute_starts=recompute_starts)
         if compile_backend:
             for m in self.modules:
                 m.compile(compile_backend)

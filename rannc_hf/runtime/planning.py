@@ -75,7 +75,10 @@ def decide_layout(model, global_batch, config: RanncConfig, *, world_size: int, 
                 plan = auto(model, global_batch, cluster=Cluster(num_gpus=world_size), config=config, progress=False)
                 plan = _respecting_config(plan, config, world_size)
             except PlanDoesNotFitError:
-                raise  # a memory-blind fallback would only run out of memory later
+                m = config.num_microbatches
+                if not (m and batch_size % m):
+                    raise  # a memory-blind fallback would only run out of memory later
+                plan = None  # not memory: the batch cannot be split as asked, which the runtime reports clearly
             except Exception as e:  # noqa: BLE001 - the fallback below always works
                 log.warning("rannc_hf: automatic planner failed (%s); using the balanced fallback", e)
                 plan = None

@@ -244,8 +244,65 @@ class _TieInputs(torch.autograd.Function):
 _AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class _Segment:
+    """A contiguous run of a stage graph's nodes as its own ``GraphModule`` (rooted on the stage's, so it
+    reads the same parameter objects), with the names of the values it takes and gives."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[str], outputs: list[str]):
+        self.gm, self.inputs, self.outputs = gm, inputs, outputs
+
+
+def split_segments(gm: fx.GraphModule, starts: set[str]) -> tuple[list[_Segment], Any]:
+    """``gm``'s compute nodes cut before every node named in ``starts``: the segments in order, and the
+    graph's output argument (fx nodes, to be filled from the values the segments produced)."""
+    nodes = list(gm.graph.nodes)
+    seg_of: dict[str, int] = {}
+    k = 0
+    order: list[list[fx.Node]] = [[]]
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue
+        if n.name in starts and order[-1]:
+            order.append([])
+            k += 1
+        order[-1].append(n)
+        seg_of[n.name] = k
+    out_node = next(n for n in nodes if n.op == "output")
+    segments = []
+    for i, run in enumerate(order):
+        g = fx.Graph()
+        env: dict[str, fx.Node] = {}
+        inputs: list[str] = []
+
+        def arg(a: fx.Node) -> fx.Node:
+            if a.name not in env:
+                if a.op == "get_attr":          # parameters and constants are read in place, not passed
+                    env[a.name] = g.get_attr(a.target)
+                    env[a.name].meta = dict(a.meta)
+                else:                           # a stage input or an earlier segment's value
+                    inputs.append(a.name)
+                    env[a.name] = g.placeholder(a.name)
+                    env[a.name].meta = dict(a.meta)
+            return env[a.name]
+
+        for n in run:
+            for a in n.all_input_nodes:
+                if a.name not in env:
+                    arg(a)
+            env[n.name] = g.node_copy(n, lambda a: env[a.name])
+        outputs = [n.name for n in run
+                   if any(u.op == "output" or seg_of.get(u.name, -1) > i for u in n.users)]
+        g.output(tuple(env[o] for o in outputs))
+        segments.append(_Segment(fx.GraphModule(gm, g, class_name=f"Segment{i}"), inputs, outputs))
+    return segments, out_node.args[0]
+
+
 class StageModule(nn.Module):
-    """One stage: runs its ``GraphModule`` under autocast (``precision``) and optional full recompute.
+    """One stage: runs its ``GraphModule`` under autocast (``precision``), with activation recompute when
+    ``recompute == "full"``: the stage is run as consecutive segments (``segment_starts``: the op names where
+    the planner's blocks begin) and each segment is checkpointed, so a stage keeps every segment's inputs
+    and, during backward, one segment's activations, which is what the planner's memory model assumes.
+    Without ``segment_starts`` the whole stage is one checkpoint.
 
     Boundary outputs keep the dtype they had at capture (autocast results are cast back), so the static
     ``PipelineStage`` metadata holds; the last stage's loss is returned as fp32.
@@ -253,7 +310,7 @@ class StageModule(nn.Module):
 
     def __init__(self, gm: fx.GraphModule, spec: StageSpec, out_dtypes: Sequence[torch.dtype] = (),
                  precision: str = "fp32", recompute: str = "none", device_type: str = "cpu",
-                 in_dtypes: Sequence[torch.dtype] = ()):
+                 in_dtypes: Sequence[torch.dtype] = (), segment_starts: Sequence[str] = ()):
         super().__init__()
         self.in_dtypes = list(in_dtypes)   # received values are cast to these (see transport_dtype)
         self.gm = gm
@@ -262,11 +319,40 @@ class StageModule(nn.Module):
         self.precision = precision
         self.recompute = recompute
         self.device_type = device_type
+        self.segment_starts = set(segment_starts)
         object.__setattr__(self, "compiled", None)   # torch.compile(gm) when enabled (not a registered submodule)
+        object.__setattr__(self, "_segments", None)  # (graph version, segments, output arg), built on first use
+        self._compile_args: Optional[tuple] = None
 
     def compile(self, backend: str = "inductor", **kwargs) -> None:  # noqa: A003 - nn.Module.compile, same idea
         """Run the stage graph through ``torch.compile`` (parameters stay the ``gm``'s own objects)."""
         object.__setattr__(self, "compiled", torch.compile(self.gm, backend=backend, **kwargs))
+        self._compile_args = (backend, kwargs)
+
+    def segments(self) -> list[_Segment]:
+        """The checkpointed segments (rebuilt when the stage graph changed, e.g. offload fences were added)."""
+        version = (id(self.gm.graph), len(self.gm.graph.nodes))
+        cached = self._segments
+        if cached is None or cached[0] != version:
+            segs, out_arg = split_segments(self.gm, self.segment_starts)
+            if self._compile_args is not None:
+                backend, kwargs = self._compile_args
+                for sg in segs:
+                    sg.gm = torch.compile(sg.gm, backend=backend, **kwargs)
+            cached = (version, segs, out_arg)
+            object.__setattr__(self, "_segments", cached)
+        return cached[1]
+
+    def _run_segments(self, *args):
+        from torch.utils.checkpoint import checkpoint
+
+        segs = self.segments()
+        names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        env: dict[str, Any] = dict(zip(names, args))
+        for sg in segs:
+            outs = checkpoint(sg.gm, *[env[n] for n in sg.inputs], use_reentrant=False, preserve_rng_state=True)
+            env.update(zip(sg.outputs, outs))
+        return fx.node.map_arg(self._segments[2], lambda n: env[n.name])
 
     def _autocast(self):
         dt = _AUTOCAST[self.precision]
@@ -280,7 +366,10 @@ class StageModule(nn.Module):
             args = tuple(a.to(d) if isinstance(a, torch.Tensor) and a.dtype != d else a
                          for a, d in zip(args, self.in_dtypes))
         with self._autocast():
-            out = (self.compiled if self.compiled is not None else self.gm)(*args)
+            if self.recompute == "full" and self.segment_starts and torch.is_grad_enabled():
+                out = self._run_segments(*args)
+            else:
+                out = (self.compiled if self.compiled is not None else self.gm)(*args)
         if self.spec.is_last and isinstance(out, (tuple, list)):   # (loss, *extras): extras in capture dtypes
             loss = out[0].float() if out[0].is_floating_point() else out[0]
             out = (loss, *(o.to(d) if o.dtype != d else o for o, d in zip(out[1:], self.out_dtypes)))
@@ -307,7 +396,7 @@ class StageModule(nn.Module):
         return tuple(out)
 
     def forward(self, *args):
-        if self.recompute == "full" and torch.is_grad_enabled():
+        if self.recompute == "full" and not self.segment_starts and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
             return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=True)
@@ -317,10 +406,13 @@ class StageModule(nn.Module):
 def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[int]] = None,
                  model: Optional[nn.Module] = None, precision: str = "fp32",
                  recompute: Sequence[str] | str = "none", device_type: str = "cpu",
-                 device: Optional[torch.device] = None, with_outputs: bool = False) -> list[StageModule]:
+                 device: Optional[torch.device] = None, with_outputs: bool = False,
+                 recompute_starts: Optional[Sequence[Sequence[int]]] = None) -> list[StageModule]:
     """Stage modules for ``cuts`` (all stages, or the indices in ``only``, in that order).
 
-    ``with_outputs``: forward-only stages built from :func:`output_specs` (the last returns ``(loss, *extras)``)."""
+    ``with_outputs``: forward-only stages built from :func:`output_specs` (the last returns ``(loss, *extras)``).
+    ``recompute_starts``: per stage, the op indices that begin a checkpointed segment (the plan's
+    ``StagePlan.recompute_starts``); ``None``: chosen here by the same rule."""
     specs = output_specs(graph, cuts)[0] if with_outputs else stage_specs(graph, cuts)
     vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
     idx = list(range(len(specs))) if only is None else list(only)
@@ -331,11 +423,33 @@ def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[i
         dtypes = [vals[v].dtype for v in spec.outputs[1:]] if spec.is_last else \
             [transport_dtype(vals[v].dtype) for v in spec.outputs]
         in_dtypes = [] if spec.is_first else [vals[v].dtype for v in spec.inputs]
+        starts: Sequence[str] = ()
+        if rc == "full":
+            lo, hi = spec.op_range
+            starts = (recompute_segment_starts(graph, spec, precision) if recompute_starts is None else
+                      [graph.ops[i].name for i in recompute_starts[s] if lo < i <= hi])
         sm = StageModule(build_graph_module(graph, spec, model, device), spec, dtypes, precision, rc, device_type,
-                         in_dtypes)
+                         in_dtypes, segment_starts=starts)
         sm.graph_ref = graph
         out.append(sm)
     return out
+
+
+def recompute_segment_starts(graph: Graph, spec: StageSpec, precision: str = "fp32") -> list[str]:
+    """Op names that begin a checkpointed segment of the stage when no plan says: the planner's rule
+    (:func:`rannc_hf.planner.recompute.choose_boundaries`) applied to single ops, valid cuts only."""
+    import math
+
+    from ..planner.recompute import choose_boundaries
+    from ..profile.analytic import op_cost_table, saved_bytes
+
+    lo, hi = spec.op_range
+    if hi <= lo:
+        return []
+    crossing = graph.crossing_bytes()
+    cross = [crossing[c] if graph.valid_cuts[c] else math.inf for c in range(lo, hi)]
+    saved = saved_bytes(op_cost_table(graph, precision))[lo:hi + 1]
+    return [graph.ops[lo + j + 1].name for j in choose_boundaries(cross, saved).boundaries]
 
 
 def batch_inputs(graph: Graph, batch: Any) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,326 @@
+"""Offload engine, gradients: each gradient goes to the host as it is produced (on CUDA, folded and
+its norm taken on a worker thread while backward goes on); norms, scaling and clipping.
+
+:class:`_GradientMixin` is mixed into :class:`~rannc_hf.offload.engine.OffloadEngine` and works on the engine's state
+(``self.groups``, ``self.blocks``, streams, ...); see the engine module for the whole picture::
+
+    from rannc_hf.offload import OffloadEngine
+    eng = OffloadEngine(blocks, device="cuda", mode="all", optimizer=opt)   # has every mixin's methods
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .store import ParamGroup
+
+
+class _GradientMixin:
+    """Gradient streaming, norms and clipping of :class:`~rannc_hf.offload.engine.OffloadEngine`."""
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        grad = p.grad
+        if grad is None:
+            return
+        g, j = self._where[id(p)]
+        self._stats["d2h_bytes"] += grad.numel() * grad.element_size()
+        if not self.cuda:
+            g.gnorm = None
+            t0 = time.perf_counter()
+            dst = g.view(g.grad, j)
+            if g.has_grad[j]:
+                dst.add_(grad)
+            else:
+                dst.copy_(grad)
+            g.has_grad[j] = True
+            self._stats["grad_reduce_time_s"] += time.perf_counter() - t0
+        elif self.async_step:
+            if j in g.round_set:  # a parameter came twice before its block completed: fold what arrived
+                self._submit_round(g)
+            if not g.round:  # staging is about to be overwritten: its previous fold must be done
+                if g.fold_fut is not None:
+                    g.fold_fut.result()
+                    g.fold_fut = None
+            s = self.d2h_stream
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            if not g.has_grad[j]:  # first arrival since zero_grad: the host grad will be this one, upcast
+                g.dev_norms.append(torch.linalg.vector_norm(grad, 2, dtype=torch.float32))
+            else:
+                g.dev_norms_ok = False
+            with torch.cuda.stream(s):
+                if self.timing and not g.round:
+                    g.round_start_event = torch.cuda.Event(enable_timing=True)
+                    g.round_start_event.record(s)
+                g.view(g.staging, j).copy_(grad, non_blocking=True)
+            grad.record_stream(s)
+            g.round.append(j)
+            g.round_set.add(j)
+            if len(g.round) == g.n_req:
+                self._submit_round(g)
+        else:
+            key = (g.index, j)
+            if key in self._pending:  # staging slot still busy from an earlier micro-batch
+                self._finish(key, self._pending.pop(key))
+            s = self.d2h_stream
+            s.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(s):
+                e0 = None
+                if self.timing:
+                    e0 = torch.cuda.Event(enable_timing=True)
+                    e0.record(s)
+                g.view(g.staging, j).copy_(grad, non_blocking=True)
+                ev = torch.cuda.Event(enable_timing=self.timing)
+                ev.record(s)
+                if self.timing:
+                    self._copy_events.append((e0, ev))
+            grad.record_stream(s)
+            self._pending[key] = (g, j, ev)
+        p.grad = None
+
+    def _pool(self):
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            n = self.cpu_threads or torch.get_num_threads()  # a new thread would not inherit set_num_threads
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rannc-offload",
+                                              initializer=torch.set_num_threads, initargs=(n,))
+        return self._worker
+
+    def _submit_round(self, g: ParamGroup) -> None:
+        """Hand the gradients of ``g`` copied since its last fold to the worker (one event, one fold)."""
+        js = g.round
+        g.round, g.round_set = [], set()
+        if not js:
+            return
+        s = self.d2h_stream
+        dn = None
+        if g.dev_norms_ok and len(g.dev_norms) == len(js):
+            dn = torch.linalg.vector_norm(torch.stack(g.dev_norms), 2)  # on the compute stream
+        g.dev_norms, g.dev_norms_ok = [], True
+        ev = torch.cuda.Event(enable_timing=self.timing)
+        ev.record(s)
+        if self.timing and g.round_start_event is not None:  # a block's D2H copies, timed as one
+            self._copy_events.append((g.round_start_event, ev))
+            g.round_start_event = None
+        fut = self._pool().submit(self._fold_task, g, js, ev, dn)
+        g.fold_fut = fut
+        self._fold_futs.append(fut)
+
+    def _fold_task(self, g: ParamGroup, js: list[int], ev, dev_norm=None) -> None:
+        """Fold one block's staged gradients into its fp32 buffer: one flat copy (first micro-batch:
+        its norm is ``dev_norm``, taken on the GPU from the same values) or a chunked add through an
+        fp32 temporary (mixed-dtype ``add_`` is several times slower on the CPU)."""
+        tw = time.perf_counter()
+        ev.synchronize()
+        t0 = time.perf_counter()
+        n = len(g.params)
+        if len(js) == n and (all(g.has_grad) or not any(g.has_grad)):
+            if all(g.has_grad):
+                chunk = 1 << 20
+                tmp = torch.empty(min(chunk, g.numel), dtype=torch.float32)
+                for o in range(0, g.numel, chunk):
+                    d = g.grad[o:o + chunk]
+                    t = tmp[:d.numel()]
+                    t.copy_(g.staging[o:o + chunk])
+                    d.add_(t)
+                g.gnorm = None
+            else:
+                g.grad.copy_(g.staging)
+                g.gnorm = dev_norm
+            g.has_grad = [True] * n
+        else:
+            for j in js:
+                dst, src = g.view(g.grad, j), g.view(g.staging, j)
+                if g.has_grad[j]:
+                    dst.add_(src)
+                else:
+                    dst.copy_(src)
+                g.has_grad[j] = True
+            g.gnorm = None
+        t1 = time.perf_counter()
+        self._stats["grad_reduce_time_s"] += t1 - t0
+        if self.timing:
+            self.wlog.append(("fold", g.index, tw, t0, t1))
+
+    def _host_norms(self, groups: list) -> None:
+        """Per-group gradient norms of host fp32 buffers, chunks spread over single-threaded workers
+        (a CPU norm runs at about one core's memory bandwidth however many threads torch has)."""
+        pieces = []
+        for g in groups:
+            for j in range(len(g.params)):
+                if g.has_grad[j]:
+                    v = g.view(g.grad, j).reshape(-1)
+                    for o in range(0, v.numel(), 1 << 22):
+                        pieces.append((g, v[o:o + (1 << 22)]))
+        if self._norm_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            n = self.cpu_threads or torch.get_num_threads()
+            self._norm_pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="rannc-norm",
+                                                 initializer=torch.set_num_threads, initargs=(1,))
+        res = list(self._norm_pool.map(lambda gv: torch.linalg.vector_norm(gv[1], 2), pieces))
+        by: dict[int, list] = {}
+        for (g, _), r in zip(pieces, res):
+            by.setdefault(id(g), []).append(r)
+        for g in groups:
+            rs = by.get(id(g))
+            g.gnorm = torch.linalg.vector_norm(torch.stack(rs), 2) if rs else torch.zeros(())
+
+    def _wait_folds(self) -> None:
+        for g in self.groups:
+            if g.round:
+                self._submit_round(g)
+        futs, self._fold_futs = self._fold_futs, []
+        for f in futs:
+            f.result()
+
+    def _wait_group_step(self, g: ParamGroup, host: bool = False) -> None:
+        """Block until the background step of ``g`` is done and make the compute stream (and the fetch
+        stream) wait for its copies; ``host``: also wait until the host buffers hold the new values."""
+        fut = g.step_fut
+        if fut is not None:
+            fut.result()
+            g.step_fut = None
+        ev = g.step_event
+        if self.cuda and ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+            self.h2d_stream.wait_event(ev)
+            if host:
+                ev.synchronize()
+        g.step_event = None
+
+    def synchronize(self) -> None:
+        """Wait for everything the background worker has in hand (folds and steps)."""
+        if self.async_step:
+            self._wait_folds()
+            for g in self.groups:
+                self._wait_group_step(g, host=True)
+
+    def _materialize_scale(self) -> None:
+        if self._scale is not None:
+            coef, self._scale = self._scale, None
+            grads = [g.view(g.grad, j) for g, j in self._order if g.has_grad[j]]
+            if grads:
+                torch._foreach_mul_(grads, coef)
+            for g in self.groups:
+                g.gnorm = None
+
+    def _finish(self, key, item) -> None:
+        g, j, ev = item
+        ev.synchronize()
+        t0 = time.perf_counter()
+        dst = g.view(g.grad, j)
+        src = g.view(g.staging, j)
+        if g.has_grad[j]:
+            dst.add_(src)
+        else:
+            dst.copy_(src)
+        g.has_grad[j] = True
+        self._stats["grad_reduce_time_s"] += time.perf_counter() - t0
+
+    def drain(self, force: bool = True) -> None:
+        """Fold gradients that reached the host into the fp32 accumulators (all of them if ``force``)."""
+        if self.async_step:
+            if force:
+                self._wait_folds()
+            return
+        for key in list(self._pending):
+            item = self._pending[key]
+            if not force and not item[2].query():
+                break  # the D2H stream is in order: later copies are not done either
+            self._finish(key, self._pending.pop(key))
+
+    def zero_grad(self) -> None:
+        """Forget accumulated gradients (the host buffers are overwritten by the next ones)."""
+        self.drain(force=True)
+        self._scale = None
+        for g in self.groups:
+            g.has_grad = [False] * len(g.params)
+            g.gnorm = None
+            g.dev_norms, g.dev_norms_ok = [], True
+            for p in g.params:
+                p.grad = None
+
+    def host_grads(self) -> list[torch.Tensor]:
+        """fp32 host gradients of every parameter that received one since the last ``zero_grad``."""
+        self.synchronize()
+        self.drain(force=True)
+        self._materialize_scale()
+        return [g.view(g.grad, j) for g, j in self._order if g.has_grad[j]]
+
+    def grad_of(self, p: nn.Parameter) -> Optional[torch.Tensor]:
+        """The fp32 host gradient of ``p`` accumulated since ``zero_grad`` (a view of the host buffer), or None."""
+        self.synchronize()
+        self.drain(force=True)
+        self._materialize_scale()
+        g, j = self._where[id(p)]
+        return g.view(g.grad, j) if g.has_grad[j] else None
+
+    def set_grad_(self, p: nn.Parameter, value: Optional[torch.Tensor]) -> None:
+        """Overwrite (``value``) or clear (``None``) the host gradient of ``p`` (pipeline runtimes: all-reduced grads)."""
+        self.synchronize()
+        self.drain(force=True)
+        self._materialize_scale()
+        g, j = self._where[id(p)]
+        if value is None:
+            g.has_grad[j] = False
+        else:
+            dst = g.view(g.grad, j)
+            if value.data_ptr() != dst.data_ptr():
+                dst.copy_(value.detach().reshape(dst.shape))
+            g.has_grad[j] = True
+        g.gnorm = None
+
+    def local_grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """Norm of this engine's gradients (a pipeline combines stages' norms, then :meth:`scale_grads_`)."""
+        grads = self.host_grads()
+        if not grads:
+            return torch.tensor(0.0)
+        return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+
+    def scale_grads_(self, factor: float | torch.Tensor) -> None:
+        grads = self.host_grads()
+        if grads:
+            torch._foreach_mul_(grads, factor)
+            for g in self.groups:
+                g.gnorm = None
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False) -> torch.Tensor:
+        """Same result as ``torch.nn.utils.clip_grad_norm_`` over this engine's parameters.
+
+        With the async pipeline the norm comes from per-block norms computed while gradients were
+        folded during backward, and the coefficient is applied inside the next step (fused Adam's
+        ``grad_scale``, or a multiply per block in the worker), not in a separate pass here.
+        """
+        if not self.async_step or float(norm_type) != 2.0:
+            grads = self.host_grads()
+            if not grads:
+                return torch.tensor(0.0)
+            total = torch.nn.utils.get_total_norm(grads, norm_type=norm_type, error_if_nonfinite=error_if_nonfinite)
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grads_with_norm_
+            torch._foreach_mul_(grads, coef)
+            for g in self.groups:
+                g.gnorm = None
+            return total
+        self.drain(force=True)
+        self._materialize_scale()
+        todo = [g for g in self.groups if any(g.has_grad) and g.gnorm is None]
+        if todo:
+            self._host_norms(todo)
+        norms = [g.gnorm.to("cpu", torch.float32) for g in self.groups if any(g.has_grad)]
+        if not norms:
+            return torch.tensor(0.0)
+        total = torch.linalg.vector_norm(torch.stack(norms), 2)
+        if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                               f"so it cannot be clipped. To disable this error and scale the gradients by the "
+                               f"non-finite norm anyway, set `error_if_nonfinite=False`")
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        if float(coef) < 1.0 or not bool(torch.isfinite(coef)):
+            self._scale = coef
+        return total
+
