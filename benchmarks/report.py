@@ -208,8 +208,23 @@ def recipes() -> str:
     return "\n".join(rows) + ("\n\n" + "\n".join(notes) if notes else "") + "\n\n" + _env_line(d)
 
 
+def cpu_overhead() -> str:
+    d = _load("cpu_overhead.json")
+    if not d:
+        return "_no results yet_"
+    d["_file"] = "cpu_overhead.json"
+    rows = ["| processes | stages | microbatches | threads each | step ms | tokens/s |", "|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        rows.append(f"| {r['processes']} | {r['stages']} | {r['microbatches']} | {r['threads_per_process']} | "
+                    f"{r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:,.0f} |")
+    m = d["model"]
+    return (f"GPT-2-style {m['n_layer']} layers x {m['n_embd']}, batch {m['batch']} x {m['seq']}, fp32, 1F1B. "
+            f"pp=2 step time = **{d['pp2_vs_one_process_step_time']:.2f}x** one process (reported, not targeted).\n\n"
+            + "\n".join(rows) + "\n\n" + _env_line(d))
+
+
 SECTIONS = {"single_gpu": single_gpu, "plan": plan_tables, "offload": offload, "trainer": trainer,
-            "multi_gpu": multi_gpu, "recipes": recipes}
+            "multi_gpu": multi_gpu, "recipes": recipes, "cpu_overhead": cpu_overhead}
 
 
 def render(readme: str) -> str:
