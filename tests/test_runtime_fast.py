@@ -146,3 +146,22 @@ def test_recompute_full_runs_segmented_stage_and_matches(family):
     ref_losses, ref_sd = _reference(family, 2)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
     _close(rm.state_dict(), ref_sd)
+
+
+def test_gpu_memory_cap_is_enforced_on_cuda(monkeypatch):
+    """config gpu_memory caps the CUDA caching allocator (so a plan for a smaller GPU also runs as one);
+    no cap on CPU or when the cap is the device's size or more. torch.cuda is stubbed: no GPU needed."""
+    from types import SimpleNamespace
+
+    from rannc_hf.runtime.building import apply_memory_cap
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=100 * 2**30))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d: "stub")
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    cuda0 = torch.device("cuda", 0)
+    assert apply_memory_cap(24 * 2**30, cuda0) == 0.24 and calls == [(0.24, cuda0)]
+    assert apply_memory_cap(None, cuda0) is None
+    assert apply_memory_cap(200 * 2**30, cuda0) is None
+    assert apply_memory_cap(24 * 2**30, torch.device("cpu")) is None
+    assert len(calls) == 1
