@@ -163,6 +163,9 @@ class RanncConfig(_DictLoadable):
     profile_cache: Optional[str] = field(default=None, metadata={"help": "directory caching measured op costs"})
     dp_size: Optional[int] = field(default=None, metadata={"help": "data-parallel replicas; None: world size / stages"})
     prefetch_blocks: int = field(default=2, metadata={"help": "offload: blocks in flight on the GPU at once"})
+    gpu_step_blocks: Union[str, int] = field(default="auto", metadata={
+        "help": "offload (optimizer/all, CUDA): leading blocks whose optimizer state stays on the GPU and which "
+                "step there while the CPU steps the rest; auto: as many as the plan's memory headroom allows"})
     collective_timeout_s: float = field(default=600.0, metadata={"help": "seconds before a stuck collective fails every rank"})
 
     def __post_init__(self):
@@ -181,6 +184,17 @@ class RanncConfig(_DictLoadable):
         if pb is None:
             raise ConfigError("config key 'prefetch_blocks': expected a positive integer")
         self.prefetch_blocks = pb
+        if str(self.gpu_step_blocks).lower() == "auto":
+            self.gpu_step_blocks = "auto"
+        else:
+            try:
+                k = int(self.gpu_step_blocks)
+            except (TypeError, ValueError):
+                k = -1
+            if k < 0:
+                raise ConfigError(f"config key 'gpu_step_blocks': expected 'auto' or an integer >= 0, got "
+                                  f"{self.gpu_step_blocks!r}")
+            self.gpu_step_blocks = k
         parse_bytes(self.gpu_memory, "config key 'gpu_memory'")
         for k in ("plan_file", "profile_cache"):
             v = getattr(self, k)

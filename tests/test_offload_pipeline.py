@@ -194,3 +194,38 @@ def test_offload_refuses_when_host_memory_is_short(monkeypatch):
                               graph=graph_for("gpt2", 2))
     with pytest.raises(OffloadError, match=r"needs .* of host memory .* available"):
         rm(**bf(4, 0))
+
+
+def test_gpu_step_blocks_auto_from_plan_headroom(monkeypatch):
+    """gpu_step_blocks='auto' keeps as many leading blocks' optimizer state on the GPU as the plan's memory
+    headroom allows (the hybrid step that doubled offload throughput on the H200); an integer is taken as
+    given; CPU devices, the params mode and plans without memory figures get none. torch.cuda is stubbed."""
+    from types import SimpleNamespace
+
+    import rannc_hf
+    from rannc_hf.errors import ConfigError
+    from rannc_hf.runtime.offload_stage import _gpu_step_blocks, choose_gpu_step_blocks
+
+    assert choose_gpu_step_blocks([100] * 10, 5000) == 4
+    assert choose_gpu_step_blocks([100] * 10, 10**9) == 10
+    assert choose_gpu_step_blocks([100] * 10, -1.0) == 0
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=10 * 2**30))
+    blocks = [[torch.nn.Parameter(torch.zeros(2**25))] for _ in range(8)]          # 32 Mi params: 256 MiB state
+    stage = SimpleNamespace(memory={"total": 6 * 2**30}, peak_bytes=6 * 2**30)
+
+    def module(device="cuda", **cfg):
+        return SimpleNamespace(device=torch.device(device), config=rannc_hf.RanncConfig(**cfg),
+                               plan=SimpleNamespace(stages=[stage]),
+                               _primary=SimpleNamespace(pipe=SimpleNamespace(modules=[SimpleNamespace(
+                                   spec=SimpleNamespace(index=0))])))
+
+    # cap 10 GiB x 0.9 - 6 GiB planned = 3 GiB headroom; x 0.8 - 256 MiB transient = 2.15 GiB: all 8 blocks (2 GiB)
+    assert _gpu_step_blocks(module(), blocks, "optimizer") == 8
+    assert _gpu_step_blocks(module(gpu_memory="8GiB"), blocks, "all") == 2   # (7.2 - 6) x 0.8 - 0.25 GiB = 0.71
+    assert _gpu_step_blocks(module(gpu_step_blocks=2), blocks, "optimizer") == 2
+    assert _gpu_step_blocks(module(gpu_step_blocks=99), blocks, "optimizer") == 8
+    assert _gpu_step_blocks(module("cpu"), blocks, "optimizer") == 0
+    assert _gpu_step_blocks(module(), blocks, "params") == 0
+    for bad in ("many", -1):
+        with pytest.raises(ConfigError, match="gpu_step_blocks"):
+            rannc_hf.RanncConfig(gpu_step_blocks=bad)

@@ -117,6 +117,7 @@ class RanncPlugin:
     profile_cache: Optional[str] = _f("profile_cache")
     dp_size: Optional[int] = _f("dp_size")
     prefetch_blocks: Optional[int] = _f("prefetch_blocks")
+    gpu_step_blocks: Optional[Union[str, int]] = _f("gpu_step_blocks")
     collective_timeout_s: Optional[float] = _f("collective_timeout_s")
 
     def __post_init__(self):

@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -434,6 +434,42 @@ class StageOffload:
         return st
 
 
+def choose_gpu_step_blocks(block_numels: Sequence[int], headroom_bytes: float, state_bytes_per_param: float = 8.0,
+                           safety: float = 0.8) -> int:
+    """How many leading blocks keep their optimizer state on the GPU and step there (the engine's hybrid step),
+    within ``safety * headroom_bytes``: each costs its state (AdamW: 8 B/param); one block's fp32 master and
+    gradient (8 B/param) pass through the GPU at a time.
+
+        >>> choose_gpu_step_blocks([100] * 10, headroom_bytes=5000)   # 4000 B: 800 transient, 800 per block
+        4
+    """
+    budget = safety * float(headroom_bytes) - 8.0 * max(block_numels, default=0)
+    k, used = 0, 0.0
+    for n in block_numels:
+        used += state_bytes_per_param * n
+        if used > budget:
+            break
+        k += 1
+    return k
+
+
+def _gpu_step_blocks(module, blocks: list, mode: str) -> int:
+    """``config.gpu_step_blocks``, resolving ``auto`` from the plan: the GPU cap (after ``mem_margin``) less the
+    local stages' predicted peak. 0 without a CUDA device, a CPU step mode, or a plan with memory figures."""
+    want = module.config.gpu_step_blocks
+    if module.device.type != "cuda" or mode not in ("optimizer", "all"):
+        return 0
+    if want != "auto":
+        return min(int(want), len(blocks))
+    plan = module.plan
+    local = [m.spec.index for m in module._primary.pipe.modules]
+    if plan is None or not all(i < len(plan.stages) and plan.stages[i].memory for i in local):
+        return 0
+    cap = module.config.gpu_memory_bytes or torch.cuda.get_device_properties(module.device).total_memory
+    headroom = cap * (1.0 - module.config.mem_margin) - sum(plan.stages[i].peak_bytes for i in local)
+    return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom)
+
+
 def attach(module) -> Optional[StageOffload]:
     """Build this rank's engine and fences if any local stage offloads (collective when any stage does)."""
     var = module._primary
@@ -472,9 +508,10 @@ def attach(module) -> Optional[StageOffload]:
     in_blocks = {id(p) for ps in blocks for p in ps}
     rest = [p for p in params if id(p) not in in_blocks]
     opt = module.optimizer
+    k = _gpu_step_blocks(module, blocks, mode)
     engine = OffloadEngine(blocks, device=module.device, mode=mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
-                           check_memory=False, param_order=params)
+                           check_memory=False, param_order=params, device_step_blocks=k)
     so = StageOffload(module, engine, mode, modes)
     so._prefixes = prefixes
     so._blocks_per_stage = per_stage
@@ -484,6 +521,6 @@ def attach(module) -> Optional[StageOffload]:
         first += len(runs)
     if opt is not None:
         so.patch_optimizer(opt)
-    log.info("rannc_hf: offload %s on pipeline rank %d: %d blocks, %d resident parameters", mode,
-             module.pp_rank, len(blocks), len(rest))
+    log.info("rannc_hf: offload %s on pipeline rank %d: %d blocks (%d stepped on the GPU), %d resident parameters",
+             mode, module.pp_rank, len(blocks), engine.device_step_blocks, len(rest))
     return so
