@@ -53,16 +53,18 @@ def graph_for(fam: str):
     return _graphs[fam]
 
 
-def train(fam: str, modes, offload: str, schedule: str):
+def train(fam: str, modes, offload: str, schedule: str, dp: int = 1, precision: str = "fp32"):
     model, bf = make_with_batches(fam, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     g = graph_for(fam)
-    # a hand-made plan (no planner run); with config.offload != "auto" its per-stage choice is overridden
-    plan = Plan.from_cuts(g, fallback_cuts(g, 2), num_microbatches=M, schedule=schedule)
-    for s, m in zip(plan.stages, modes or ["none"] * 2):
-        s.offload = m
-    cfg = rannc_hf.RanncConfig(num_stages=2, num_microbatches=M, schedule=schedule, precision="fp32",
-                               offload=offload, collective_timeout_s=120)
+    # a hand-made plan (no planner run); with config.offload != "auto" its per-stage choice is overridden.
+    # dp=2: one stage replicated on both ranks, M / 2 microbatches each (the same chunks of the batch)
+    pp, m = (2, M) if dp == 1 else (1, M // dp)
+    plan = Plan.from_cuts(g, fallback_cuts(g, pp), num_microbatches=m, schedule=schedule, dp_size=dp)
+    for s, mode in zip(plan.stages, modes or ["none"] * pp):
+        s.offload = mode
+    cfg = rannc_hf.RanncConfig(num_stages=pp, dp_size=dp, num_microbatches=m, schedule=schedule,
+                               precision=precision, offload=offload, collective_timeout_s=120)
     rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g, plan=plan)
     losses, norms = [], []
     for step in range(STEPS):
@@ -93,11 +95,11 @@ def gather(name: str, fn) -> None:
             json.dump({"ranks": per_rank}, f)
 
 
-def case(fam: str, suffix: str, modes, offload: str, schedule: str, dump_optim: bool = False) -> None:
+def case(fam: str, suffix: str, modes, offload: str, schedule: str, dump_optim: bool = False, **kw) -> None:
     name = f"{fam}_{suffix}"
 
     def fn():
-        rm, info = train(fam, modes, offload, schedule)
+        rm, info = train(fam, modes, offload, schedule, **kw)
         sd = rm.state_dict()
         if dump_optim:
             osd = rm.optimizer_state_dict()
@@ -116,6 +118,11 @@ def main() -> None:
         for suffix, modes, offload, schedule in CONFIGS:
             case(fam, suffix, modes, offload, schedule, dump_optim=(fam == "gpt2" and suffix == "all_both"))
     case("gpt2", "none", None, "none", "1f1b", dump_optim=True)
+    # data-parallel replicas of an offloaded stage, and bf16 compute with offload (against bf16 without)
+    for mode in ("optimizer", "all"):
+        case("gpt2", f"dp2_{mode}", None, mode, "gpipe", dp=2)
+    case("gpt2", "bf16_opt_both", None, "optimizer", "1f1b", precision="bf16")
+    case("gpt2", "bf16_none", None, "none", "1f1b", precision="bf16")
 
 
 if __name__ == "__main__":

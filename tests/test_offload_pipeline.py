@@ -110,6 +110,33 @@ def test_pipeline_offload_matches_plain_training(out, family, case):
             assert i["fetches"] > 0 and i["resident_peak_blocks"] <= 3
 
 
+@pytest.mark.parametrize("mode", ["optimizer", "all"])
+def test_offloaded_stage_with_two_replicas_matches_plain_training(out, mode):
+    """One stage offloaded on each of 2 data-parallel replicas (2 microbatches each): the same training as one
+    process accumulating over the 4 chunks."""
+    ranks = _info(out, f"gpt2_dp2_{mode}")
+    losses, norms, sd = reference("gpt2")
+    for i in ranks:
+        assert i["mode"] == mode and i["blocks"] >= 1
+        torch.testing.assert_close(torch.tensor(i["losses"]), torch.tensor(losses), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(torch.tensor(i["norms"]), torch.tensor(norms), rtol=RTOL, atol=ATOL)
+    _close_sd(load_file(os.path.join(out, f"gpt2_dp2_{mode}.safetensors")), sd)
+
+
+def test_bf16_pipeline_offload_tracks_bf16_without(out):
+    """bf16 compute with offload (bf16 working copies of fp32 masters) trains like bf16 autocast without
+    offload, up to bf16 rounding of the weights outside matmuls; masters stay fp32."""
+    got, ref = _info(out, "gpt2_bf16_opt_both"), _info(out, "gpt2_bf16_none")
+    assert [i["mode"] for i in got] == ["optimizer", "optimizer"] and [i["mode"] for i in ref] == ["none", "none"]
+    torch.testing.assert_close(torch.tensor(got[0]["losses"]), torch.tensor(ref[0]["losses"]), rtol=1e-2, atol=1e-2)
+    a = load_file(os.path.join(out, "gpt2_bf16_opt_both.safetensors"))
+    b = load_file(os.path.join(out, "gpt2_bf16_none.safetensors"))
+    for k, v in b.items():
+        if v.is_floating_point():
+            assert a[k].dtype == torch.float32
+            torch.testing.assert_close(a[k], v, rtol=0, atol=5e-3, msg=k)
+
+
 def test_pipeline_offload_optimizer_state_matches(out):
     """optimizer_state_dict() of an offloaded pipeline (host state, gathered) == the non-offloaded one."""
     _info(out, "gpt2_all_both")

@@ -78,10 +78,12 @@ def stage_modes(module, var) -> list[str]:
     return [s.offload if s.offload in MODES else "none" for s in plan.stages]
 
 
-def _compute_dtype(precision: str) -> torch.dtype:
-    # bf16: working copies in bf16 halve the host->device traffic (fp32 masters stay on the host);
-    # fp16 keeps fp32 working copies (the loss scaler and autocast handle the fp16 compute)
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+def _compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    # bf16 on CUDA: working copies in bf16 halve the host->device traffic (fp32 masters stay on the host).
+    # On CPU there is no traffic to save, and CPU autocast does not cast a norm's bf16 weight up to the
+    # fp32 input a captured graph can hand it (CUDA autocast does). fp16 keeps fp32 working copies (the
+    # loss scaler and autocast handle the fp16 compute).
+    return torch.bfloat16 if precision == "bf16" and device.type == "cuda" else torch.float32
 
 
 # ---------------------------------------------------------------------------------------- blocks
@@ -485,7 +487,7 @@ def attach(module) -> Optional[StageOffload]:
     if offloaded and len(set(offloaded)) + (len(offloaded) < len(local_modes)) > 1:
         log.warning("rannc_hf: the stages of this rank ask for offload modes %s; one engine per rank runs them "
                     "all as %r", local_modes, mode)
-    dtype = _compute_dtype(module.config.precision)
+    dtype = _compute_dtype(module.config.precision, module.device)
     cuda = module.device.type == "cuda"
     params = list(var.params)
     need = host_bytes(sum(p.numel() for p in params) if mode != "none" else 0, mode, dtype, cuda, module.optimizer)
