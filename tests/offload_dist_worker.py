@@ -58,10 +58,13 @@ def train(fam: str, modes, offload: str, schedule: str, dp: int = 1, precision: 
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     g = graph_for(fam)
     # a hand-made plan (no planner run); with config.offload != "auto" its per-stage choice is overridden.
-    # dp=2: one stage replicated on both ranks, M / 2 microbatches each (the same chunks of the batch)
+    # dp=2: one stage replicated on both ranks, M / 2 microbatches each (the same chunks of the batch);
+    # interleaved-1f1b: 4 stages, 2 on each rank
     pp, m = (2, M) if dp == 1 else (1, M // dp)
-    plan = Plan.from_cuts(g, fallback_cuts(g, pp), num_microbatches=m, schedule=schedule, dp_size=dp)
-    for s, mode in zip(plan.stages, modes or ["none"] * pp):
+    v = 2 if schedule == "interleaved-1f1b" else 1
+    plan = Plan.from_cuts(g, fallback_cuts(g, pp * v), num_microbatches=m, schedule=schedule, dp_size=dp,
+                          virtual_stages=v)
+    for s, mode in zip(plan.stages, modes or ["none"] * pp * v):
         s.offload = mode
     cfg = rannc_hf.RanncConfig(num_stages=pp, dp_size=dp, num_microbatches=m, schedule=schedule,
                                precision=precision, offload=offload, collective_timeout_s=120)
@@ -123,6 +126,7 @@ def main() -> None:
         case("gpt2", f"dp2_{mode}", None, mode, "gpipe", dp=2)
     case("gpt2", "bf16_opt_both", None, "optimizer", "1f1b", precision="bf16")
     case("gpt2", "bf16_none", None, "none", "1f1b", precision="bf16")
+    case("gpt2", "interleaved_all", ["all", "none", "optimizer", "all"], "auto", "interleaved-1f1b")
 
 
 if __name__ == "__main__":

@@ -123,6 +123,18 @@ def test_offloaded_stage_with_two_replicas_matches_plain_training(out, mode):
     _close_sd(load_file(os.path.join(out, f"gpt2_dp2_{mode}.safetensors")), sd)
 
 
+def test_interleaved_stages_with_offload_match_plain_training(out):
+    """Interleaved 1F1B, 4 stages on 2 ranks with different offload modes (one engine per rank runs the
+    stronger mode of its two stages): the same training as one process."""
+    ranks = _info(out, "gpt2_interleaved_all")
+    losses, norms, sd = reference("gpt2")
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(losses), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(ranks[0]["norms"]), torch.tensor(norms), rtol=RTOL, atol=ATOL)
+    _close_sd(load_file(os.path.join(out, "gpt2_interleaved_all.safetensors")), sd)
+    assert [i["mode"] for i in ranks] == ["all", "all"]      # rank 0: stages 0 (all) + 2 (optimizer) -> all
+    assert all(i["blocks"] >= 1 for i in ranks)
+
+
 def test_bf16_pipeline_offload_tracks_bf16_without(out):
     """bf16 compute with offload (bf16 working copies of fp32 masters) trains like bf16 autocast without
     offload, up to bf16 rounding of the weights outside matmuls; masters stay fp32."""
