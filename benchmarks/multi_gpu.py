@@ -182,7 +182,10 @@ def run(args) -> int:
                         "tokens_per_s": args.batch * per_sample / step, "stages": m.num_stages, "dp": m.dp_size,
                         "microbatches": m.num_microbatches, "peak_gib_per_rank": [float(p) for p in peaks],
                         "loss": float(loss.detach())})
-        del m, model, opt
+        del m, model, opt, loss, batch
+        import gc
+
+        gc.collect()  # the next partitioner's peak must not include this one's leftovers
         if dev != "cpu":
             torch.cuda.empty_cache()
     if dist.get_rank() == 0:
