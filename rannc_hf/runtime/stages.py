@@ -300,9 +300,10 @@ def split_segments(gm: fx.GraphModule, starts: set[str]) -> tuple[list[_Segment]
 class StageModule(nn.Module):
     """One stage: runs its ``GraphModule`` under autocast (``precision``), with activation recompute when
     ``recompute == "full"``: the stage is run as consecutive segments (``segment_starts``: the op names where
-    the planner's blocks begin) and each segment is checkpointed, so a stage keeps every segment's inputs
-    and, during backward, one segment's activations, which is what the planner's memory model assumes.
-    Without ``segment_starts`` the whole stage is one checkpoint.
+    the plan's recompute segments begin, see :mod:`rannc_hf.planner.recompute`) and each segment is
+    checkpointed, so a stage keeps every segment's inputs and, during backward, one segment's activations,
+    which is what the planner's memory model prices. Without ``segment_starts`` the whole stage is one
+    checkpoint.
 
     Boundary outputs keep the dtype they had at capture (autocast results are cast back), so the static
     ``PipelineStage`` metadata holds; the last stage's loss is returned as fp32.
