@@ -92,8 +92,9 @@ def plan_tables() -> str:
     pred = _load("multi_gpu_predicted.json")
     if pred:
         pred["_file"] = "multi_gpu_predicted.json"
-        out.append("\nPredicted multi-GPU step times on H200s (not yet measured; `benchmarks/multi_gpu.py run` "
-                   "measures them under torchrun):\n")
+        out.append("\nPredicted multi-GPU step times on H200s (not yet measured: the one 2-GPU run so far, further "
+                   "below, fell back to a balanced plan; `benchmarks/multi_gpu.py run` measures them under "
+                   "torchrun):\n")
         out.append("| model | GPUs | auto ms | layout | even ms | params ms |")
         out.append("|---|---|---|---|---|---|")
         for c in pred.get("cases", []):
