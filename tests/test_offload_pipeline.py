@@ -305,3 +305,25 @@ def test_offload_with_segment_recompute_matches_plain(mode):
         ref_losses.append(total)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     _close_sd(rm.state_dict(), ref.state_dict())
+
+
+def test_compiled_segments_with_offload_fences(monkeypatch):
+    """compile + segment recompute + offload fences together (the GPU recipe's combination), on the CPU with
+    the aot_eager backend: dynamo traces the fences and the losses are the eager ones."""
+    monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
+    losses = {}
+    for comp in ("false", "true"):
+        model, bf = make_with_batches("gpt2", 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+            num_stages=1, num_microbatches=2, precision="fp32", offload="optimizer", recompute="full", compile=comp))
+        losses[comp] = []
+        for step in range(2):
+            loss = loss_of(rm(**bf(BATCH // 2, step)))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[comp].append(float(loss.detach()))
+        stage = rm._primary.pipe.modules[0]
+        assert (stage._compile_args is not None) == (comp == "true") and len(stage.segments()) > 1
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-5, atol=1e-6)
