@@ -21,7 +21,6 @@ boundaries; the runtime checkpoints the same segments).
 
 from __future__ import annotations
 
-
 OPTIM_BYTES_PER_PARAM = 8.0
 DDP_BUCKET_BYTES = 25 * 2**20
 

@@ -29,7 +29,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-
 from ..config import Cluster, RanncConfig
 from ..profile.devices import DeviceProfile
 from .costs import BlockArrays, CostModel
