@@ -26,7 +26,9 @@ def _load(name: str):
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        d = json.load(f)
+    d["_file"] = name  # the source line under each table names it
+    return d
 
 
 def _env_line(d: dict) -> str:
@@ -40,7 +42,6 @@ def single_gpu() -> str:
     if not files:
         return "_no results yet_"
     d = _load(os.path.basename(files[-1]))
-    d["_file"] = os.path.basename(files[-1])
     rows = ["| variant | tokens/s | MFU | peak GiB | vs peer (tokens/s) | vs peer (memory) |", "|---|---|---|---|---|---|"]
     ratios = d.get("ratios", {})
     for r in d["results"]:
@@ -66,7 +67,6 @@ def plan_tables() -> str:
     out = []
     speed = _load("plan_speed.json")
     if speed:
-        speed["_file"] = "plan_speed.json"
         out.append("| model | GPUs | params | plan time (capture included) | target | stages x dp x microbatches | "
                    "schedule | predicted step |")
         out.append("|---|---|---|---|---|---|---|---|")
@@ -78,7 +78,6 @@ def plan_tables() -> str:
         out.append("\n" + _env_line(speed))
     quality = _load("plan_quality.json")
     if quality:
-        quality["_file"] = "plan_quality.json"
         out.append("\nPredicted step time of the auto plan vs the `even` and `params` partitioners (same simulator; "
                    "ratio = baseline / auto, higher is better for auto). *free*: the planner may choose any layout "
                    "(models that fit one GPU get pure data parallelism, so all three agree); *pipeline*: "
@@ -91,7 +90,6 @@ def plan_tables() -> str:
         out.append("\n" + _env_line(quality))
     pred = _load("multi_gpu_predicted.json")
     if pred:
-        pred["_file"] = "multi_gpu_predicted.json"
         out.append("\nPredicted multi-GPU step times on H200s (not yet measured: the one 2-GPU run so far, further "
                    "below, fell back to a balanced plan; `benchmarks/multi_gpu.py run` measures them under "
                    "torchrun):\n")
@@ -113,7 +111,6 @@ def offload() -> str:
     d = _load("offload_gpt_h200.json")
     if not d:
         return "_no results yet_"
-    d["_file"] = "offload_gpt_h200.json"
     rows = ["| run | mode | GPU-stepped blocks | tokens/s | GPU peak GiB | host peak GiB |", "|---|---|---|---|---|---|"]
     prev = d.get("previous")
     if prev:
@@ -153,7 +150,6 @@ def trainer() -> str:
     d = _load("trainer_gpu_h200.json")
     if not d:
         return "_no results yet_"
-    d["_file"] = "trainer_gpu_h200.json"
     r, st = d["results"], d.get("settings", {})
     rows = ["| scenario | tokens/s | vs loop | torch.cuda peak GiB | callback peak GiB |", "|---|---|---|---|---|"]
     loop = r.get("loop", {}).get("tokens_per_s")
@@ -178,7 +174,6 @@ def multi_gpu() -> str:
     out = []
     for path in files:
         d = _load(os.path.basename(path))
-        d["_file"] = os.path.basename(path)
         rows = ["| partitioner | stages x dp | microbatches | step s | tokens/s | peak GiB per rank |",
                 "|---|---|---|---|---|---|"]
         for r in d["results"]:
@@ -193,7 +188,6 @@ def recipes() -> str:
     d = _load("recipes_h200.json")
     if not d:
         return "_no results yet_"
-    d["_file"] = "recipes_h200.json"
     rows = ["| recipe | steps | loss (first log -> last) | eval loss | tokens/s (steady) | peak GiB (cap 24) | status |",
             "|---|---|---|---|---|---|---|"]
     notes: list[str] = []
@@ -213,7 +207,6 @@ def cpu_overhead() -> str:
     d = _load("cpu_overhead.json")
     if not d:
         return "_no results yet_"
-    d["_file"] = "cpu_overhead.json"
     rows = ["| processes | stages | microbatches | threads each | step ms | tokens/s |", "|---|---|---|---|---|---|"]
     for r in d["runs"]:
         rows.append(f"| {r['processes']} | {r['stages']} | {r['microbatches']} | {r['threads_per_process']} | "

@@ -125,7 +125,9 @@ class _DictLoadable:
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "config"):
+    def from_dict(cls, data: Optional[dict], where: str = "config"):
+        """Strict: an unknown key raises :class:`ConfigError` naming the valid keys (``None``: no keys)."""
+        data = {} if data is None else data
         if not isinstance(data, dict):
             raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
         valid = cls.valid_keys()
@@ -137,8 +139,7 @@ class _DictLoadable:
     @classmethod
     def from_yaml(cls, path: str | os.PathLike):
         path = os.fspath(path)
-        data = read_yaml(path, cls.valid_keys()) or {}
-        return cls.from_dict(data, where=f"config file {path!r}:")
+        return cls.from_dict(read_yaml(path, cls.valid_keys()), where=f"config file {path!r}:")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

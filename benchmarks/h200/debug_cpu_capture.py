@@ -1,6 +1,6 @@
 """Debug (H200 call 5): a model captured on the host, run on the GPU with offload and/or compile.
 Prints which combination fails and, on failure, the stage graph lines that still name the CPU."""
-import sys, traceback
+import traceback
 import torch, transformers as tf
 import rannc_hf
 

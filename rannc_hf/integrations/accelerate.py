@@ -63,7 +63,7 @@ from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.scheduler import AcceleratedScheduler
 from accelerate.utils import DistributedType, InitProcessGroupKwargs, recursively_apply
 
-from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _unknown_key_error, env_config_values, read_yaml
+from ..config import CONFIG_ENV, ENV_PREFIX, NON_CONFIG_ENV, RanncConfig, _DictLoadable, env_config_values
 from ..errors import ConfigError
 from .checkpoint import atomic_dir, original_model, save_full_model
 
@@ -87,7 +87,7 @@ def _f(name: str, extra: str = "") -> Any:
 
 
 @dataclass
-class RanncPlugin:
+class RanncPlugin(_DictLoadable):
     """What rannc_hf does inside a :class:`RanncAccelerator`; the fields are :class:`RanncConfig`'s.
 
     A field left ``None`` is *unset*: it takes the value from the environment (``RANNC_HF_CONFIG``
@@ -126,30 +126,7 @@ class RanncPlugin:
             raise ConfigError(f"RanncPlugin lacks RanncConfig fields {sorted(missing)}; update rannc_hf")
         self.to_config()   # validate every value now, with RanncConfig's messages
 
-    # ---- construction -----------------------------------------------------------------------
-    @classmethod
-    def valid_keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
-    def from_dict(cls, data: dict, where: str = "config") -> "RanncPlugin":
-        """Strict: an unknown key raises :class:`ConfigError` naming the valid keys."""
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where}: expected a mapping of keys to values, got {type(data).__name__}")
-        valid = cls.valid_keys()
-        for k in data:
-            if k not in valid:
-                raise _unknown_key_error(str(k), valid, where)
-        return cls(**data)
-
-    @classmethod
-    def from_yaml(cls, path: str | os.PathLike) -> "RanncPlugin":
-        """A plugin with exactly the keys set in the YAML file ``path``."""
-        path = os.fspath(path)
-        return cls.from_dict(read_yaml(path, cls.valid_keys()), where=f"config file {path!r}:")
-
+    # ---- construction (valid_keys, from_dict, from_yaml: _DictLoadable) ------------------------
     @classmethod
     def from_env(cls, environ: Optional[dict] = None) -> "RanncPlugin":
         """``$RANNC_HF_CONFIG`` (a YAML path), then ``RANNC_HF_<FIELD>`` variables on top."""

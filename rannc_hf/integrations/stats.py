@@ -289,6 +289,10 @@ class RanncStatsCallback(TrainerCallback):
         if busy is not None:
             self._iv_busy += busy
 
+    def _first_apart(self) -> bool:
+        """Whether the whole-run totals leave the first step (capture, planning, compile) out: after 2+ steps."""
+        return self._seen_first and self._tot_steps + self._iv_steps > 1
+
     def _runtime_busy_time(self) -> Optional[float]:
         """Compute seconds of the last pipeline step on this rank, when the runtime reports them."""
         m = self.module
@@ -324,7 +328,7 @@ class RanncStatsCallback(TrainerCallback):
             stage_params = int(getattr(self.plan.stages[stage], "num_params", 0) or 0)
         tot = [self._tot_tokens + self._iv_tokens, self._tot_samples + self._iv_samples,
                self._tot_time + self._iv_time, self._tot_steps + self._iv_steps]
-        if self._seen_first and tot[3] > 1:  # whole-run figures are steady state: the first step left out
+        if self._first_apart():  # whole-run figures are steady state: the first step left out
             tot = [tot[0] - self._first_tokens, tot[1] - self._first_samples, tot[2] - self._first_step_time,
                    tot[3] - 1]
         v = [stage, dp_rank, peak, cur, self._iv_tokens, self._iv_samples, self._iv_time, self._iv_steps,
@@ -456,7 +460,7 @@ class RanncStatsCallback(TrainerCallback):
         stats, records = self._compute(rows, interval=False)
         _, _, num_stages, dp_size = self._layout()
         plan = self.plan
-        first_apart = self._seen_first and self._tot_steps + self._iv_steps > 1   # see _local_vector
+        first_apart = self._first_apart()
         summary = {
             "num_stages": num_stages, "dp_size": dp_size,
             "steps": int(rows[:, _FIELDS.index("tot_steps")].max()) + int(first_apart),

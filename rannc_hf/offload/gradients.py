@@ -31,12 +31,7 @@ class _GradientMixin:
         if not self.cuda:
             g.gnorm = None
             t0 = time.perf_counter()
-            dst = g.view(g.grad, j)
-            if g.has_grad[j]:
-                dst.add_(grad)
-            else:
-                dst.copy_(grad)
-            g.has_grad[j] = True
+            g.accumulate_grad(j, grad)
             self._stats["grad_reduce_time_s"] += time.perf_counter() - t0
         elif self.async_step:
             if j in g.round_set:  # a parameter came twice before its block completed: fold what arrived
@@ -134,12 +129,7 @@ class _GradientMixin:
             g.has_grad = [True] * n
         else:
             for j in js:
-                dst, src = g.view(g.grad, j), g.view(g.staging, j)
-                if g.has_grad[j]:
-                    dst.add_(src)
-                else:
-                    dst.copy_(src)
-                g.has_grad[j] = True
+                g.accumulate_grad(j, g.view(g.staging, j))
             g.gnorm = None
         t1 = time.perf_counter()
         self._stats["grad_reduce_time_s"] += t1 - t0
@@ -213,13 +203,7 @@ class _GradientMixin:
         g, j, ev = item
         ev.synchronize()
         t0 = time.perf_counter()
-        dst = g.view(g.grad, j)
-        src = g.view(g.staging, j)
-        if g.has_grad[j]:
-            dst.add_(src)
-        else:
-            dst.copy_(src)
-        g.has_grad[j] = True
+        g.accumulate_grad(j, g.view(g.staging, j))
         self._stats["grad_reduce_time_s"] += time.perf_counter() - t0
 
     def drain(self, force: bool = True) -> None:

@@ -144,6 +144,15 @@ class ParamGroup:
             self.work.copy_(self.shadow, non_blocking=non_blocking)
             self.resident = True
 
+    def accumulate_grad(self, j: int, src: torch.Tensor) -> None:
+        """Add ``src`` into parameter ``j``'s host gradient (a copy for its first gradient since zero_grad)."""
+        dst = self.view(self.grad, j)
+        if self.has_grad[j]:
+            dst.add_(src)
+        else:
+            dst.copy_(src)
+        self.has_grad[j] = True
+
     def attach_host_grads(self) -> None:
         """Point each host parameter's ``.grad`` at its gradient slice (``None`` where none arrived)."""
         for j, hp in enumerate(self.host_params):

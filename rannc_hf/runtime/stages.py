@@ -322,7 +322,7 @@ class StageModule(nn.Module):
         self.device_type = device_type
         self.segment_starts = set(segment_starts)
         object.__setattr__(self, "compiled", None)   # torch.compile(gm) when enabled (not a registered submodule)
-        object.__setattr__(self, "_segments", None)  # (graph version, segments, output arg), built on first use
+        object.__setattr__(self, "_segments", None)  # (graph version, segments, output arg, input names)
         self._compile_args: Optional[tuple] = None
 
     def compile(self, backend: str = "inductor", **kwargs) -> None:  # noqa: A003 - nn.Module.compile, same idea
@@ -340,7 +340,8 @@ class StageModule(nn.Module):
                 backend, kwargs = self._compile_args
                 for sg in segs:
                     sg.gm = torch.compile(sg.gm, backend=backend, **kwargs)
-            cached = (version, segs, out_arg)
+            names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+            cached = (version, segs, out_arg, names)
             object.__setattr__(self, "_segments", cached)
         return cached[1]
 
@@ -348,12 +349,12 @@ class StageModule(nn.Module):
         from torch.utils.checkpoint import checkpoint
 
         segs = self.segments()
-        names = [n.name for n in self.gm.graph.nodes if n.op == "placeholder"]
+        _, _, out_arg, names = self._segments
         env: dict[str, Any] = dict(zip(names, args))
         for sg in segs:
             outs = checkpoint(sg.gm, *[env[n] for n in sg.inputs], use_reentrant=False, preserve_rng_state=True)
             env.update(zip(sg.outputs, outs))
-        return fx.node.map_arg(self._segments[2], lambda n: env[n.name])
+        return fx.node.map_arg(out_arg, lambda n: env[n.name])
 
     def _autocast(self):
         dt = _AUTOCAST[self.precision]
@@ -417,18 +418,21 @@ def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[i
     specs = output_specs(graph, cuts)[0] if with_outputs else stage_specs(graph, cuts)
     vals = {n.name: n.meta.get("val") for n in graph.module.graph.nodes}
     idx = list(range(len(specs))) if only is None else list(only)
+    rcs = {s: recompute if isinstance(recompute, str) else recompute[s] for s in idx}
+    own = [s for s in idx if rcs[s] == "full"] if recompute_starts is None else []
+    derived = dict(zip(own, recompute_segment_starts(graph, [specs[s] for s in own], precision))) if own else {}
     out = []
     for s in idx:
         spec = specs[s]
-        rc = recompute if isinstance(recompute, str) else recompute[s]
+        rc = rcs[s]
         dtypes = [vals[v].dtype for v in spec.outputs[1:]] if spec.is_last else \
             [transport_dtype(vals[v].dtype) for v in spec.outputs]
         in_dtypes = [] if spec.is_first else [vals[v].dtype for v in spec.inputs]
         starts: Sequence[str] = ()
         if rc == "full":
             lo, hi = spec.op_range
-            starts = (recompute_segment_starts(graph, spec, precision) if recompute_starts is None else
-                      [graph.ops[i].name for i in recompute_starts[s] if lo < i <= hi])
+            starts = derived[s] if recompute_starts is None else [graph.ops[i].name for i in recompute_starts[s]
+                                                                   if lo < i <= hi]
         sm = StageModule(build_graph_module(graph, spec, model, device), spec, dtypes, precision, rc, device_type,
                          in_dtypes, segment_starts=starts)
         sm.graph_ref = graph
@@ -436,21 +440,23 @@ def build_stages(graph: Graph, cuts: Sequence[int], *, only: Optional[Sequence[i
     return out
 
 
-def recompute_segment_starts(graph: Graph, spec: StageSpec, precision: str = "fp32") -> list[str]:
-    """Op names that begin a checkpointed segment of the stage when no plan says: the planner's rule
+def recompute_segment_starts(graph: Graph, specs: Sequence[StageSpec], precision: str = "fp32") -> list[list[str]]:
+    """Per stage, the op names that begin a checkpointed segment when no plan says: the planner's rule
     (:func:`rannc_hf.planner.recompute.choose_boundaries`) applied to single ops, valid cuts only."""
     import math
 
     from ..planner.recompute import choose_boundaries
     from ..profile.analytic import op_cost_table, saved_bytes
 
-    lo, hi = spec.op_range
-    if hi <= lo:
-        return []
     crossing = graph.crossing_bytes()
-    cross = [crossing[c] if graph.valid_cuts[c] else math.inf for c in range(lo, hi)]
-    saved = saved_bytes(op_cost_table(graph, precision))[lo:hi + 1]
-    return [graph.ops[lo + j + 1].name for j in choose_boundaries(cross, saved).boundaries]
+    saved = saved_bytes(op_cost_table(graph, precision))
+    out = []
+    for spec in specs:
+        lo, hi = spec.op_range
+        cross = [crossing[c] if graph.valid_cuts[c] else math.inf for c in range(lo, hi)]
+        cut = choose_boundaries(cross, saved[lo:hi + 1]).boundaries if hi > lo else []
+        out.append([graph.ops[lo + j + 1].name for j in cut])
+    return out
 
 
 def batch_inputs(graph: Graph, batch: Any) -> tuple[torch.Tensor, ...]:
