@@ -4,10 +4,10 @@
     python benchmarks/single_gpu.py --variants plain:1.3b:16 rannc:1.3b:16 --steps 8
     python benchmarks/single_gpu.py --tiny                # CPU smoke test of the script itself
 
-Variants are ``SYSTEM:SIZE:MICROBATCH`` with SYSTEM in ``plain`` (eager, bf16 autocast, fused AdamW),
+Variants are ``SYSTEM:SIZE:MICROBATCH`` (SIZE: a GPT-2 size, or ``bert-large`` / ``bert-tiny`` for BERT MLM) with SYSTEM in ``plain`` (eager, bf16 autocast, fused AdamW),
 ``plain-compile`` (``torch.compile(model)``), ``rannc`` (RanncModule, one stage, compile off) and
 ``rannc-compile`` (RanncModule with ``compile: true``). Each variant runs in its own subprocess so
-peak-memory figures do not mix. GPT-2-style models, seq 1024, vocab 50304, as in DESIGN.md section 7.
+peak-memory figures do not mix. GPT-2-style models at seq 1024, vocab 50304 (DESIGN.md section 7); BERT-large at seq 512.
 Writes ``benchmarks/results/single_gpu.json`` (or under ``$OUT`` when set) with ratios rannc/plain.
 """
 
@@ -24,16 +24,25 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 SIZES = {"tiny": (64, 2, 4, 128, 1000), "350m": (1024, 24, 16, 1024, 50304), "1.3b": (2048, 24, 16, 1024, 50304),
-         "2.7b": (2560, 32, 32, 1024, 50304)}
+         "2.7b": (2560, 32, 32, 1024, 50304),
+         # BERT (masked LM): d, layers, heads, seq, vocab
+         "bert-tiny": (64, 2, 4, 128, 1000), "bert-large": (1024, 24, 16, 512, 30522)}
 DEFAULT_VARIANTS = ["plain:1.3b:16", "rannc:1.3b:16", "plain-compile:1.3b:16", "rannc-compile:1.3b:16",
                     "plain:2.7b:8", "rannc:2.7b:8"]
 
 
 def build(size: str, device):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
 
     d, L, h, seq, vocab = SIZES[size]
+    if size.startswith("bert"):
+        cfg = BertConfig(hidden_size=d, num_hidden_layers=L, num_attention_heads=h, intermediate_size=4 * d,
+                         max_position_embeddings=seq, vocab_size=vocab, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        return BertForMaskedLM(cfg).to(device), cfg, seq
     cfg = GPT2Config(n_embd=d, n_layer=L, n_head=h, n_positions=seq, vocab_size=vocab, resid_pdrop=0.0,
                      embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
     cfg._attn_implementation = "sdpa"
