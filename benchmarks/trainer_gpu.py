@@ -227,6 +227,27 @@ def main() -> None:
     if args.scenario:
         return child(args)
 
+    def write_report() -> tuple[str, dict]:  # after every scenario: a later one may run out of time
+        ratios = {}
+        for a, b in (("trainer", "loop"), ("trainer_offload", "loop_offload")):
+            if results.get(a, {}).get("ok") and results.get(b, {}).get("ok"):
+                ratios[f"{a}/{b}_tokens_per_s"] = results[a]["tokens_per_s"] / results[b]["tokens_per_s"]
+                cm = results[a]["cuda"].get("max_allocated_gib")
+                cb = results[a].get("callback_peak_mem_gib")
+                if cm and cb:
+                    ratios[f"{a}_callback_peak_mem/cuda_max_allocated"] = cb / cm
+        report = {"benchmark": "trainer_gpu", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "device": _device(), "versions": _versions(), "tiny": args.tiny,
+                  "settings": {k: getattr(args, k) for k in ("steps", "warmup", "batch", "microbatches", "seq",
+                                                             "log_every", "cap")},
+                  "results": results, "ratios": ratios}
+        os.makedirs(args.out, exist_ok=True)
+        name = f"trainer_gpu{'_tiny' if args.tiny else ''}_{datetime.date.today().isoformat()}.json"
+        path = os.path.join(args.out, name)
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=2, default=float)
+        return path, ratios
+
     results = {}
     for sc in [s for s in args.scenarios.split(",") if s]:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -248,25 +269,8 @@ def main() -> None:
         r = results[sc]
         print(f"{sc:16s} " + (f"{r['tokens_per_s']:.0f} tokens/s, step {r['step_time_s'] * 1e3:.1f} ms"
                                 if r.get("ok") else f"FAILED: {r.get('error')}"), flush=True)
+        path, ratios = write_report()
 
-    ratios = {}
-    for a, b in (("trainer", "loop"), ("trainer_offload", "loop_offload")):
-        if results.get(a, {}).get("ok") and results.get(b, {}).get("ok"):
-            ratios[f"{a}/{b}_tokens_per_s"] = results[a]["tokens_per_s"] / results[b]["tokens_per_s"]
-            cm = results[a]["cuda"].get("max_allocated_gib")
-            cb = results[a].get("callback_peak_mem_gib")
-            if cm and cb:
-                ratios[f"{a}_callback_peak_mem/cuda_max_allocated"] = cb / cm
-    report = {"benchmark": "trainer_gpu", "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "device": _device(), "versions": _versions(), "tiny": args.tiny,
-              "settings": {k: getattr(args, k) for k in ("steps", "warmup", "batch", "microbatches", "seq",
-                                                         "log_every", "cap")},
-              "results": results, "ratios": ratios}
-    os.makedirs(args.out, exist_ok=True)
-    name = f"trainer_gpu{'_tiny' if args.tiny else ''}_{datetime.date.today().isoformat()}.json"
-    path = os.path.join(args.out, name)
-    with open(path, "w") as fh:
-        json.dump(report, fh, indent=2, default=float)
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
     print(f"wrote {path}")

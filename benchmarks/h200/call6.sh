@@ -3,10 +3,10 @@
 # prediction check on BERT-large (issue 2) on GPU 0; the Trainer's offload scenarios (issue 6) on GPU 1.
 source "$(dirname "$0")/lib.sh"
 R="--rannc_config recipes/configs/rannc_1gpu_offload.yaml --max_steps 200 --eval_every 100 --log_every 10"
-( job recipe_gpt 0 0-15 360 python3 recipes/gpt/pretrain.py --model_config gpt2-1.3b --seq_len 1024 --per_device_batch_size 8 --output_dir /tmp/recipes/gpt-1.3b $R; wait
-  job single_bert 0 0-15 170 env OUT=$OUT/results python3 benchmarks/single_gpu.py --variants plain:bert-large:32 rannc:bert-large:32 --steps 5 --warmup 2; wait ) &
-( job recipe_bert 1 16-31 230 env RANNC_HF_OFFLOAD=optimizer python3 recipes/bert/pretrain.py --model_config bert-large --seq_len 512 --per_device_batch_size 32 --output_dir /tmp/recipes/bert-large $R; wait
-  job trainer_offload 1 16-31 320 python3 benchmarks/trainer_gpu.py --scenarios loop_offload,trainer_offload --steps 120 --warmup 20 --out $OUT/results; wait ) &
+( job recipe_gpt 0 0-15 380 python3 recipes/gpt/pretrain.py --model_config gpt2-1.3b --seq_len 1024 --per_device_batch_size 8 --output_dir /tmp/recipes/gpt-1.3b $R; wait
+  job single_bert 0 0-15 180 env OUT=$OUT/results python3 benchmarks/single_gpu.py --variants plain:bert-large:32 rannc:bert-large:32 --steps 5 --warmup 2; wait ) &
+( job recipe_bert 1 16-31 220 env RANNC_HF_OFFLOAD=optimizer python3 recipes/bert/pretrain.py --model_config bert-large --seq_len 512 --per_device_batch_size 32 --output_dir /tmp/recipes/bert-large $R; wait
+  job trainer_offload 1 16-31 350 python3 benchmarks/trainer_gpu.py --scenarios loop_offload,trainer_offload --steps 100 --warmup 10 --out $OUT/results; wait ) &
 wait
 for r in gpt-1.3b bert-large; do mkdir -p $OUT/recipes/$r; cp /tmp/recipes/$r/{history.json,rannc_stats.json,loss.png} $OUT/recipes/$r/ 2>/dev/null; done
 cat "$OUT/logs/summary.txt"
