@@ -222,6 +222,27 @@ def test_offload_gradient_accumulation_across_calls():
     _close_sd(res[1][1], res[0][1])
 
 
+def test_offloaded_step_accepts_accelerates_none_closure():
+    """Accelerate's optimizer wrapper calls ``step(None)``: that is a plain step; a real closure is refused."""
+    res = []
+    for mode, call in (("none", lambda o: o.step()), ("optimizer", lambda o: o.step(None)),
+                       ("all", lambda o: o.step(closure=None))):
+        model, bf = make_with_batches("gpt2", 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=2,
+                                                                          precision="fp32", offload=mode),
+                                  graph=graph_for("gpt2", 2))
+        loss_of(rm(**bf(4, 0))).backward()
+        if mode != "none":
+            with pytest.raises(OffloadError, match="takes no closure"):
+                opt.step(lambda: 0.0)
+        call(opt)
+        opt.zero_grad()
+        res.append(rm.state_dict())
+    _close_sd(res[1], res[0])
+    _close_sd(res[2], res[0])
+
+
 def test_offload_refuses_when_host_memory_is_short(monkeypatch):
     from rannc_hf.offload import store
 

@@ -213,6 +213,14 @@ class OffloadHandle:
             self.engine.close(restore=restore)
 
 
+def reject_closure(args: tuple, kwargs: dict) -> None:
+    """An offloaded ``optimizer.step`` runs no closure; ``step(None)`` (Accelerate's wrapper) is fine."""
+    closure = args[0] if args else kwargs.get("closure")
+    if closure is not None or len(args) > 1 or set(kwargs) - {"closure"}:
+        raise OffloadError("offloaded optimizer.step() takes no closure: compute the loss and call backward() "
+                           "before step()")
+
+
 def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                    config_or_mode: Union[RanncConfig, str] = "all", blocks: Optional[Sequence[nn.Module]] = None, *,
                    device: Union[str, torch.device, None] = None, compute_dtype: Optional[torch.dtype] = None,
@@ -273,8 +281,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     handle._patch(model, "load_state_dict", handle.load_state_dict)
     if optimizer is not None and patch_optimizer:
         def step(*args, **kwargs):
-            if args or kwargs:
-                raise OffloadError("offloaded optimizer.step() takes no closure")
+            reject_closure(args, kwargs)
             handle.step()
 
         step._wrapped_by_lr_sched = True  # an LR scheduler created earlier keeps working silently

@@ -51,6 +51,7 @@ import torch.nn as nn
 
 from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
+from ..offload.hooks import reject_closure
 from ..offload.optimizer import state_bytes_per_param
 from ..offload.store import check_host_memory
 
@@ -403,8 +404,7 @@ class StageOffload:
         this = self
 
         def step(*args, **kwargs):
-            if args or kwargs:
-                raise OffloadError("offloaded optimizer.step() takes no closure")
+            reject_closure(args, kwargs)
             if owner.scaler.enabled and owner.scaler.consume_skip():
                 return None
             if this._pending is not None:       # forward without backward: its gradients do not count
