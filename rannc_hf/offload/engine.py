@@ -145,6 +145,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._worker = None
         self._fold_futs: list = []
         self._scale = None        # pending clip coefficient (applied inside the next step)
+        self._got_grads = False   # a gradient arrived since zero_grad (main-thread flag: no wait on the worker)
         self.cpu_threads = cpu_threads
         self.wlog: list = []      # (task, block, start, end) perf_counter times of worker tasks (timing=True)
         self._norm_pool = None

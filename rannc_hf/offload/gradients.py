@@ -27,6 +27,7 @@ class _GradientMixin:
         if grad is None:
             return
         g, j = self._where[id(p)]
+        self._got_grads = True
         self._stats["d2h_bytes"] += grad.numel() * grad.element_size()
         if not self.cuda:
             g.gnorm = None
@@ -222,12 +223,17 @@ class _GradientMixin:
         """Forget accumulated gradients (the host buffers are overwritten by the next ones)."""
         self.drain(force=True)
         self._scale = None
+        self._got_grads = False
         for g in self.groups:
             g.has_grad = [False] * len(g.params)
             g.gnorm = None
             g.dev_norms, g.dev_norms_ok = [], True
             for p in g.params:
                 p.grad = None
+
+    def may_have_grads(self) -> bool:
+        """False when no gradient arrived (or was set) since ``zero_grad``; never waits for the worker."""
+        return self._got_grads
 
     def host_grads(self) -> list[torch.Tensor]:
         """fp32 host gradients of every parameter that received one since the last ``zero_grad``."""
@@ -253,6 +259,7 @@ class _GradientMixin:
         if value is None:
             g.has_grad[j] = False
         else:
+            self._got_grads = True
             dst = g.view(g.grad, j)
             if value.data_ptr() != dst.data_ptr():
                 dst.copy_(value.detach().reshape(dst.shape))

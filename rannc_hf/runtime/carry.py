@@ -37,14 +37,16 @@ class _CarryGrads(torch.autograd.Function):
         return None, None, None, None
 
 
-def finish_new_grads(rm, new: list, m: int) -> list:
-    """The new gradients of a step over ``m`` microbatches, divided by ``m`` (and by the fp16 loss scale); with the
-    fp16 scaler: the inf/nan check (all-reduced over every rank), the scaler update, and no gradients (all None) for
-    an overflowing step. ``rm`` is the RanncModule. Returns the list to carry (divided in place)."""
-    div = float(m) * (rm.scaler.scale if rm.scaler.enabled else 1.0)
-    for g in new:
-        if g is not None:
-            g.div_(div)
+def finish_new_grads(rm, new: list, m: int, mean_in_loss: bool = False) -> list:
+    """The new gradients of a step over ``m`` microbatches, divided by ``m`` (unless ``mean_in_loss``: the pipeline
+    already scaled each microbatch loss by 1/m) and by the fp16 loss scale; with the fp16 scaler: the inf/nan check
+    (all-reduced over every rank), the scaler update, and no gradients (all None) for an overflowing step. ``rm`` is
+    the RanncModule. Returns the list to carry (divided in place)."""
+    div = (1.0 if mean_in_loss else float(m)) * (rm.scaler.scale if rm.scaler.enabled else 1.0)
+    if div != 1.0:
+        for g in new:
+            if g is not None:
+                g.div_(div)
     if rm.scaler.enabled:
         bad = any_nonfinite(new, None, rm.device, force=rm._debug_inject_inf)
         rm._debug_inject_inf = False

@@ -269,17 +269,22 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         m = lay.num_microbatches
         extras: dict = {}
         if backward:
-            pipe.loss_scale = self.scaler.scale
+            # without the fp16 scaler the 1/m of the microbatch mean is the loss scale (the same on every rank:
+            # the last stage applies it), so offloaded gradients can stay in the engine's host buffers, undivided
+            mean_in_loss = not self.scaler.enabled
+            on_host = mean_in_loss and self._offload is not None and self._offload.keeps_grads_on_host(var)
+            pipe.loss_scale = 1.0 / m if mean_in_loss else self.scaler.scale
             saved = stash_grads(var.params)
             if self._offload is not None:
-                self._offload.before_run()
+                self._offload.before_run(on_host)
             try:
                 loss_sum = pipe.run(inputs, train=True)
             finally:
                 new = restore_grads(var.params, saved)
-            if self._offload is not None:
+            if self._offload is not None and not on_host:
                 new = self._offload.collect(var, new)
-            new = finish_new_grads(self, new, m)
+            if not on_host:
+                new = finish_new_grads(self, new, m, mean_in_loss)
             for _, idx, grp in var.shared_groups:
                 sub = [new[i] for i in idx]
                 allreduce_sum_([var.params[i] for i in idx], sub, grp)

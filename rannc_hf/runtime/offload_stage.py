@@ -244,6 +244,7 @@ class StageOffload:
         self._base: Optional[dict[int, torch.Tensor]] = None   # gradients applied by earlier backward() calls
         self._pending = None                                    # payload of the call whose backward is due
         self._lent: list = []
+        self._on_host = False                                   # this call's gradients stay in host buffers
         self._prefixes: list[str] = []
         self._patched: list[tuple[Any, str]] = []
 
@@ -266,12 +267,28 @@ class StageOffload:
     def owns(self, p) -> bool:
         return self.engine.owns(p)
 
-    def before_run(self) -> None:
-        """Before a pipeline pass with backward: the engine's buffers must hold only this call's gradients."""
+    def keeps_grads_on_host(self, var) -> bool:
+        """True when a call's gradients can stay where the engine folds them (host buffers, no device round
+        trip, no wait on the background step): nothing on the device needs them (no fp16 loss scaler, no
+        data-parallel all-reduce in this call, no parameter group tied across stages). The runtime then applies
+        the microbatch mean's 1/m as the loss scale instead of dividing the gradients afterwards."""
+        o = self.owner
+        if o.scaler.enabled or var.shared_groups:
+            return False
+        return not (o._sync and o.mesh is not None and o.mesh.dp_size > 1)
+
+    def before_run(self, on_host: bool = False) -> None:
+        """Before a pipeline pass with backward: the engine's buffers must hold only this call's gradients.
+
+        ``on_host``: this call keeps its gradients on the host (see :meth:`keeps_grads_on_host`)."""
         eng = self.engine
         if self._pending is not None:       # the last call's backward never came: forget its gradients
             self._restore_base()
         self._pending = None
+        self._on_host = on_host
+        if not eng.may_have_grads():        # nothing earlier to keep apart (checked without waiting)
+            self._base = None
+            return
         params = [p for p in self.owner.local_parameters() if eng.owns(p)]
         base = {}
         for p in params:
@@ -283,6 +300,9 @@ class StageOffload:
 
     def _restore_base(self) -> None:
         eng = self.engine
+        if self._base is None:
+            eng.zero_grad()
+            return
         for p in self.owner.local_parameters():
             if eng.owns(p):
                 eng.set_grad_(p, None if self._base is None else self._base.get(id(p)))
@@ -303,6 +323,10 @@ class StageOffload:
     def store(self, var, new: list, payload):
         """Take the processed gradients of engine parameters back (``new`` loses them, in place); returns ``payload``."""
         eng = self.engine
+        if self._on_host:                   # the gradients never left the engine's buffers
+            self._lent = []
+            self._pending = payload
+            return payload
         for i, p in enumerate(var.params):
             if not eng.owns(p):
                 continue
@@ -324,9 +348,9 @@ class StageOffload:
         eng = self.engine
         go = grad_output.detach()
         one = bool(go.numel() == 1 and float(go) == 1.0)
-        params = [p for p in self.owner.local_parameters() if eng.owns(p)]
         base = self._base or {}
-        for p in params:
+        params = [p for p in self.owner.local_parameters() if eng.owns(p)] if (base or not one) else []
+        for p in params:                    # none when this call's gradients are already final (no wait)
             gr = eng.grad_of(p)
             if gr is not None and not one:
                 gr.mul_(go.to("cpu", gr.dtype))
@@ -455,6 +479,21 @@ def choose_gpu_step_blocks(block_numels: Sequence[int], headroom_bytes: float, s
     return k
 
 
+def engine_mode_for(mode: str, cuda: bool, num_blocks: int, gpu_step_blocks: int) -> tuple[str, int]:
+    """The engine mode and GPU-stepped block count that run a plan's offload ``mode``.
+
+    On CUDA, ``params`` (weights offloaded, optimizer state on the GPU) runs as ``all`` with every block stepped
+    on the device: the same placement of the blocks' state, through the engine's background pipeline (folds
+    during backward, block steps overlapping the next forward) instead of its synchronous path.
+
+        >>> engine_mode_for("params", True, 24, 0), engine_mode_for("params", False, 24, 0)
+        (('all', 24), ('params', 0))
+    """
+    if cuda and mode == "params":
+        return "all", num_blocks
+    return mode, gpu_step_blocks
+
+
 def _gpu_step_blocks(module, blocks: list, mode: str) -> int:
     """``config.gpu_step_blocks``, resolving ``auto`` from the plan: the GPU cap (after ``mem_margin``) less the
     local stages' predicted peak. 0 without a CUDA device, a CPU step mode, or a plan with memory figures."""
@@ -510,8 +549,8 @@ def attach(module) -> Optional[StageOffload]:
     in_blocks = {id(p) for ps in blocks for p in ps}
     rest = [p for p in params if id(p) not in in_blocks]
     opt = module.optimizer
-    k = _gpu_step_blocks(module, blocks, mode)
-    engine = OffloadEngine(blocks, device=module.device, mode=mode, compute_dtype=dtype,
+    engine_mode, k = engine_mode_for(mode, cuda, len(blocks), _gpu_step_blocks(module, blocks, mode))
+    engine = OffloadEngine(blocks, device=module.device, mode=engine_mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
                            check_memory=False, param_order=params, device_step_blocks=k)
     so = StageOffload(module, engine, mode, modes)
@@ -523,6 +562,6 @@ def attach(module) -> Optional[StageOffload]:
         first += len(runs)
     if opt is not None:
         so.patch_optimizer(opt)
-    log.info("rannc_hf: offload %s on pipeline rank %d: %d blocks (%d stepped on the GPU), %d resident parameters",
-             mode, module.pp_rank, len(blocks), engine.device_step_blocks, len(rest))
+    log.info("rannc_hf: offload %s (engine mode %s) on pipeline rank %d: %d blocks (%d stepped on the GPU), "
+             "%d resident parameters", mode, engine_mode, module.pp_rank, len(blocks), engine.device_step_blocks, len(rest))
     return so
