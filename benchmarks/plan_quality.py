@@ -22,14 +22,13 @@ import transformers as tf  # noqa: E402
 
 import rannc_hf  # noqa: E402
 from benchmarks.common import write_result  # noqa: E402
-from rannc_hf.capture import capture  # noqa: E402
 
 SEQ = 1024
 GLOBAL_BATCH = 512
 
 
 def models():
-    ids = torch.zeros(2, SEQ, dtype=torch.long)
+    ids = torch.zeros(GLOBAL_BATCH, SEQ, dtype=torch.long)   # the global batch; plan() captures a proxy of 2
     with torch.device("meta"):
         gpt = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=2048, n_layer=24, n_head=16, n_positions=SEQ, vocab_size=50257))
         bert = tf.BertForMaskedLM(tf.BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
@@ -47,19 +46,19 @@ def main() -> None:
     rows = []
     for name, model, batch in models():
         model.config.use_cache = False
-        g = capture(model, batch)  # proxy batch 2; costs rescale to the planned microbatches
+        n_params = sum(p.numel() for p in model.parameters())
         for gpus, mode in [(4, "free"), (8, "free"), (64, "free"), (4, "pipeline"), (8, "pipeline"), (64, "pipeline")]:
             cl = rannc_hf.Cluster(num_gpus=gpus, gpus_per_node=8, gpu_memory="80GB", device="h100")
             # "free": the whole space (a model that fits one GPU gets pure data parallelism, where every
             # partitioner is the same); "pipeline": pipeline depth fixed to min(gpus, 8), so the partition matters
             cfg = rannc_hf.RanncConfig(num_stages=min(gpus, 8)) if mode == "pipeline" else rannc_hf.RanncConfig()
             t = time.perf_counter()
-            p = rannc_hf.plan(g, cluster=cl, config=cfg, progress=False, global_batch=GLOBAL_BATCH)
+            p = rannc_hf.plan(model, batch, cluster=cl, config=cfg, progress=False)   # capture included
             dt = time.perf_counter() - t
-            row = {"model": name, "params_m": round(g.num_params / 1e6, 1), "gpus": gpus, "mode": mode,
+            row = {"model": name, "params_m": round(n_params / 1e6, 1), "gpus": gpus, "mode": mode,
                    "auto_step_s": p.predicted_step_time, "auto_shape": f"{p.num_ranks_pp}pp x {p.dp_size}dp, "
                    f"M={p.num_microbatches}, {p.schedule}" + (f" v={p.virtual_stages}" if p.virtual_stages > 1 else ""),
-                   "planning_s": round(dt, 2)}
+                   "planning_s": round(dt, 2), "head_split": p.split_min_out_features is not None}
             for base in ("even", "params"):
                 bt = p.baselines.get(base)
                 row[f"{base}_step_s"] = bt

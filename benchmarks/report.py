@@ -81,11 +81,14 @@ def plan_tables() -> str:
         out.append("\nPredicted step time of the auto plan vs the `even` and `params` partitioners (same simulator; "
                    "ratio = baseline / auto, higher is better for auto). *free*: the planner may choose any layout "
                    "(models that fit one GPU get pure data parallelism, so all three agree); *pipeline*: "
-                   "pipeline depth fixed to min(GPUs, 8).\n")
+                   "pipeline depth fixed to min(GPUs, 8). Each partitioner's figure is its best over the model "
+                   "captured whole and with a large-vocabulary head split into chunks (*head split*: the auto plan "
+                   "uses the chunks).\n")
         out.append("| model | GPUs | mode | auto layout | auto s | vs even | vs params |")
         out.append("|---|---|---|---|---|---|---|")
         for r in quality.get("rows", []):
-            out.append(f"| {r['model']} | {r['gpus']} | {r['mode']} | {r['auto_shape']} | {r['auto_step_s']:.3f} | "
+            shape = r["auto_shape"] + (", head split" if r.get("head_split") else "")
+            out.append(f"| {r['model']} | {r['gpus']} | {r['mode']} | {shape} | {r['auto_step_s']:.3f} | "
                        f"{r['ratio_even']:.2f}x | {r['ratio_params']:.2f}x |")
         out.append("\n" + _env_line(quality))
     pred = _load("multi_gpu_predicted.json")

@@ -297,6 +297,35 @@ def ws2() -> None:
 
     run_case("llama_interleaved", interleaved)
 
+    def split_head():
+        """The LM head captured as 4 vocabulary chunks and cut between chunks 2 and 3: both ranks hold the weight."""
+        model, bf = make_with_batches("llama", 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        g = capture(model, bf(BATCH // 4, 0), split_min_out_features=128)
+        chunk_ops = [o.index for o in g.ops if o.target == "aten.slice.Tensor" and o.params == ["lm_head.weight"]]
+        cut = chunk_ops[2] - 1                           # stage 1 starts at the third chunk's slice
+        assert g.valid_cuts[cut], "no valid cut between the head chunks"
+        cfg = rannc_hf.RanncConfig(num_stages=2, num_microbatches=4, schedule="1f1b", precision="fp32",
+                                   collective_timeout_s=120)
+        p = rannc_hf.plan(g, cluster=rannc_hf.Cluster(num_gpus=2, gpu_memory="8GiB", device="h100"), config=cfg,
+                          progress=False, global_batch=BATCH)
+        p.stages[0].op_range = (0, cut)
+        p.stages[1].op_range = (cut + 1, len(g.ops) - 1)
+        rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g, plan=p)
+        losses = []
+        for step in range(STEPS):
+            loss = loss_of(rm(**bf(BATCH, step)))
+            loss.backward()
+            rm.clip_grad_norm_(1.0)
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss))
+        dump_state("llama_split_head", rm.state_dict())
+        return {"losses": losses, "cuts": rm.plan.cuts, "want_cut": cut,
+                "head_holders": rm._primary.holders.get("lm_head.weight")}
+
+    run_case("llama_split_head", split_head)
+
 
 def ws4() -> None:
     for fam in FAMS:

@@ -21,7 +21,7 @@ import contextlib
 import inspect
 import os
 import traceback
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -30,6 +30,7 @@ import torch.nn as nn
 from ..errors import CaptureError
 from .analysis import analyse
 from .graph import Graph, InputInfo, Op, ParamInfo, TensorMeta
+from .split_head import split_large_linears
 
 _SKIP_TARGETS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
                  "aten.sym_constrain_range_for_size.default", "aten._assert_async.msg"}
@@ -201,8 +202,13 @@ def _output_structure(ep, out_node: fx.Node) -> tuple[list[str], list[str]]:
     return names, keys
 
 
-def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss") -> Graph:
-    """Export ``model(**batch)`` (or ``model(*batch)``) and analyse it into a :class:`Graph`."""
+def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss",
+            split_min_out_features: Optional[int] = None) -> Graph:
+    """Export ``model(**batch)`` (or ``model(*batch)``) and analyse it into a :class:`Graph`.
+
+    ``split_min_out_features``: a ``linear`` whose weight has at least this many rows (a large-vocabulary LM
+    head) is captured as vocabulary chunks the planner can put on different stages (:mod:`.split_head`);
+    ``None`` keeps every op whole. :func:`rannc_hf.plan` tries both and records its choice in the plan."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_batch(example_batch)
@@ -225,6 +231,8 @@ def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss") -> 
 
     gm = ep.module()
     _clean(gm)
+    if split_min_out_features and not split_large_linears(gm, split_min_out_features):
+        split_min_out_features = None   # nothing that wide: the graph is the plain one
     alias, tied = _tied_groups(model)
     graph_nodes = list(gm.graph.nodes)
 
@@ -293,7 +301,7 @@ def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss") -> 
 
     graph = Graph(ops=ops, inputs=inputs, params=params, tied_groups=used_tied, loss=loss, batch_size=bsz,
                   model_class=type(model).__name__, outputs=[n for n in out_names if n],
-                  output_keys=out_keys, module=gm)
+                  output_keys=out_keys, module=gm, split_min_out_features=split_min_out_features or None)
     analyse(graph, gm, input_names)
     return graph
 

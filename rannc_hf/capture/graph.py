@@ -125,6 +125,7 @@ class Graph:
     output_keys: list[str] = field(default_factory=list)
     valid_cuts: list[bool] = field(default_factory=list)
     module: Any = field(default=None, repr=False, compare=False)  # the fx GraphModule (not serialised)
+    split_min_out_features: Optional[int] = None  # linears this wide were captured as chunks (capture/split_head)
 
     # ---- derived views -------------------------------------------------------------------
     def __post_init__(self):

@@ -23,6 +23,7 @@ import logging
 import time
 from typing import Any, Optional
 
+from ..capture.split_head import DEFAULT_MIN_OUT_FEATURES
 from ..config import Cluster, RanncConfig
 from ..errors import PlanDoesNotFitError
 from ..units import format_bytes
@@ -50,11 +51,73 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
             model has real weights; analytic otherwise).
         max_blocks: coarsening target (blocks the partition works on).
         global_batch: for a Graph captured at a smaller (proxy) batch: the global batch to plan for.
+
+    A model with a huge output projection (vocabulary >= 128k) on several GPUs is planned twice: whole, and
+    with that head captured as vocabulary chunks that may sit on different stages
+    (:mod:`rannc_hf.capture.split_head`); the plan records the choice (``split_min_out_features``) and the
+    runtime captures the model the same way.
     """
     t0 = time.perf_counter()
     config = config or RanncConfig()
     cluster = cluster or _local_cluster()
-    graph, B = _as_graph(model_or_graph, example_batch)
+    args = (cluster, config, progress, costs, max_blocks, global_batch)
+    err, split = None, None
+    try:
+        whole = _plan_one(model_or_graph, example_batch, *args, split=None)
+    except PlanDoesNotFitError as e:
+        whole, err = None, e
+    p = whole
+    pipelined = cluster.num_gpus > 1 and config.num_stages != 1
+    if pipelined and not _is_graph(model_or_graph) and (
+            whole is None or _has_large_linear(whole._graph, DEFAULT_MIN_OUT_FEATURES)):
+        # a huge head (large vocabulary) bounds whichever stage holds it: also plan it split into chunks,
+        # and take that only when clearly better (the chunks cost a concatenation and carry partial logits)
+        try:
+            split = _plan_one(model_or_graph, example_batch, *args, split=DEFAULT_MIN_OUT_FEATURES)
+        except PlanDoesNotFitError:
+            split = None
+        if split is not None and not split._graph.split_min_out_features:
+            split = None
+        if split is not None and (whole is None or split.predicted_step_time < whole.predicted_step_time * 0.99):
+            split.notes.append(f"the LM head is split into vocabulary chunks across stages "
+                               f"({whole.predicted_step_time * 1e3:.1f} ms/step whole)" if whole is not None else
+                               "the LM head is split into vocabulary chunks across stages (nothing fits it whole)")
+            p = split
+        elif split is not None:
+            p.notes.append(f"LM head split into vocabulary chunks: {split.predicted_step_time * 1e3:.1f} ms/step "
+                           f"(not better)")
+    if p is None:
+        raise err
+    for other in (q for q in (whole, split) if q is not None and q is not p):
+        for name, t in other.baselines.items():   # a baseline partitioner may do better on the other capture
+            p.baselines[name] = min(t, p.baselines.get(name, t))
+    if config.partitioner == "auto":
+        for name in ("even", "params"):
+            if name in p.baselines and p.predicted_step_time > 0:
+                p.notes.append(f"{name} partitioner: {p.baselines[name] * 1e3:.1f} ms/step "
+                               f"({p.baselines[name] / p.predicted_step_time:.2f}x the auto plan)")
+            else:
+                p.notes.append(f"{name} partitioner: no plan fits")
+    del p._graph
+    p.planning_time_s = time.perf_counter() - t0
+    return p
+
+
+def _has_large_linear(graph, min_rows: int) -> bool:
+    for op in graph.ops:
+        if op.target == "aten.linear.default" and op.params:
+            shape = graph.params[op.params[0]].shape
+            if len(shape) == 2 and shape[0] >= min_rows:
+                return True
+    return False
+
+
+def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config: RanncConfig, progress: bool,
+              costs: str, max_blocks: int, global_batch: Optional[int], split: Optional[int]) -> Plan:
+    """One planning pass over one capture of the model (``split``: see :func:`_as_graph`); the plan keeps its
+    graph as ``_graph`` for the caller."""
+    t0 = time.perf_counter()
+    graph, B = _as_graph(model_or_graph, example_batch, split=split)
     global_batch = int(global_batch or B)
     cm = CostModel.build(graph, cluster.device, config.precision, max_blocks=max_blocks)
     source = "analytic"
@@ -81,7 +144,7 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     mb = global_batch // (chosen.dp * chosen.M)
     if mb != graph.batch_size and not _is_graph(model_or_graph):
         # the runtime captures at the microbatch size: make op ranges and fingerprint refer to that graph
-        g_mb, _ = _as_graph(model_or_graph, _slice_batch(example_batch, mb), proxy=False)
+        g_mb, _ = _as_graph(model_or_graph, _slice_batch(example_batch, mb), proxy=False, split=split)
         if len(g_mb.ops) == len(graph.ops) and g_mb.valid_cuts == graph.valid_cuts:
             graph = g_mb
         else:  # the op sequence changed (batch 1 specialises): re-plan that graph with the chosen shape
@@ -98,15 +161,10 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     for name, cand in best.items():
         if name != "auto":
             p.baselines[name] = cand.score
-    if config.partitioner == "auto":
-        for name in ("even", "params"):
-            if name in p.baselines and p.predicted_step_time > 0:
-                p.notes.append(f"{name} partitioner: {p.baselines[name] * 1e3:.1f} ms/step "
-                               f"({p.baselines[name] / p.predicted_step_time:.2f}x the auto plan)")
-            elif name not in best:
-                p.notes.append(f"{name} partitioner: no plan fits")
     p.cost_source = source
     p.planning_time_s = time.perf_counter() - t0
+    p.split_min_out_features = graph.split_min_out_features
+    p._graph = graph
     return p
 
 
@@ -157,8 +215,9 @@ def _local_cluster() -> Cluster:
     return Cluster(num_gpus=max(1, n), device="auto")
 
 
-def _as_graph(model_or_graph: Any, example_batch: Any, proxy: bool = True):
-    """(graph, global batch size). Modules are captured at a small proxy batch; costs are rescaled."""
+def _as_graph(model_or_graph: Any, example_batch: Any, proxy: bool = True, split: Optional[int] = None):
+    """(graph, global batch size). Modules are captured at a small proxy batch; costs are rescaled.
+    ``split``: capture linears at least this wide as vocabulary chunks (:mod:`rannc_hf.capture.split_head`)."""
     from ..capture import Graph, batch_size_of, capture, normalize_batch
 
     if isinstance(model_or_graph, Graph):
@@ -170,7 +229,8 @@ def _as_graph(model_or_graph: Any, example_batch: Any, proxy: bool = True):
     args, kwargs = normalize_batch(example_batch)
     B = batch_size_of(args, kwargs)
     P = proxy_batch_size(B) if proxy else B
-    return capture(model_or_graph, _slice_batch(example_batch, P) if P != B else example_batch), B
+    return capture(model_or_graph, _slice_batch(example_batch, P) if P != B else example_batch,
+                   split_min_out_features=split), B
 
 
 def _want_measured(costs: str, model: Any, cluster: Cluster) -> bool:

@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import PlanMismatchError
 from ..units import format_bytes
@@ -74,6 +74,7 @@ class Plan:
     stage_p2p_ms: list[float] = field(default_factory=list)     # send time of each stage's output boundary
     rank_tail_ms: list[float] = field(default_factory=list)     # per rank: all-reduces + optimizer after the pipeline
     cost_source: str = ""                                       # analytic | measured
+    split_min_out_features: Optional[int] = None  # capture with this (rannc_hf.capture split_head), as planned
 
     # ---- derived -----------------------------------------------------------------------
     @property

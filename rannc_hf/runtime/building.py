@@ -65,6 +65,11 @@ def apply_memory_cap(cap_bytes: Optional[int], device: torch.device) -> Optional
 class _BuildMixin:
     """RanncModule's building methods (mixed into :class:`~rannc_hf.runtime.module.RanncModule`)."""
 
+    def _capture(self, example: dict) -> Graph:
+        """Capture the module as the plan was made (a large head split into chunks when the planner chose so)."""
+        plan = getattr(getattr(self, "layout", None), "plan", None)
+        return capture(self.module, example, split_min_out_features=getattr(plan, "split_min_out_features", None))
+
     def _ensure_built(self, tensors: dict, other: dict, train: bool) -> Optional[_Variant]:
         if self._fast:
             return None
@@ -115,7 +120,7 @@ class _BuildMixin:
                     # a re-capture (new shape / eval): local weights already live on the device
                     example = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
                 with self._stand_ins():
-                    g = capture(self.module, example)
+                    g = self._capture(example)
         finally:
             self.module.train(was)
         lay, mesh = self.layout, self.mesh

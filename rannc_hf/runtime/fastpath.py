@@ -18,7 +18,6 @@ import os
 import torch
 import torch.distributed as dist
 
-from ..capture import capture
 from .carry import _CarryGrads, _Payload, finish_new_grads
 from .evaluation import PipelineOutput, _float_loss, _loss_value, _merge_outputs
 from .grads import restore_grads, stash_grads
@@ -72,7 +71,7 @@ class _FastPathMixin:
                 was = self.module.training
                 self.module.train(train)
                 try:
-                    g = capture(self.module, example)
+                    g = self._capture(example)
                 finally:
                     self.module.train(was)
             if from_file:
