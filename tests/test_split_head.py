@@ -22,24 +22,40 @@ def _chunks(g) -> list[int]:
 
 
 def test_chunked_head_gives_the_same_loss_and_gradients():
+    """The head as 4 chunks whose loss comes from per-chunk statistics: no op produces the whole logits, only the
+    loss is returned, and loss and gradients equal the whole model's (fp32, within rounding)."""
     model, bf = make_with_batches("llama", 0)
     batch = bf(4, 0)
     whole = capture(model, batch)
     split = capture(model, batch, split_min_out_features=128)
     assert whole.split_min_out_features is None and not _chunks(whole)
     assert split.split_min_out_features == 128 and len(_chunks(split)) == 4
-    assert len(split.ops) == len(whole.ops) + 8          # 4 slices + 4 linears + cat - 1 linear
+    vocab = model.config.vocab_size
+    assert not any(o.outputs and o.outputs[0].shape[-1:] == (vocab,) and len(o.outputs[0].shape) == 3
+                   for o in split.ops)                          # no [batch, seq, vocab] tensor anywhere
+    assert split.outputs == [split.loss] and "cross_entropy" not in " ".join(o.target for o in split.ops)
 
-    grads = []
+    grads, losses = [], []
     for g in (whole, split):
         model.zero_grad()
         out = g.module(**batch, use_cache=False)
-        loss_of(out).backward()
+        losses.append(out.loss.detach())
+        out.loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-    ref = loss_of(model(**batch))
-    torch.testing.assert_close(loss_of(split.module(**batch, use_cache=False)), ref, rtol=1e-6, atol=1e-6)
+    assert split.module(**batch, use_cache=False).logits is None
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_chunked_loss_honours_ignore_index():
+    model, bf = make_with_batches("llama", 0)
+    batch = bf(4, 0)
+    batch["labels"] = batch["labels"].clone()
+    batch["labels"][:, ::3] = -100                           # padding / prompt tokens that do not count
+    split = capture(model, batch, split_min_out_features=128)
+    ref = loss_of(model(**batch))
+    torch.testing.assert_close(split.module(**batch, use_cache=False).loss, ref.detach(), rtol=1e-6, atol=1e-6)
 
 
 def test_narrow_models_are_not_split():

@@ -30,7 +30,7 @@ import torch.nn as nn
 from ..errors import CaptureError
 from .analysis import analyse
 from .graph import Graph, InputInfo, Op, ParamInfo, TensorMeta
-from .split_head import split_large_linears
+from .split_head import loss_only, split_large_linears
 
 _SKIP_TARGETS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
                  "aten.sym_constrain_range_for_size.default", "aten._assert_async.msg"}
@@ -207,8 +207,9 @@ def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss",
     """Export ``model(**batch)`` (or ``model(*batch)``) and analyse it into a :class:`Graph`.
 
     ``split_min_out_features``: a ``linear`` whose weight has at least this many rows (a large-vocabulary LM
-    head) is captured as vocabulary chunks the planner can put on different stages (:mod:`.split_head`);
-    ``None`` keeps every op whole. :func:`rannc_hf.plan` tries both and records its choice in the plan."""
+    head) is captured as vocabulary chunks the planner can put on different stages, with a chunked loss and
+    only the loss as output (:mod:`.split_head`); ``None`` keeps every op whole. :func:`rannc_hf.plan` tries
+    both and records its choice in the plan."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"capture() needs an nn.Module, got {type(model).__name__}")
     args, kwargs = normalize_batch(example_batch)
@@ -231,8 +232,15 @@ def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss",
 
     gm = ep.module()
     _clean(gm)
-    if split_min_out_features and not split_large_linears(gm, split_min_out_features):
-        split_min_out_features = None   # nothing that wide: the graph is the plain one
+    if split_min_out_features:
+        cats = split_large_linears(gm, split_min_out_features)
+        if not cats:
+            split_min_out_features = None   # nothing that wide: the graph is the plain one
+        else:   # only the loss is kept, computed from per-chunk statistics (no logits cross stages)
+            out = next(n for n in gm.graph.nodes if n.op == "output")
+            names, keys = _output_structure(ep, out)
+            if loss_key in keys:
+                loss_only(gm, cats, keys.index(loss_key))
     alias, tied = _tied_groups(model)
     graph_nodes = list(gm.graph.nodes)
 

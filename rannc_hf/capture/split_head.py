@@ -12,9 +12,12 @@ over pipeline stages.
 A 250k-vocabulary head is one matmul worth about ten transformer layers of a 2k-wide model: whichever
 stage holds it bounds the step, however the rest is cut. :func:`split_large_linears` rewrites
 ``linear(x, W)`` (``W`` a parameter with at least ``min_out_features`` rows) into
-``cat([linear(x, W[a:b]) for each chunk], -1)``: the same values, now several ops. A stage holding a chunk
-holds ``W`` (the runtime treats it like a tied weight: gradients summed over the stages that hold it, priced
-by the planner), and the partial logits travel to the stage of the ``cat``.
+``cat([linear(x, W[a:b]) for each chunk], -1)``: the same values, now several ops. :func:`loss_only` then
+drops the model's other outputs (the runtime returns only the loss when training) and has
+:func:`chunk_cross_entropy` compute the cross-entropy from running per-token statistics (max, sum of
+exponentials, target logit) updated after each chunk, so no [batch, seq, vocab] tensor is ever built and
+only [tokens]-sized values cross stages. A stage holding a chunk holds ``W`` (the runtime treats it like a
+tied weight: gradients summed over the stages that hold it, priced by the planner).
 """
 
 from __future__ import annotations
@@ -55,12 +58,13 @@ def _meta_like(val, last_dim: int):
 
 
 def split_large_linears(gm: fx.GraphModule, min_out_features: int = DEFAULT_MIN_OUT_FEATURES,
-                        chunk_rows: int | None = None) -> int:
+                        chunk_rows: int | None = None) -> list[fx.Node]:
     """Rewrite every ``aten.linear`` whose weight parameter has ``>= min_out_features`` rows into vocabulary
     chunks of about ``chunk_rows`` rows (default: a quarter of ``min_out_features``; at most ``MAX_CHUNKS``; see
-    the module docstring). Returns how many ops were split; ``gm`` is recompiled when any was."""
+    the module docstring). Returns the ``cat`` nodes that replace the split ops; ``gm`` is recompiled when
+    there are any."""
     chunk_rows = chunk_rows or max(1, min_out_features // 4)
-    split = 0
+    cats: list[fx.Node] = []
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
             continue
@@ -97,8 +101,125 @@ def split_large_linears(gm: fx.GraphModule, min_out_features: int = DEFAULT_MIN_
             cat.meta.update(node.meta)
         node.replace_all_uses_with(cat)
         gm.graph.erase_node(node)
-        split += 1
-    if split:
+        cats.append(cat)
+    if cats:
         gm.graph.lint()
         gm.recompile()
-    return split
+    return cats
+
+
+# ---------------------------------------------------------------------------------------------- chunked loss
+_aten = torch.ops.aten
+
+
+def _meta(v):
+    return torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+
+
+def _call(graph: fx.Graph, like: fx.Node, target, *args) -> fx.Node:
+    """A new call node with ``like``'s metadata and a meta value computed by running ``target`` on meta inputs."""
+    node = graph.call_function(target, args)
+    node.meta.update({k: v for k, v in like.meta.items() if k != "val"})
+    margs = [_meta(a.meta["val"]) if isinstance(a, fx.Node) else a for a in args]
+    node.meta["val"] = target(*margs)
+    return node
+
+
+def _single_user(node: fx.Node) -> fx.Node | None:
+    users = list(node.users)
+    return users[0] if len(users) == 1 else None
+
+
+def loss_only(gm: fx.GraphModule, cats: list[fx.Node], loss_leaf: int) -> int:
+    """Training graphs of a split head: every model output but the loss (``loss_leaf``) becomes ``None`` (the
+    runtime returns only the loss when training), then each head's loss is computed from chunk statistics
+    (:func:`chunk_cross_entropy`). Returns how many heads were rewritten; ``gm`` is recompiled."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaves = out.args[0]
+    if isinstance(leaves, (tuple, list)):
+        out.args = (type(leaves)(v if i == loss_leaf else None for i, v in enumerate(leaves)),)
+    n = sum(chunk_cross_entropy(gm, c) for c in cats)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return n
+
+
+def chunk_cross_entropy(gm: fx.GraphModule, cat: fx.Node) -> bool:
+    """Replace ``cat(z_1..z_c) [-> float] -> view(-1, V) -> cross_entropy`` by per-chunk log-sum-exp statistics
+    (running max, sum of exponentials, target logit: [tokens] each), so stages holding head chunks pass only
+    those on, never the logits. Mean or sum reduction, ``ignore_index``, no class weights or label smoothing.
+    Returns False (graph untouched) when the pattern is not there."""
+    parts = list(cat.args[0])
+    node, to_float = _single_user(cat), None
+    if node is not None and node.target is _aten.to.dtype and node.args[1:2] == (torch.float32,):
+        to_float, node = node, _single_user(node)
+    if node is None or node.target not in (_aten.view.default, _aten.reshape.default):
+        return False
+    view, ce = node, _single_user(node)
+    if ce is None or ce.target is not _aten.cross_entropy_loss.default or ce.args[0] is not view:
+        return False
+    target = ce.args[1]
+    weight, reduction, ignore, smoothing = (list(ce.args[2:]) + [None, 1, -100, 0.0][len(ce.args) - 2:])[:4]
+    if weight is not None or reduction not in (1, 2) or smoothing not in (0, 0.0) or not isinstance(target, fx.Node):
+        return False
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    first = min((p.args[1] for p in parts), key=lambda n: order[n])   # the first chunk's weight slice
+    # the labels (pad/shift/view of an input) are computed after the logits: move them before the first chunk
+    todo, seen = [target], set()
+    while todo:
+        n = todo.pop()
+        if n in seen or not isinstance(n, fx.Node) or order[n] < order[first]:
+            continue
+        if n in parts or n is cat:
+            return False
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    for n in sorted(seen, key=order.get):
+        first.prepend(n)
+    edges, a = [], 0
+    for z in parts:
+        edges.append(a)
+        a += int(z.meta["val"].shape[-1])
+    M = S = T = None
+    for z, lo in zip(parts, edges):
+        width = int(z.meta["val"].shape[-1])
+        last = z
+
+        def after(fn, *args):   # each new op right after the previous one: the chunk's statistics follow it
+            nonlocal last
+            with g.inserting_after(last):
+                last = _call(g, z, fn, *args)
+            return last
+
+        zf = after(_aten.to.dtype, z, torch.float32) if to_float is not None else z
+        z2 = after(_aten.view.default, zf, [-1, width])
+        m = after(_aten.amax.default, z2, [1])
+        e = after(_aten.exp.default, after(_aten.sub.Tensor, z2, after(_aten.unsqueeze.default, m, 1)))
+        s = after(_aten.sum.dim_IntList, e, [1])
+        local = after(_aten.sub.Tensor, target, lo)
+        inside = after(_aten.logical_and.default, after(_aten.ge.Scalar, local, 0), after(_aten.lt.Scalar, local, width))
+        idx = after(_aten.unsqueeze.default, after(_aten.clamp.default, local, 0, width - 1), 1)
+        picked = after(_aten.squeeze.dim, after(_aten.gather.default, z2, 1, idx), 1)
+        t = after(_aten.mul.Tensor, picked, after(_aten.to.dtype, inside, torch.float32))
+        if M is None:
+            M, S, T = m, s, t
+        else:
+            M2 = after(_aten.maximum.default, M, m)
+            S = after(_aten.add.Tensor, after(_aten.mul.Tensor, S, after(_aten.exp.default, after(_aten.sub.Tensor, M, M2))),
+                      after(_aten.mul.Tensor, s, after(_aten.exp.default, after(_aten.sub.Tensor, m, M2))))
+            T = after(_aten.add.Tensor, T, t)
+            M = M2
+    # loss = mean (or sum) over the tokens that count of log(S) + M - T
+    with g.inserting_before(ce):
+        lse = _call(g, ce, _aten.add.Tensor, _call(g, ce, _aten.log.default, S), M)
+        per = _call(g, ce, _aten.sub.Tensor, lse, T)
+        valid = _call(g, ce, _aten.to.dtype, _call(g, ce, _aten.ne.Scalar, target, ignore), torch.float32)
+        total = _call(g, ce, _aten.sum.default, _call(g, ce, _aten.mul.Tensor, per, valid))
+        loss = total if reduction == 2 else _call(g, ce, _aten.div.Tensor, total, _call(g, ce, _aten.sum.default, valid))
+    ce.replace_all_uses_with(loss)
+    for n in (ce, view, to_float, cat):
+        if n is not None and not n.users:
+            g.erase_node(n)
+    return True
