@@ -38,6 +38,7 @@ RECOMPUTE = ("auto", "none", "full", "selective")
 OFFLOAD = ("auto", "none", "optimizer", "params", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE = ("auto", "true", "false")
+SPLIT_HEAD = ("auto", "true", "false")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> str:
@@ -167,6 +168,10 @@ class RanncConfig(_DictLoadable):
     gpu_step_blocks: Union[str, int] = field(default="auto", metadata={
         "help": "offload (optimizer/all, CUDA): leading blocks whose optimizer state stays on the GPU and which "
                 "step there while the CPU steps the rest; auto: as many as the plan's memory headroom allows"})
+    split_head: Union[str, bool] = field(default="auto", metadata={
+        "help": "a 128k+ vocabulary LM head on several GPUs: auto (split into vocabulary chunks across stages when "
+                "the planner finds it faster) | true (split whenever possible) | false (keep whole; needed for "
+                "logits from a pipelined evaluation)"})
     collective_timeout_s: float = field(default=600.0, metadata={"help": "seconds before a stuck collective fails every rank"})
 
     def __post_init__(self):
@@ -179,6 +184,7 @@ class RanncConfig(_DictLoadable):
         self.offload = _choice("offload", self.offload, OFFLOAD)
         self.precision = _choice("precision", self.precision, PRECISIONS)
         self.compile = _choice("compile", str(self.compile).lower(), COMPILE)
+        self.split_head = _choice("split_head", str(self.split_head).lower(), SPLIT_HEAD)
         self.mem_margin = _float("mem_margin", self.mem_margin, 0.0, 0.9)
         self.collective_timeout_s = _float("collective_timeout_s", self.collective_timeout_s, 1.0, 1e7)
         pb = _opt_pos_int("prefetch_blocks", self.prefetch_blocks)

@@ -94,6 +94,13 @@ def test_planner_tries_the_split_and_keeps_it_only_when_better(hidden, vocab, ch
     # baselines are the better of either capture: auto is compared with the best each hand split can do
     for name in ("even", "params"):
         assert p.baselines[name] <= whole.baselines[name] * (1 + 1e-9)
+    # the config decides too: never split, or split whenever there is such a head
+    kept = rannc_hf.plan(model, batch, cluster=cluster, config=rannc_hf.RanncConfig(num_stages=8, split_head=False),
+                         progress=False)
+    assert kept.split_min_out_features is None and not any("vocabulary chunks" in n for n in kept.notes)
+    forced = rannc_hf.plan(model, batch, cluster=cluster, config=rannc_hf.RanncConfig(num_stages=8, split_head="true"),
+                           progress=False)
+    assert forced.split_min_out_features == 131_072
 
 
 def test_one_gpu_plans_the_head_whole():

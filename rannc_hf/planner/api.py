@@ -67,7 +67,7 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     except PlanDoesNotFitError as e:
         whole, err = None, e
     p = whole
-    pipelined = cluster.num_gpus > 1 and config.num_stages != 1
+    pipelined = cluster.num_gpus > 1 and config.num_stages != 1 and config.split_head != "false"
     if pipelined and not _is_graph(model_or_graph) and (
             whole is None or _has_large_linear(whole._graph, DEFAULT_MIN_OUT_FEATURES)):
         # a huge head (large vocabulary) bounds whichever stage holds it: also plan it split into chunks,
@@ -78,7 +78,8 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
             split = None
         if split is not None and not split._graph.split_min_out_features:
             split = None
-        if split is not None and (whole is None or split.predicted_step_time < whole.predicted_step_time * 0.99):
+        if split is not None and (whole is None or config.split_head == "true"
+                                  or split.predicted_step_time < whole.predicted_step_time * 0.99):
             split.notes.append(f"the LM head is split into vocabulary chunks across stages "
                                f"({whole.predicted_step_time * 1e3:.1f} ms/step whole)" if whole is not None else
                                "the LM head is split into vocabulary chunks across stages (nothing fits it whole)")
