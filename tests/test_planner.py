@@ -166,3 +166,16 @@ def test_large_meta_model_plans_fast():
                       device="h100"), progress=False)
     assert time.time() - t < 60
     assert p.world_size == 16 and max(s.peak_bytes for s in p.stages) <= p.gpu_memory
+
+
+def test_recompute_segments_thin_uniform_cuts():
+    """64 equal blocks with equally cheap cuts everywhere: keeping every cut holds 63 checkpoints, keeping none
+    one 64-block segment; every 8th cut (the square-root rule) peaks at 7 checkpoints + an 8-block segment."""
+    import numpy as np
+
+    from rannc_hf.planner.recompute import choose_boundaries
+
+    seg = choose_boundaries(np.ones(63), np.ones(64))
+    assert seg.peak(1) == 15 and len(seg.boundaries) == 7 and seg.max_segment_bytes == 8
+    # a stage whose cheap cuts are rare keeps them all (thinning never makes the peak worse)
+    assert choose_boundaries(np.array([1.0, 6, 1, 6, 1]), np.full(6, 4.0)).boundaries == [0, 2, 4]

@@ -15,9 +15,9 @@ the plan (``StagePlan.recompute_starts``); the runtime checkpoints exactly those
 (:class:`rannc_hf.runtime.stages.StageModule`), so prediction and execution agree. Without a plan the
 runtime applies the same rule to single ops.
 
-The rule: for a threshold ``t``, cut wherever at most ``t`` bytes cross; among a few thresholds (the
-quantiles of the crossing sizes, and no cut at all) take the one with the least peak
-``inflight * kept + max segment``. For a transformer the cheap cuts are the residual stream between
+The rule: for a threshold ``t``, cut wherever at most ``t`` bytes cross, or at every k-th of those places
+(the checkpoints are fewer, the segments longer); among a few thresholds (the quantiles of the crossing
+sizes) and thinnings, and no cut at all, take the one with the least peak ``inflight * kept + max segment``. For a transformer the cheap cuts are the residual stream between
 sub-layers, which is what hand-written layer checkpointing picks.
 """
 
@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 
 QUANTILES = 16
+THIN = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 @dataclass
@@ -59,7 +60,13 @@ def choose_boundaries(cross, saved, inflight: float = 1.0) -> Segmentation:
     if finite.size == 0:
         return best
     for t in np.unique(np.quantile(finite, np.linspace(0.0, 1.0, QUANTILES))):
-        cand = _evaluate(cross <= t, cross, prefix)
-        if cand.peak(inflight) < best.peak(inflight):
-            best = cand
+        cuts = np.flatnonzero(cross <= t)
+        for k in THIN:   # every k-th of those cuts: fewer checkpoints kept, longer segments
+            if k > 1 and k > len(cuts):
+                break
+            mask = np.zeros(len(cross), dtype=bool)
+            mask[cuts[k - 1::k]] = True
+            cand = _evaluate(mask, cross, prefix)
+            if cand.peak(inflight) < best.peak(inflight):
+                best = cand
     return best
