@@ -1,7 +1,10 @@
 """GPU correctness check of the offload engine (streams, events, pinned memory): offloaded training
-equals plain training on CUDA in fp32, for each mode, and bf16 runs. Prints one line per case.
+equals plain training on CUDA in fp32, for each mode, and bf16 runs; then the same through RanncModule
+(one stage, 2 microbatches: the path the recipes and the Trainer take, with gradients left in the
+engine's host buffers and `params` run as `all` with every block GPU-stepped). Prints one line per case.
 
     python benchmarks/offload_gpu_check.py
+    python benchmarks/offload_gpu_check.py --rannc-only [--cpu]    # only the RanncModule cases
 """
 
 import os
@@ -40,6 +43,66 @@ def train(family, mode, dtype=None, recompute=False, fused=False, async_step=Non
     return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, h
 
 
+def train_rannc(family, mode, device):
+    """RanncModule, one stage, 2 microbatches of a batch of 8 (``mode`` None: the plain model, same chunks);
+    Accelerate's ``step(None)`` every other step."""
+    import rannc_hf
+
+    torch.manual_seed(0)
+    model, bf = zoo.make_with_batches(family, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    if mode is None:
+        model.to(device)
+    else:
+        cfg = rannc_hf.RanncConfig(num_stages=1, num_microbatches=2, precision="fp32", offload=mode,
+                                   compile="false", recompute="none")
+        model = rannc_hf.RanncModule(model, opt, config=cfg, device=device)
+    losses = []
+    for s in range(4):
+        b = {k: v.to(device) for k, v in bf(8, 100 * s).items()}
+        if mode is None:
+            total = 0.0
+            for c in range(2):
+                loss = zoo.loss_of(model(**{k: v.chunk(2)[c] for k, v in b.items()})) / 2
+                loss.backward()
+                total += loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            losses.append(total)
+        else:
+            loss = zoo.loss_of(model(**b))
+            loss.backward()
+            model.clip_grad_norm_(1.0)
+            losses.append(float(loss))
+        opt.step(None) if s % 2 else opt.step()
+        opt.zero_grad()
+    return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+
+
+def rannc_cases(device) -> bool:
+    good_all = True
+    for fam in ("gpt2", "bert"):
+        ref = train_rannc(fam, None, device)
+        for mode in ("optimizer", "params", "all"):
+            try:
+                got = train_rannc(fam, mode, device)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"RanncModule {fam} {mode}: FAIL {type(e).__name__}: {e}", flush=True)
+                good_all = False
+                continue
+            dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
+            dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
+            good = dl < 1e-3 and dp < 1e-3
+            good_all &= good
+            print(f"RanncModule {fam} {mode}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
+                  flush=True)
+    return good_all
+
+
+if "--rannc-only" in sys.argv:
+    ok = rannc_cases("cpu" if "--cpu" in sys.argv else "cuda")
+    print("ALL OK" if ok else "SOME FAILED")
+    sys.exit(0 if ok else 1)
+
 ok = True
 for fam in ("gpt2", "bert", "cnn"):
     ref = train(fam, None)
@@ -66,4 +129,5 @@ for mode in ("optimizer", "all"):  # async pipeline with the fused CPU kernel (c
               f"{'OK' if good else 'FAIL'}", flush=True)
 got = train("gpt2", "all", dtype=torch.bfloat16)
 print("bf16 all losses", [round(x, 3) for x in got[0]], "ref", [round(x, 3) for x in train("gpt2", None)[0]])
+ok &= rannc_cases("cuda")
 print("ALL OK" if ok else "SOME FAILED")
