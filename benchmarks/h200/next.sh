@@ -1,8 +1,8 @@
 #!/bin/bash
 # H200 x2, the next session's first call (~9.5 min): both recipes with offload under 24 GiB, 200 steps (issue 7),
 # on GPU 0 one after the other; on GPU 1 the RanncModule offload correctness check on CUDA, then the Trainer's
-# offload scenarios, 100 steps (issue 6). The same as
-# call8.sh, after the fix of the per-call gradient round trip that made call 8's offloaded runs 10-15x slow.
+# offload scenarios, 100 steps (issue 6). call8.sh again, after the fix of the per-call gradient round trip that
+# made call 8's offloaded runs 10-15x slow.
 source "$(dirname "$0")/lib.sh"
 R="--rannc_config recipes/configs/rannc_1gpu_offload.yaml --max_steps 200 --eval_every 100 --log_every 10"
 ( job recipe_gpt 0 0-15 330 python3 recipes/gpt/pretrain.py --model_config gpt2-1.3b --seq_len 1024 --per_device_batch_size 8 --output_dir /tmp/recipes/gpt-1.3b $R; wait
