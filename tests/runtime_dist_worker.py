@@ -80,16 +80,21 @@ def train_case(name: str, fam: str, *, stages: int, dp: int, m: int, schedule: s
     mb = BATCH // (dp * m)
     g = graph_for(fam, mb) if use_graph else None
     rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g)
+    losses, norms = run_steps(rm, opt, bf, steps)
+    return rm, opt, {"losses": losses, "norms": norms, "cuts": rm.plan.cuts, "schedule": rm.layout.schedule}
+
+
+def run_steps(rm, opt, bf, steps: int = STEPS) -> tuple[list[float], list[float]]:
+    """``steps`` training steps on batches ``bf(BATCH, step)`` with clipping at 1.0: (losses, grad norms)."""
     losses, norms = [], []
     for step in range(steps):
-        batch = bf(BATCH, step)
-        loss = loss_of(rm(**batch))
+        loss = loss_of(rm(**bf(BATCH, step)))
         loss.backward()
         norms.append(float(rm.clip_grad_norm_(1.0)))
         opt.step()
         opt.zero_grad()
         losses.append(float(loss))
-    return rm, opt, {"losses": losses, "norms": norms, "cuts": rm.plan.cuts, "schedule": rm.layout.schedule}
+    return losses, norms
 
 
 def run_case(name: str, fn) -> None:
@@ -267,14 +272,7 @@ def ws2() -> None:
             opt = torch.optim.AdamW(model.parameters(), lr=LR)
             rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
                 num_stages=2, num_microbatches=4, schedule="1f1b", precision="fp32", compile="true"))
-            losses = []
-            for step in range(2):
-                loss = loss_of(rm(**bf(BATCH, step)))
-                loss.backward()
-                rm.clip_grad_norm_(1.0)
-                opt.step()
-                opt.zero_grad()
-                losses.append(float(loss))
+            losses, _ = run_steps(rm, opt, bf, 2)
             dump_state("forkjoin_compiled", rm.state_dict())
             return {"losses": losses, "compiled": all(m.compiled is not None for m in rm._primary.pipe.modules)}
         finally:
@@ -312,14 +310,7 @@ def ws2() -> None:
         p.stages[0].op_range = (0, cut)
         p.stages[1].op_range = (cut + 1, len(g.ops) - 1)
         rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g, plan=p)
-        losses = []
-        for step in range(STEPS):
-            loss = loss_of(rm(**bf(BATCH, step)))
-            loss.backward()
-            rm.clip_grad_norm_(1.0)
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss))
+        losses, _ = run_steps(rm, opt, bf)
         dump_state("llama_split_head", rm.state_dict())
         return {"losses": losses, "cuts": rm.plan.cuts, "want_cut": cut,
                 "head_holders": rm._primary.holders.get("lm_head.weight")}

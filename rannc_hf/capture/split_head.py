@@ -27,6 +27,7 @@ import math
 import torch
 import torch.fx as fx
 
+_aten = torch.ops.aten
 DEFAULT_MIN_OUT_FEATURES = 131_072   #: heads at least this wide are split (Llama-3 128k, Gemma 256k, ...)
 MAX_CHUNKS = 8
 CHUNK_ROWS = DEFAULT_MIN_OUT_FEATURES // 4   #: about this many output features per chunk (a head at the threshold: 4)
@@ -52,9 +53,21 @@ def _param_of(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return obj if isinstance(obj, torch.nn.Parameter) else None
 
 
-def _meta_like(val, last_dim: int):
-    """A meta tensor shaped like ``val`` with its last dimension set to ``last_dim`` (for shape analysis)."""
-    return torch.empty((*val.shape[:-1], last_dim), dtype=val.dtype, device="meta")
+def _meta(gm: fx.GraphModule, a):
+    """``a`` (a node or a constant) as a meta tensor, for computing the meta value of a new node."""
+    if not isinstance(a, fx.Node):
+        return [_meta(gm, x) for x in a] if isinstance(a, (list, tuple)) else a
+    v = _param_of(gm, a) if a.op == "get_attr" else a.meta["val"]
+    return torch.empty(v.shape, dtype=v.dtype, device="meta")
+
+
+def _call(gm: fx.GraphModule, like: fx.Node, target, *args) -> fx.Node:
+    """A new call node with ``like``'s metadata (module path, source line) and a meta value computed by running
+    ``target`` on meta inputs (shape analysis reads it)."""
+    node = gm.graph.call_function(target, args)
+    node.meta.update({k: v for k, v in like.meta.items() if k != "val"})
+    node.meta["val"] = target(*[_meta(gm, a) for a in args])
+    return node
 
 
 def split_large_linears(gm: fx.GraphModule, min_out_features: int = DEFAULT_MIN_OUT_FEATURES,
@@ -66,7 +79,7 @@ def split_large_linears(gm: fx.GraphModule, min_out_features: int = DEFAULT_MIN_
     chunk_rows = chunk_rows or max(1, min_out_features // 4)
     cats: list[fx.Node] = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+        if node.op != "call_function" or node.target is not _aten.linear.default:
             continue
         x, w = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
@@ -84,21 +97,11 @@ def split_large_linears(gm: fx.GraphModule, min_out_features: int = DEFAULT_MIN_
         parts = []
         with gm.graph.inserting_before(node):
             for a, b in zip(edges[:-1], edges[1:]):
-                ws = gm.graph.call_function(torch.ops.aten.slice.Tensor, (w, 0, a, b))
-                ws.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-                ws.meta["val"] = torch.empty((b - a, weight.shape[1]), dtype=weight.dtype, device="meta")
-                args = [x, ws]
+                args = [x, _call(gm, node, _aten.slice.Tensor, w, 0, a, b)]
                 if bias is not None:
-                    bs = gm.graph.call_function(torch.ops.aten.slice.Tensor, (bias, 0, a, b))
-                    bs.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-                    bs.meta["val"] = torch.empty((b - a,), dtype=weight.dtype, device="meta")
-                    args.append(bs)
-                z = gm.graph.call_function(torch.ops.aten.linear.default, tuple(args))
-                z.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-                z.meta["val"] = _meta_like(val, b - a)
-                parts.append(z)
-            cat = gm.graph.call_function(torch.ops.aten.cat.default, (parts, -1))
-            cat.meta.update(node.meta)
+                    args.append(_call(gm, node, _aten.slice.Tensor, bias, 0, a, b))
+                parts.append(_call(gm, node, _aten.linear.default, *args))
+            cat = _call(gm, node, _aten.cat.default, parts, -1)
         node.replace_all_uses_with(cat)
         gm.graph.erase_node(node)
         cats.append(cat)
@@ -109,22 +112,6 @@ def split_large_linears(gm: fx.GraphModule, min_out_features: int = DEFAULT_MIN_
 
 
 # ---------------------------------------------------------------------------------------------- chunked loss
-_aten = torch.ops.aten
-
-
-def _meta(v):
-    return torch.empty(v.shape, dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
-
-
-def _call(graph: fx.Graph, like: fx.Node, target, *args) -> fx.Node:
-    """A new call node with ``like``'s metadata and a meta value computed by running ``target`` on meta inputs."""
-    node = graph.call_function(target, args)
-    node.meta.update({k: v for k, v in like.meta.items() if k != "val"})
-    margs = [_meta(a.meta["val"]) if isinstance(a, fx.Node) else a for a in args]
-    node.meta["val"] = target(*margs)
-    return node
-
-
 def _single_user(node: fx.Node) -> fx.Node | None:
     users = list(node.users)
     return users[0] if len(users) == 1 else None
@@ -190,7 +177,7 @@ def chunk_cross_entropy(gm: fx.GraphModule, cat: fx.Node) -> bool:
         def after(fn, *args):   # each new op right after the previous one: the chunk's statistics follow it
             nonlocal last
             with g.inserting_after(last):
-                last = _call(g, z, fn, *args)
+                last = _call(gm, z, fn, *args)
             return last
 
         zf = after(_aten.to.dtype, z, torch.float32) if to_float is not None else z
@@ -213,11 +200,11 @@ def chunk_cross_entropy(gm: fx.GraphModule, cat: fx.Node) -> bool:
             M = M2
     # loss = mean (or sum) over the tokens that count of log(S) + M - T
     with g.inserting_before(ce):
-        lse = _call(g, ce, _aten.add.Tensor, _call(g, ce, _aten.log.default, S), M)
-        per = _call(g, ce, _aten.sub.Tensor, lse, T)
-        valid = _call(g, ce, _aten.to.dtype, _call(g, ce, _aten.ne.Scalar, target, ignore), torch.float32)
-        total = _call(g, ce, _aten.sum.default, _call(g, ce, _aten.mul.Tensor, per, valid))
-        loss = total if reduction == 2 else _call(g, ce, _aten.div.Tensor, total, _call(g, ce, _aten.sum.default, valid))
+        lse = _call(gm, ce, _aten.add.Tensor, _call(gm, ce, _aten.log.default, S), M)
+        per = _call(gm, ce, _aten.sub.Tensor, lse, T)
+        valid = _call(gm, ce, _aten.to.dtype, _call(gm, ce, _aten.ne.Scalar, target, ignore), torch.float32)
+        total = _call(gm, ce, _aten.sum.default, _call(gm, ce, _aten.mul.Tensor, per, valid))
+        loss = total if reduction == 2 else _call(gm, ce, _aten.div.Tensor, total, _call(gm, ce, _aten.sum.default, valid))
     ce.replace_all_uses_with(loss)
     for n in (ce, view, to_float, cat):
         if n is not None and not n.users:

@@ -135,10 +135,14 @@ class _ResidencyMixin:
         if i <= self._last_fwd:  # a new forward pass: blocks kept for the last one's backward go
             self._kept.clear()
         self._last_fwd = i
-        window = self._fwd_window(i)
+        self._enter(i, self._fwd_window(i), "forward")
+
+    def _enter(self, i: int, window: list[int], event: str) -> None:
+        """Block ``i`` runs now: blocks outside ``window`` go, ``i`` is made resident, the rest of the window
+        (the next blocks in this direction) is prefetched."""
         self._release_outside(window)
         self._ensure(i)
-        self._log("forward", i)
+        self._log(event, i)
         self._top_up(window[1:])
 
     def after_forward(self, i: int) -> None:
@@ -164,11 +168,7 @@ class _ResidencyMixin:
         self._last_fwd = -1
         self._bwd_active.add(i)
         self._bwd_pos = i
-        window = self._bwd_window(i)
-        self._release_outside(window)
-        self._ensure(i)
-        self._log("backward", i)
-        self._top_up(window[1:])
+        self._enter(i, self._bwd_window(i), "backward")
 
     def after_backward(self, i: int) -> None:
         """Block ``i``'s backward is done (gradients of its inputs exist): release it."""

@@ -67,8 +67,8 @@ def plan(model_or_graph: Any, example_batch: Any = None, cluster: Optional[Clust
     except PlanDoesNotFitError as e:
         whole, err = None, e
     p = whole
-    pipelined = cluster.num_gpus > 1 and config.num_stages != 1 and config.split_head != "false"
-    if pipelined and not _is_graph(model_or_graph) and (
+    try_split = cluster.num_gpus > 1 and config.num_stages != 1 and config.split_head != "false"
+    if try_split and not _is_graph(model_or_graph) and (
             whole is None or _has_large_linear(whole._graph, DEFAULT_MIN_OUT_FEATURES)):
         # a huge head (large vocabulary) bounds whichever stage holds it: also plan it split into chunks,
         # and take that only when clearly better (the chunks cost a concatenation and carry partial logits)
@@ -117,7 +117,6 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
               costs: str, max_blocks: int, global_batch: Optional[int], split: Optional[int]) -> Plan:
     """One planning pass over one capture of the model (``split``: see :func:`_as_graph`); the plan keeps its
     graph as ``_graph`` for the caller."""
-    t0 = time.perf_counter()
     graph, B = _as_graph(model_or_graph, example_batch, split=split)
     global_batch = int(global_batch or B)
     cm = CostModel.build(graph, cluster.device, config.precision, max_blocks=max_blocks)
@@ -163,7 +162,6 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
         if name != "auto":
             p.baselines[name] = cand.score
     p.cost_source = source
-    p.planning_time_s = time.perf_counter() - t0
     p.split_min_out_features = graph.split_min_out_features
     p._graph = graph
     return p

@@ -305,7 +305,7 @@ class StageOffload:
             return
         for p in self.owner.local_parameters():
             if eng.owns(p):
-                eng.set_grad_(p, None if self._base is None else self._base.get(id(p)))
+                eng.set_grad_(p, self._base.get(id(p)))
 
     def collect(self, var, new: list) -> list:
         """``new`` with this call's host gradients of engine parameters filled in (device copies on CUDA)."""
