@@ -11,12 +11,16 @@ their context.
 from __future__ import annotations
 
 import datetime as _dt
+import faulthandler
 import json
 import os
 import platform
+import signal
 import tempfile
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)   # lib.sh's deadline: every thread's stack, then kill
 
 
 def _cpu_model() -> str:

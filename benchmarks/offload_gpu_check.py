@@ -9,6 +9,7 @@ engine's host buffers and `params` run as `all` with every block GPU-stepped). P
 
 import os
 import sys
+import traceback
 
 import torch
 
@@ -86,7 +87,7 @@ def rannc_cases(device) -> bool:
             try:
                 got = train_rannc(fam, mode, device)
             except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"RanncModule {fam} {mode}: FAIL {type(e).__name__}: {e}", flush=True)
+                print(f"RanncModule {fam} {mode}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
                 good_all = False
                 continue
             dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import faulthandler
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING, Any, Literal, Optional, Sequence
 
@@ -38,9 +40,29 @@ from rannc_hf.data.errors import DataError, DataFileNotFoundError  # noqa: E402
 
 Kind = Literal["gpt", "bert"]
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt": {"model_config": "gpt2-tiny", "learning_rate": 1e-3, "output_dir": "out/gpt-tiny"},
-    "bert": {"model_config": "bert-tiny", "learning_rate": 1e-3, "output_dir": "out/bert-tiny"},
+    "gpt": {"model_config": "gpt2-tiny", "output_dir": "out/gpt-tiny"},
+    "bert": {"model_config": "bert-tiny", "output_dir": "out/bert-tiny"},
 }
+# Peak learning rate by model width when --learning_rate is not given: GPT-3's table (Brown et al.
+# 2020, table 2.1) for causal LMs, BERT's 1e-4 for masked LMs; the tiny CPU configs train at 1e-3.
+# A 1.3B GPT at the tiny configs' 1e-3 diverged to NaN in 70 steps on the H200.
+_GPT_LR_BY_WIDTH = ((256, 1e-3), (768, 6e-4), (1024, 3e-4), (1536, 2.5e-4), (2048, 2e-4), (2560, 1.6e-4),
+                    (4096, 1.2e-4), (5120, 1e-4), (float("inf"), 6e-5))
+
+
+def default_learning_rate(kind: Kind, model_config_path: str) -> float:
+    """The recipe's peak learning rate for a model config (see ``_GPT_LR_BY_WIDTH``)."""
+    path = model_config_path
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    width = cfg.get("n_embd") or cfg.get("hidden_size") or cfg.get("d_model") or 768
+    if width <= 256:
+        return 1e-3
+    if kind == "bert":
+        return 1e-4
+    return next(lr for w, lr in _GPT_LR_BY_WIDTH if width <= w)
 
 
 def available_model_configs() -> list[str]:
@@ -104,7 +126,8 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
     t.add_argument("--per_device_batch_size", type=int, default=8, help="examples per data-parallel replica per step")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--max_steps", type=int, default=300, help="optimizer steps")
-    t.add_argument("--learning_rate", type=float, default=d["learning_rate"])
+    t.add_argument("--learning_rate", type=float, default=None,
+                   help="peak learning rate (default: by model width, GPT-3's table; 1e-4 for BERT; 1e-3 tiny)")
     t.add_argument("--weight_decay", type=float, default=0.1)
     t.add_argument("--adam_beta1", type=float, default=0.9)
     t.add_argument("--adam_beta2", type=float, default=0.95 if kind == "gpt" else 0.999)
@@ -149,6 +172,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "mlm_probability", 0.15) <= 0 or getattr(args, "mlm_probability", 0.15) >= 1:
         raise DataError("--mlm_probability must be in (0, 1)")
     args.model_config = resolve_model_config(args.model_config)
+    if args.learning_rate is None:
+        args.learning_rate = default_learning_rate(args.kind, args.model_config)
     if args.warmup_steps is None:
         args.warmup_steps = max(1, args.max_steps // 20)
     return args
@@ -158,6 +183,7 @@ def parse_args(kind: Kind, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     """Parse and validate the recipe's command line; ``args.kind`` is set to ``kind``."""
     args = build_parser(kind).parse_args(argv)
     args.kind = kind
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1 <pid>`: every thread's stack
     return validate_args(args)
 
 

@@ -169,6 +169,11 @@ def train(args) -> dict:
             running = []
             rec.update({k: v for k, v in stats.collect().items() if not k.startswith("rannc/stage")})
             history.append(rec)
+            if not math.isfinite(rec["loss"]):
+                raise FloatingPointError(
+                    f"training diverged: the loss is {rec['loss']} at step {step} (peak learning rate "
+                    f"{args.learning_rate:g}); lower --learning_rate, raise --warmup_steps, or resume from the "
+                    f"last checkpoint in {ckpt_root} (nothing saved was touched)")
             bar.set_postfix(loss=f"{rec['loss']:.3f}")
             log(f"step {step:>5}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  "
                 f"{rec.get('rannc/tokens_per_s', 0):,.0f} tok/s")

@@ -1,4 +1,5 @@
-# Shared prelude of the H200 session scripts (sourced): paths, wheels, a job runner with a deadline.
+# Shared prelude of the H200 session scripts (sourced): paths, wheels, a job runner with a deadline
+# (SIGUSR1 at the deadline: recipes and benchmarks print every thread's stack, then SIGKILL 20 s later).
 #   source benchmarks/h200/lib.sh; job NAME GPU CORES TIMEOUT_S cmd...   (runs in the background)
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -16,6 +17,6 @@ fi
 job() {  # NAME GPU CORES TIMEOUT_S cmd... ; stdout+stderr to $OUT/logs/NAME.log, rc and seconds appended
   local name=$1 gpu=$2 cores=$3 to=$4; shift 4
   ( local t=$SECONDS
-    CUDA_VISIBLE_DEVICES=$gpu timeout -k 10 "$to" taskset -c "$cores" "$@" > "$OUT/logs/$name.log" 2>&1
+    CUDA_VISIBLE_DEVICES=$gpu timeout -s USR1 -k 20 "$to" taskset -c "$cores" "$@" > "$OUT/logs/$name.log" 2>&1
     echo "[$name] rc=$? ${SECONDS}s-total $((SECONDS - t))s" | tee -a "$OUT/logs/$name.log" >> "$OUT/logs/summary.txt" ) &
 }

@@ -297,21 +297,36 @@ class _GradientMixin:
             for g in self.groups:
                 g.gnorm = None
             return total
+        total = self.grad_norm_from_blocks()
+        if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
+            raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
+                               f"so it cannot be clipped. To disable this error and scale the gradients by the "
+                               f"non-finite norm anyway, set `error_if_nonfinite=False`")
+        self.defer_scale_(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+    def grad_norm_from_blocks(self) -> torch.Tensor:
+        """The 2-norm of every host gradient, from the per-block norms the async pipeline took while
+        backward ran; blocks whose norm is unknown (gradients accumulated over micro-batches) are
+        normed now on a thread pool. Without the pipeline: one pass over the host gradients."""
+        if not self.async_step:
+            grads = self.host_grads()
+            return torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.tensor(0.0)
         self.drain(force=True)
         self._materialize_scale()
         todo = [g for g in self.groups if any(g.has_grad) and g.gnorm is None]
         if todo:
             self._host_norms(todo)
         norms = [g.gnorm.to("cpu", torch.float32) for g in self.groups if any(g.has_grad)]
-        if not norms:
-            return torch.tensor(0.0)
-        total = torch.linalg.vector_norm(torch.stack(norms), 2)
-        if error_if_nonfinite and bool(torch.logical_or(total.isnan(), total.isinf())):
-            raise RuntimeError(f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, "
-                               f"so it cannot be clipped. To disable this error and scale the gradients by the "
-                               f"non-finite norm anyway, set `error_if_nonfinite=False`")
-        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        return torch.linalg.vector_norm(torch.stack(norms), 2) if norms else torch.tensor(0.0)
+
+    def defer_scale_(self, coef: torch.Tensor) -> None:
+        """Multiply every gradient by ``coef`` (a clipping coefficient): with the async pipeline inside
+        the next step (fused Adam's ``grad_scale``, or per block on the worker), or when a gradient is
+        next read; otherwise now."""
+        coef = coef.detach().to("cpu", torch.float32)
+        if not self.async_step:
+            return self.scale_grads_(coef)
         if float(coef) < 1.0 or not bool(torch.isfinite(coef)):
-            self._scale = coef
-        return total
+            self._scale = coef if self._scale is None else self._scale * coef
 

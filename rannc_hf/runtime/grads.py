@@ -76,11 +76,16 @@ def grad_norm_sq(grads: Sequence[Optional[torch.Tensor]], norm_type: float) -> t
 
 
 def global_grad_norm(owned_grads: Sequence[Optional[torch.Tensor]], group: Optional[dist.ProcessGroup],
-                     norm_type: float = 2.0, device: Optional[torch.device] = None) -> torch.Tensor:
-    """The norm over gradients spread across ``group`` (each gradient listed on exactly one rank)."""
+                     norm_type: float = 2.0, device: Optional[torch.device] = None,
+                     extra: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The norm over gradients spread across ``group`` (each gradient listed on exactly one rank);
+    ``extra``: this rank's share computed elsewhere (as :func:`grad_norm_sq` returns it, e.g. offloaded ones)."""
     local = grad_norm_sq(owned_grads, norm_type)
     if device is not None:
         local = local.to(device)
+    if extra is not None:
+        extra = extra.to(local.device, local.dtype)
+        local = torch.maximum(local, extra) if math.isinf(norm_type) else local + extra
     if group is not None and dist.get_world_size(group) > 1:
         dist.all_reduce(local, op=dist.ReduceOp.MAX if math.isinf(norm_type) else dist.ReduceOp.SUM, group=group)
     return local if math.isinf(norm_type) else local.pow(1.0 / norm_type)

@@ -34,6 +34,16 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def resolve_device(device: "torch.device | str | None") -> torch.device:
+    """``device`` with an index (``"cuda"`` means this process's GPU, as :func:`default_device`); None: the default."""
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return default_device() if torch.cuda.is_available() else device
+    return device
+
+
 def init_distributed(timeout_s: float = 600.0, device: Optional[torch.device] = None) -> None:
     """Initialise the default process group (from torchrun's env, or a one-rank local group)."""
     if dist.is_initialized():

@@ -105,7 +105,7 @@ from .carry import _CarryGrads, _Payload, finish_new_grads
 from .evaluation import EvalOutput, PipelineOutput, _EvalMixin
 from .fastpath import _FastPathMixin
 from .grads import allreduce_sum_, global_grad_norm, restore_grads, stash_grads
-from .mesh import Mesh, default_device
+from .mesh import Mesh, resolve_device
 from .planning import Layout
 from .state import _StateMixin
 from .stages import batch_inputs
@@ -131,7 +131,7 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         self.optimizer = optimizer
         self.config = config if config is not None else RanncConfig.from_env()
         self.local_batch = local_batch
-        self.device = torch.device(device) if device is not None else default_device()
+        self.device = resolve_device(device)
         self._given_plan = plan
         self._given_graph = graph
         self.plan = None
@@ -370,9 +370,8 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         if var is None:
             return torch.nn.utils.clip_grad_norm_(self.module.parameters(), max_norm, norm_type)
         owned = [p.grad for p, n in zip(var.params, var.names) if self._owned(n)]
-        if self._offload is not None:
-            owned += self._offload.owned_grads(var, self._owned)
-        total = global_grad_norm(owned, self.mesh.pp_group, float(norm_type), self.device)
+        extra = self._offload.grad_norm_part(var, self._owned, float(norm_type)) if self._offload is not None else None
+        total = global_grad_norm(owned, self.mesh.pp_group, float(norm_type), self.device, extra=extra)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in var.params:
             if p.grad is not None:

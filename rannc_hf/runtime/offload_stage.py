@@ -54,6 +54,7 @@ from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
 from ..offload.hooks import reject_closure
 from ..offload.optimizer import state_bytes_per_param
 from ..offload.store import check_host_memory
+from .grads import grad_norm_sq
 
 log = logging.getLogger(__name__)
 
@@ -385,12 +386,19 @@ class StageOffload:
         self.engine.zero_grad()
 
     # -- clipping ------------------------------------------------------------------------------
-    def owned_grads(self, var, owned: Callable[[str], bool]) -> list:
+    def grad_norm_part(self, var, owned: Callable[[str], bool], norm_type: float) -> torch.Tensor:
+        """This rank's share of the global gradient norm over engine parameters (sum of |g|^p, or max for
+        inf): from the engine's per-block norms when this rank owns all of them, else over each gradient."""
         eng = self.engine
-        return [eng.grad_of(p) for p, n in zip(var.params, var.names) if eng.owns(p) and owned(n)]
+        engine_names = [n for p, n in zip(var.params, var.names) if eng.owns(p)]
+        if float(norm_type) == 2.0 and all(owned(n) for n in engine_names):
+            return eng.grad_norm_from_blocks().pow(2)
+        return grad_norm_sq([eng.grad_of(p) for p, n in zip(var.params, var.names) if eng.owns(p) and owned(n)],
+                            norm_type)
 
     def scale_grads_(self, coef: torch.Tensor) -> None:
-        self.engine.scale_grads_(coef.detach().to("cpu", torch.float32))
+        """Clip: the engine applies ``coef`` inside its next step (or at once without the async pipeline)."""
+        self.engine.defer_scale_(coef)
 
     # -- checkpoints ---------------------------------------------------------------------------
     def value_of(self, t: torch.Tensor) -> torch.Tensor:

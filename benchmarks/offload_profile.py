@@ -1,0 +1,149 @@
+"""Where does an offloaded training step spend its time? GPT-2 1.3B, seq 1024, micro-batch 8, bf16,
+under a 24 GiB cap, the recipe's path (``RanncModule``, plan chosen by the planner) next to the engine
+alone (``offload_module`` on the HF model, every block stepped on the GPU), same model and batch.
+
+For each variant: per-step wall times, the plan's predicted step time, the engine's counters (bytes each
+way, copy time, stalls, hidden fraction, CPU step time) and a ``torch.profiler`` table of two steps
+(top ops by device and by host time); a Chrome trace of one step is written gzipped under ``--out``.
+
+    python benchmarks/offload_profile.py rannc            # RanncModule, compile as configured (auto)
+    python benchmarks/offload_profile.py rannc-eager      # RanncModule, compile off
+    python benchmarks/offload_profile.py engine           # offload_module alone
+    python benchmarks/offload_profile.py rannc --tiny     # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402  (SIGUSR1 stack dumps, versions)
+from trainer_gpu import build_model  # noqa: E402
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
+    """(step function, engine or None, predicted step time or None) for ``variant``."""
+    model, cfg = build_model(tiny)
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    if variant.startswith("rannc"):
+        from rannc_hf import RanncConfig, RanncModule
+
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        cfg_r = RanncConfig(num_stages=1, precision="fp32" if tiny else "bf16",
+                            offload="all" if tiny else "auto", gpu_memory=None if tiny else cap,
+                            compile="false" if (tiny or variant == "rannc-eager") else "auto")
+        m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
+        ids = ids.to(m.device)
+        eng = m._offload.engine if m._offload is not None else None
+        print(m.plan.summary(), flush=True)
+        predicted = float(m.plan.predicted_step_time)
+        clip = m.clip_grad_norm_
+        fwd = m
+    else:
+        from rannc_hf.offload import offload_module
+
+        if cap and dev.type == "cuda":
+            from rannc_hf.units import parse_bytes
+
+            torch.cuda.set_per_process_memory_fraction(parse_bytes(cap) / torch.cuda.get_device_properties(0).total_memory)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        h = offload_module(model, opt, "all", device=dev, compute_dtype=torch.float32 if tiny else torch.bfloat16,
+                           prefetch_blocks=2, device_step_blocks=cfg.n_layer)
+        eng, predicted, clip, fwd = h.engine, None, h.clip_grad_norm_, model
+        ids = ids.to(dev)
+
+    def step():
+        loss = fwd(input_ids=ids, labels=ids).loss
+        loss.backward()
+        clip(1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return step, eng, predicted
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variant", choices=["rannc", "rannc-eager", "engine"])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--cap", default="24GiB")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/offload_profile"))
+    args = ap.parse_args(argv)
+    batch, seq = (2, 64) if args.tiny else (8, 1024)
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.perf_counter()
+    step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq)
+    build_s = time.perf_counter() - t0
+    if eng is not None:
+        eng.timing = torch.cuda.is_available()
+    times = []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup and eng is not None:
+            eng.synchronize()
+            eng.reset_stats()
+        _sync()
+        t = time.perf_counter()
+        loss = step()
+        _sync()
+        times.append(time.perf_counter() - t)
+    if eng is not None:
+        eng.synchronize()
+    steady = times[args.warmup:]
+    st = eng.stats() if eng is not None else {}
+    n = max(1, st.get("steps", 1))
+    res = {"variant": args.variant, "build_s": build_s, "step_times_s": times, "step_time_s": sum(steady) / len(steady),
+           "tokens_per_s": batch * seq * len(steady) / sum(steady), "predicted_step_time_s": predicted,
+           "loss": float(loss.detach()),
+           "engine_per_step": {k: (v / n if isinstance(v, (int, float)) and k not in ("hidden_fraction", "num_blocks",
+                                                                                      "resident_peak_blocks", "steps")
+                                   else v) for k, v in st.items()},
+           "environment": common.environment()}
+    if torch.cuda.is_available():
+        res["max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print(json.dumps({k: v for k, v in res.items() if k != "step_times_s"}, indent=1, default=str), flush=True)
+    print("step times:", [round(x, 3) for x in times], flush=True)
+
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(2):
+            step()
+        _sync()
+    dev_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=dev_key, row_limit=30), flush=True)
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
+    trace = os.path.join(args.out, f"trace_{args.variant}.json")
+    prof.export_chrome_trace(trace)
+    with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+        shutil.copyfileobj(f, g)
+    os.remove(trace)
+    with open(os.path.join(args.out, f"offload_profile_{args.variant}.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
