@@ -2,13 +2,17 @@
 under a 24 GiB cap, the recipe's path (``RanncModule``, plan chosen by the planner) next to the engine
 alone (``offload_module`` on the HF model, every block stepped on the GPU), same model and batch.
 
-For each variant: per-step wall times, the plan's predicted step time, the engine's counters (bytes each
+The batches are learnable (each row an arithmetic sequence of token ids with its own start and stride,
+fresh every step), so the per-step losses of two variants show whether they train the same model.
+For each variant: per-step wall times and losses, the plan's predicted step time, the engine's counters (bytes each
 way, copy time, stalls, hidden fraction, CPU step time) and a ``torch.profiler`` table of two steps
 (top ops by device and by host time); a Chrome trace of one step is written gzipped under ``--out``.
 
     python benchmarks/offload_profile.py rannc            # RanncModule, compile as configured (auto)
     python benchmarks/offload_profile.py rannc-eager      # RanncModule, compile off
     python benchmarks/offload_profile.py engine           # offload_module alone
+    python benchmarks/offload_profile.py plain --no-profile --steps 30   # no offload, uncapped: the loss
+                                                          # curve to compare an offloaded run's with
     python benchmarks/offload_profile.py rannc --tiny     # CPU smoke test
 """
 
@@ -42,16 +46,25 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
     model, cfg = build_model(tiny)
     g = torch.Generator().manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    if variant.startswith("rannc"):
+    vocab = cfg.vocab_size
+
+    def batch_of(i: int) -> torch.Tensor:
+        gi = torch.Generator().manual_seed(1000 + i)
+        start = torch.randint(0, vocab, (batch, 1), generator=gi)
+        stride = torch.randint(1, 64, (batch, 1), generator=gi)
+        return (start + stride * torch.arange(seq)) % vocab
+
+    ids = batch_of(0)
+    if variant.startswith("rannc") or variant == "plain":
         from rannc_hf import RanncConfig, RanncModule
 
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
         cfg_r = RanncConfig(num_stages=1, precision="fp32" if tiny else "bf16",
-                            offload="all" if tiny else "auto", gpu_memory=None if tiny else cap,
+                            offload="none" if variant == "plain" else ("all" if tiny else "auto"),
+                            gpu_memory=None if (tiny or variant == "plain") else cap,
                             compile="false" if (tiny or variant == "rannc-eager") else "auto")
         m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
-        ids = ids.to(m.device)
+        dev = m.device
         eng = m._offload.engine if m._offload is not None else None
         print(m.plan.summary(), flush=True)
         predicted = float(m.plan.predicted_step_time)
@@ -65,13 +78,15 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
 
             torch.cuda.set_per_process_memory_fraction(parse_bytes(cap) / torch.cuda.get_device_properties(0).total_memory)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
         h = offload_module(model, opt, "all", device=dev, compute_dtype=torch.float32 if tiny else torch.bfloat16,
                            prefetch_blocks=2, device_step_blocks=cfg.n_layer)
         eng, predicted, clip, fwd = h.engine, None, h.clip_grad_norm_, model
-        ids = ids.to(dev)
+    counter = [0]
 
     def step():
+        ids = batch_of(counter[0]).to(dev)
+        counter[0] += 1
         loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
         clip(1.0)
@@ -84,7 +99,8 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("variant", choices=["rannc", "rannc-eager", "engine"])
+    ap.add_argument("variant", choices=["rannc", "rannc-eager", "engine", "plain"])
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler pass")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--cap", default="24GiB")
     ap.add_argument("--steps", type=int, default=10)
@@ -98,7 +114,7 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()
-    times = []
+    times, losses = [], []
     for i in range(args.warmup + args.steps):
         if i == args.warmup and eng is not None:
             eng.synchronize()
@@ -108,14 +124,15 @@ def main(argv=None) -> int:
         loss = step()
         _sync()
         times.append(time.perf_counter() - t)
+        losses.append(float(loss.detach()))
     if eng is not None:
         eng.synchronize()
     steady = times[args.warmup:]
     st = eng.stats() if eng is not None else {}
     n = max(1, st.get("steps", 1))
-    res = {"variant": args.variant, "build_s": build_s, "step_times_s": times, "step_time_s": sum(steady) / len(steady),
+    res = {"variant": args.variant, "lr": 2e-4, "build_s": build_s, "step_times_s": times, "step_time_s": sum(steady) / len(steady),
            "tokens_per_s": batch * seq * len(steady) / sum(steady), "predicted_step_time_s": predicted,
-           "loss": float(loss.detach()),
+           "losses": losses,
            "engine_per_step": {k: (v / n if isinstance(v, (int, float)) and k not in ("hidden_fraction", "num_blocks",
                                                                                       "resident_peak_blocks", "steps")
                                    else v) for k, v in st.items()},
@@ -124,6 +141,11 @@ def main(argv=None) -> int:
         res["max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps({k: v for k, v in res.items() if k != "step_times_s"}, indent=1, default=str), flush=True)
     print("step times:", [round(x, 3) for x in times], flush=True)
+    print("losses:", [round(x, 4) for x in losses], flush=True)
+    with open(os.path.join(args.out, f"offload_profile_{args.variant}.json"), "w") as f:
+        json.dump(res, f, indent=1, default=str)
+    if not args.profile:
+        return 0
 
     from torch.profiler import ProfilerActivity, profile
 
@@ -140,8 +162,6 @@ def main(argv=None) -> int:
     with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
         shutil.copyfileobj(f, g)
     os.remove(trace)
-    with open(os.path.join(args.out, f"offload_profile_{args.variant}.json"), "w") as f:
-        json.dump(res, f, indent=1, default=str)
     return 0
 
 

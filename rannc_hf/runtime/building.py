@@ -13,6 +13,7 @@ A batch of a new shape/dtype signature (or eval mode) is captured again and buil
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -60,6 +61,16 @@ def apply_memory_cap(cap_bytes: Optional[int], device: torch.device) -> Optional
     log.info("GPU memory capped at %.2f GiB (%.1f%% of %s) per config gpu_memory", cap_bytes / 2**30,
              100 * frac, torch.cuda.get_device_name(device))
     return frac
+
+
+def _to_weights_device(module: nn.Module, example: dict) -> dict:
+    """``example`` on the device of ``module``'s weights (a batch already on the GPU, the model still on
+    the CPU: export needs one device); a module on ``meta`` is captured with the batch as given."""
+    ref = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if ref is None or ref.device.type == "meta":
+        return example
+    return {k: v.to(ref.device) if isinstance(v, torch.Tensor) and v.device != ref.device else v
+            for k, v in example.items()}
 
 
 class _BuildMixin:
@@ -119,6 +130,8 @@ class _BuildMixin:
                 if self._primary is not None and self._local_on_device():
                     # a re-capture (new shape / eval): local weights already live on the device
                     example = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+                else:  # the first capture: the weights are still where the user left them (often the CPU)
+                    example = _to_weights_device(self.module, example)
                 with self._stand_ins():
                     g = self._capture(example)
         finally:
