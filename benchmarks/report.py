@@ -163,12 +163,13 @@ def trainer() -> str:
     if not d:
         return "_no results yet_"
     r, st = d["results"], d.get("settings", {})
-    rows = ["| scenario | tokens/s | vs loop | torch.cuda peak GiB | callback peak GiB |", "|---|---|---|---|---|"]
-    loop = r.get("loop", {}).get("tokens_per_s")
+    rows = ["| scenario | tokens/s | vs its loop (same offload) | torch.cuda peak GiB | callback peak GiB |",
+            "|---|---|---|---|---|"]
     for name, v in r.items():
         if not v.get("ok"):
             rows.append(f"| {name} | failed: {v.get('error', '')[:110]} | | | |")
             continue
+        loop = r.get("loop_offload" if name.endswith("_offload") else "loop", {}).get("tokens_per_s")
         ratio = f"{v['tokens_per_s'] / loop:.3f}x" if loop else ""
         cb = v.get("callback_peak_mem_gib")
         rows.append(f"| {name} | {v['tokens_per_s']:,.0f} | {ratio} | {v['cuda']['max_allocated_gib']:.2f} | "
@@ -205,9 +206,10 @@ def recipes() -> str:
     notes: list[str] = []
     for name, r in d["runs"].items():
         if r.get("ok"):
-            ev = " / ".join(f"{v:.2f} @{k}" for k, v in r["eval_loss"].items())
+            ev = " / ".join(f"{v:.2f} @{k}" for k, v in r["eval_loss"].items()) or "not run"
+            peak = r.get("peak_gpu_gib_callback")
             rows.append(f"| {name} | {r['steps']} | {r['train_loss_first_log']:.2f} -> {r['train_loss_last_log']:.2f} | {ev} | "
-                        f"{r['steady_tokens_per_s']:,} | {r['peak_gpu_gib_callback']:.1f} | ok (see below) |")
+                        f"{r['steady_tokens_per_s']:,} | {'-' if peak is None else f'{peak:.1f}'} | ok (see below) |")
             notes += [f"- {name}: {c}" for c in r.get("caveats", [])]
         else:
             rows.append(f"| {name} | - | - | - | - | - | failed ({len(r.get('attempts', []))} attempts): {r.get('status', '')} |")
