@@ -158,7 +158,7 @@ class RanncConfig(_DictLoadable):
     recompute: str = field(default="auto", metadata={"help": "activation recompute: auto | none | full | selective"})
     offload: str = field(default="auto", metadata={"help": "auto | none | optimizer | params | all"})
     gpu_memory: Optional[Union[int, str]] = field(default=None, metadata={"help": "per-GPU memory cap, e.g. '24GiB'; None: device memory"})
-    compile: Union[str, bool] = field(default="auto", metadata={"help": "torch.compile stage modules: auto | true | false"})
+    compile: Union[str, bool] = field(default="auto", metadata={"help": "torch.compile stage modules: auto (training graphs, on CUDA with bf16/fp16) | true | false"})
     mem_margin: float = field(default=0.1, metadata={"help": "fraction of GPU memory kept free"})
     precision: str = field(default="bf16", metadata={"help": "fp32 | bf16 | fp16 (compute precision; master weights stay fp32)"})
     plan_file: Optional[str] = field(default=None, metadata={"help": "load (or save) the plan from this JSON file"})

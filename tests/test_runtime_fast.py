@@ -165,3 +165,15 @@ def test_gpu_memory_cap_is_enforced_on_cuda(monkeypatch):
     assert apply_memory_cap(200 * 2**30, cuda0) is None
     assert apply_memory_cap(24 * 2**30, torch.device("cpu")) is None
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("mode,train_backend,eval_backend", [("auto", "inductor", None), ("true", "inductor", "inductor"),
+                                                             ("false", None, None)])
+def test_compile_auto_leaves_eval_graphs_eager(monkeypatch, mode, train_backend, eval_backend):
+    """``compile: auto`` compiles training graphs on CUDA with bf16 but not evaluation graphs (a few eval batches
+    do not repay a compile); ``true`` compiles both. Checked on the backend choice, as CUDA is not here."""
+    monkeypatch.delenv("RANNC_HF_COMPILE_BACKEND", raising=False)
+    rm = rannc_hf.RanncModule(torch.nn.Linear(2, 2), config=rannc_hf.RanncConfig(precision="bf16", compile=mode))
+    rm.device = torch.device("cuda", 0)                    # as on a GPU rank; nothing runs on it here
+    assert rm._compile_backend(train=True) == train_backend
+    assert rm._compile_backend(train=False) == eval_backend

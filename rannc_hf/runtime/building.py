@@ -158,7 +158,7 @@ class _BuildMixin:
                 starts = [list(s.recompute_starts) for s in lay.plan.stages]
         pipe = StagePipeline(g, cuts, mesh, lay.num_microbatches, lay.schedule, virtual_stages=lay.virtual_stages,
                              model=self.module, precision=self.config.precision, recompute=recompute,
-                             compile_backend=self._compile_backend(), recompute_starts=starts)
+                             compile_backend=self._compile_backend(train), recompute_starts=starts)
         holders: dict[str, list[int]] = {}
         for spec in stage_specs(g, cuts):
             for name in spec.params:
@@ -248,10 +248,14 @@ class _BuildMixin:
             return c == "true"
         return self.device.type == "cuda" and self.config.precision in ("bf16", "fp16")
 
-    def _compile_backend(self) -> Optional[str]:
+    def _compile_backend(self, train: bool = True) -> Optional[str]:
         """The ``torch.compile`` backend, or None when compile is off (``RANNC_HF_COMPILE_BACKEND`` overrides
-        ``inductor``, e.g. ``aot_eager`` for fast CPU tests)."""
+        ``inductor``, e.g. ``aot_eager`` for fast CPU tests). ``auto`` leaves evaluation graphs eager: an
+        evaluation runs a few batches, and compiling GPT-2 1.3B's offloaded eval graph cost more than a
+        minute on the H200 (``true`` compiles them too)."""
         if not self.compile_enabled:
+            return None
+        if not train and str(self.config.compile).lower() == "auto":
             return None
         return os.environ.get("RANNC_HF_COMPILE_BACKEND") or "inductor"
 

@@ -364,6 +364,13 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         return self._primary.holders.get(name, [self.pp_rank])[0] == self.pp_rank
 
     @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear every gradient, the offload engine's host buffers included (the Trainer calls this, not
+        ``optimizer.zero_grad()``; without it offloaded gradients would add up across steps)."""
+        super().zero_grad(set_to_none=set_to_none)
+        if self._offload is not None:
+            self._offload.reset()
+
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip ``.grad`` of all stages by their global norm (shared parameters counted once); returns it."""
         var = self._primary

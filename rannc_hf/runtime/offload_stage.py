@@ -519,6 +519,22 @@ def _gpu_step_blocks(module, blocks: list, mode: str) -> int:
     return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom)
 
 
+def _masters_hook(so: StageOffload, model: nn.Module):
+    """A state-dict hook for the user's model: offloaded parameters read as their fp32 host masters.
+
+    Their device working copies are released between uses (``params``/``all``), so reading ``param``
+    itself would touch freed storage; ``state_dict(keep_vars=True)`` (the runtime's own use) is left alone."""
+    named = list(model.named_parameters(remove_duplicate=False))
+
+    def hook(mod, state_dict, prefix, local_metadata):
+        for name, p in named:
+            key = prefix + name
+            if key in state_dict and not isinstance(state_dict[key], nn.Parameter) and so.engine.owns(p):
+                state_dict[key] = so.engine.master_of(p).detach().clone()
+
+    return hook
+
+
 def attach(module) -> Optional[StageOffload]:
     """Build this rank's engine and fences if any local stage offloads (collective when any stage does)."""
     var = module._primary
@@ -570,6 +586,7 @@ def attach(module) -> Optional[StageOffload]:
         first += len(runs)
     if opt is not None:
         so.patch_optimizer(opt)
+    module.module._register_state_dict_hook(_masters_hook(so, module.module))
     log.info("rannc_hf: offload %s (engine mode %s) on pipeline rank %d: %d blocks (%d stepped on the GPU), "
              "%d resident parameters", mode, engine_mode, module.pp_rank, len(blocks), engine.device_step_blocks, len(rest))
     return so

@@ -1,0 +1,63 @@
+"""RanncTrainer with offload in one process trains exactly like the plain Trainer (fp32, CPU).
+
+The Trainer clears gradients with ``model.zero_grad()``, not ``optimizer.zero_grad()``: with offload the
+gradients live in the engine's host buffers, so RanncModule.zero_grad must clear them too (they used to
+add up across steps, and every forward waited on the engine once per parameter to set them aside)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
+
+
+def _train(tmp, rannc_mode):
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from trainer_common import ListDataset, tiny_model
+
+    import rannc_hf
+
+    torch.manual_seed(0)
+    model = tiny_model("gpt2")
+    kw = dict(output_dir=str(tmp), per_device_train_batch_size=4, max_steps=4, logging_steps=1, learning_rate=1e-3,
+              lr_scheduler_type="constant", max_grad_norm=1.0, report_to=[], save_strategy="no", disable_tqdm=True,
+              use_cpu=True, seed=0, dataloader_drop_last=True)
+    data = ListDataset("gpt2", 16)
+    if rannc_mode is None:
+        trainer = Trainer(model=model, args=TrainingArguments(**kw), train_dataset=data)
+        trainer.model_accepts_loss_kwargs = False  # mean losses, as RanncModule computes them
+    else:
+        cfg = rannc_hf.RanncConfig(num_stages=1, num_microbatches=1, precision="fp32", offload=rannc_mode,
+                                   compile="false")
+        trainer = rannc_hf.RanncTrainer(model=model, args=rannc_hf.RanncTrainingArguments(rannc_config=cfg, **kw),
+                                        train_dataset=data)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}, trainer
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "all"])
+def test_trainer_with_offload_matches_plain_trainer(tmp_path, mode):
+    import torch
+    from rannc_hf.offload.engine import OffloadEngine
+
+    ref_losses, ref_sd, _ = _train(tmp_path / "plain", None)
+    waits = {"n": 0}
+    orig = OffloadEngine.grad_of
+
+    def counting(self, p):
+        waits["n"] += 1
+        return orig(self, p)
+
+    OffloadEngine.grad_of = counting
+    try:
+        losses, sd, trainer = _train(tmp_path / "rannc", mode)
+    finally:
+        OffloadEngine.grad_of = orig
+    assert trainer.rannc_module._offload is not None, "offload was not engaged"
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    for k in ref_sd:
+        torch.testing.assert_close(sd[k], ref_sd[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert waits["n"] == 0, f"{waits['n']} per-parameter engine reads during training (each one a wait on CUDA)"
