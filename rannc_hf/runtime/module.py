@@ -363,7 +363,6 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
     def _owned(self, name: str) -> bool:
         return self._primary.holders.get(name, [self.pp_rank])[0] == self.pp_rank
 
-    @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear every gradient, the offload engine's host buffers included (the Trainer calls this, not
         ``optimizer.zero_grad()``; without it offloaded gradients would add up across steps)."""
@@ -371,6 +370,7 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         if self._offload is not None:
             self._offload.reset()
 
+    @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Clip ``.grad`` of all stages by their global norm (shared parameters counted once); returns it."""
         var = self._primary
