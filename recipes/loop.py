@@ -105,6 +105,9 @@ def train(args) -> dict:
     plan = getattr(model, "plan", None)
     if plan is not None:
         log(plan.summary())
+    if getattr(model, "compile_enabled", False):
+        log("the first step compiles the stage graphs with torch.compile (about a minute; two with offload, "
+            "one graph per offloaded layer): `compile: false` in the rannc config skips it")
     if args.report_to != "none":
         accelerator.init_trackers("pretrain", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 

@@ -236,3 +236,22 @@ def test_cost_model():
     m_opt = offload_memory(1e9, "optimizer", num_blocks=10)
     assert m_all["gpu_bytes"] < m_opt["gpu_bytes"] < offload_memory(1e9, "none")["gpu_bytes"]
     assert choose_mode(1e9, 80e9) == "none" and choose_mode(1e9, 1e6) is None
+
+
+def test_cost_model_prices_the_hybrid_step_and_params_copies_as_serial():
+    """``params`` mode's GPU step moves master + gradient in and master + shadow out on the compute stream,
+    one after the other; ``gpu_step_fraction`` of an ``all`` stage is priced the same way, concurrently
+    with the CPU stepping the rest (the engine's hybrid step)."""
+    n = 1.3e9
+    kw = dict(param_bytes=n * 4, grad_bytes=n * 2, optim_bytes=n * 8, fwd_time=0.064, bwd_time=0.128,
+              link_gbps=55.0, cpu_adam_params_per_s=2e9, num_blocks=24, prefetch_blocks=2, recompute=True)
+    params = offload_cost(mode="params", **kw)
+    assert params.optimizer_time == pytest.approx(n * (8 + 4 + 2) / 55e9 + n / 50e9)
+    cpu_only = offload_cost(mode="all", **kw)
+    assert cpu_only.optimizer_time == pytest.approx(n / 2e9)
+    whole = offload_cost(mode="all", gpu_step_fraction=1.0, **kw)
+    assert whole.optimizer_time == pytest.approx(params.optimizer_time)
+    half = offload_cost(mode="all", gpu_step_fraction=0.5, **kw)
+    assert half.optimizer_time == pytest.approx(max(params.optimizer_time / 2, n / 2 / 2e9))
+    assert half.h2d_bytes == pytest.approx(cpu_only.h2d_bytes + 0.5 * n * 8)
+    assert offload_cost(mode="all", gpu_step_fraction=-1, **kw).optimizer_time == cpu_only.optimizer_time

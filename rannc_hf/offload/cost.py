@@ -26,7 +26,8 @@ Model (what the engine does, see ``engine.py``):
 * all modes: gradients stream to the host during backward (sharing the link with the backward
   weight fetches: both directions at once, bounded by ``duplex_gbps``).
 * ``optimizer`` / ``all``: the optimizer step runs on the CPU (``cpu_adam_params_per_s``) after the
-  last micro-batch; in ``optimizer`` mode the updated weights go back to the GPU block by block,
+  last micro-batch, except for the ``gpu_step_fraction`` of the parameters stepped on the GPU (priced
+  as in ``params``, concurrently); in ``optimizer`` mode the updated weights go back to the GPU block by block,
   overlapped with the CPU step of the next block (exposed: one block's copy).
 * ``params``: optimizer state stays on the GPU; the step streams fp32 master + gradient in and the
   master and its compute-dtype shadow out, block by block on the compute stream (``12`` bytes per
@@ -36,7 +37,7 @@ Model (what the engine does, see ``engine.py``):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 MODES = ("none", "optimizer", "params", "all")
 
@@ -69,7 +70,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  link_gbps: float, cpu_adam_params_per_s: float, *, mode: str = "all", num_blocks: int = 1,
                  prefetch_blocks: int = 2, microbatches: int = 1, compute_itemsize: int = 2,
                  duplex_gbps: Optional[float] = None, recompute: bool = False,
-                 gpu_optim_params_per_s: float = 50e9, no_offload_optim_time: float = 0.0) -> OffloadCost:
+                 gpu_optim_params_per_s: float = 50e9, no_offload_optim_time: float = 0.0,
+                 gpu_step_fraction: float = 0.0) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -91,6 +93,9 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         gpu_optim_params_per_s: GPU optimizer throughput for ``params`` mode's streamed step.
         no_offload_optim_time: the step time of the optimizer without offload (GPU fused AdamW), which
             offload replaces; subtracted from ``extra_step_time``.
+        gpu_step_fraction: ``optimizer``/``all``: the share of the parameters whose blocks keep their state
+            on the GPU and step there (the engine's hybrid step, ``gpu_step_blocks``): priced like
+            ``params`` mode's step, on the compute stream while the CPU steps the rest.
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -140,23 +145,28 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         link_busy += mb * nb * b_d2h
 
     # --- optimizer step ---
-    if mode in ("optimizer", "all"):
-        t_opt = n_params / cpu_adam_params_per_s
+    # GPU step (``params``, and the GPU-stepped share of the others), block by block on the compute stream
+    # (engine._device_step_async): fp32 master + gradient in, Adam on the GPU, master (+ compute-dtype
+    # shadow) out, in one stream, so the copies are serial with each other and with the math (H200,
+    # GPT-2 1.3B in ``params``: 14.4 GB in and 9.9 GB out per step, 599-633 ms/step; this model: 620 ms)
+    on_gpu = n_params if mode == "params" else n_params * min(1.0, max(0.0, float(gpu_step_fraction)))
+    stream_in = on_gpu * 8.0
+    stream_out = on_gpu * (4.0 + (compute_itemsize if compute_itemsize != 4 else 0))
+    h2d += stream_in
+    d2h += stream_out
+    t_link = (stream_in + stream_out) / bw
+    link_busy += t_link
+    t_gpu = t_link + on_gpu / gpu_optim_params_per_s
+    t_opt = t_gpu
+    if mode in ("optimizer", "all"):  # the CPU steps the other blocks on the worker meanwhile
+        on_cpu = n_params - on_gpu
+        t_cpu = on_cpu / cpu_adam_params_per_s
         if mode == "optimizer":  # refresh working copies, overlapped block by block with the CPU step
-            h2d += w_bytes
-            link_busy += w_bytes / bw
-            t_opt = max(t_opt, w_bytes / bw) + per_block_w / bw
-    else:  # params: the GPU step, block by block on the compute stream (engine._device_step_async):
-        # fp32 master + gradient in, Adam on the GPU, master (+ compute-dtype shadow) out, in one stream,
-        # so the copies are serial with each other and with the math (H200, GPT-2 1.3B: 14.4 GB in and
-        # 9.9 GB out per step measured, 599-633 ms/step against 620 ms from this model)
-        stream_in = n_params * 8.0
-        stream_out = n_params * (4.0 + (compute_itemsize if compute_itemsize != 4 else 0))
-        h2d += stream_in
-        d2h += stream_out
-        t_link = (stream_in + stream_out) / bw
-        link_busy += t_link
-        t_opt = t_link + n_params / gpu_optim_params_per_s
+            cpu_w = w_bytes * on_cpu / n_params
+            h2d += cpu_w
+            link_busy += cpu_w / bw
+            t_cpu = max(t_cpu, cpu_w / bw) + per_block_w / bw
+        t_opt = max(t_gpu, t_cpu)
     hidden = 1.0 if link_busy <= 0 else max(0.0, min(1.0, 1.0 - exposed / link_busy))
     step = compute + exposed + t_opt
     return OffloadCost(mode, h2d, d2h, link_busy, exposed, t_opt, step - compute - no_offload_optim_time, step, hidden)
@@ -213,3 +223,22 @@ def choose_mode(num_params: float, gpu_budget_bytes: float, *, activation_bytes:
                 host_budget_bytes is None or m["host_bytes"] <= host_budget_bytes):
             return mode
     return None
+
+
+def choose_gpu_step_blocks(block_numels: Sequence[int], headroom_bytes: float, state_bytes_per_param: float = 8.0,
+                           safety: float = 0.8) -> int:
+    """How many leading blocks keep their optimizer state on the GPU and step there (the engine's hybrid step),
+    within ``safety * headroom_bytes``: each costs its state (AdamW: 8 B/param); one block's fp32 master and
+    gradient (8 B/param) pass through the GPU at a time.
+
+        >>> choose_gpu_step_blocks([100] * 10, headroom_bytes=5000)   # 4000 B: 800 transient, 800 per block
+        4
+    """
+    budget = safety * float(headroom_bytes) - 8.0 * max(block_numels, default=0)
+    k, used = 0, 0.0
+    for n in block_numels:
+        used += state_bytes_per_param * n
+        if used > budget:
+            break
+        k += 1
+    return k

@@ -352,7 +352,8 @@ class Searcher:
                     if mem["total"] > self.cap / v:
                         continue
                     t_f, t_b = F, Bw + (F if rc else 0.0)
-                    opt_t, exp_mb = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci)
+                    opt_t, exp_mb = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci,
+                                                         headroom=self.cap / v - mem["total"])
                     score = M * (t_f + t_b + exp_mb) + opt_t
                     if best is None or score < best[0]:
                         best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t)
@@ -392,8 +393,18 @@ class Searcher:
         cand.est = estimate(cand.fwd, cand.bwd, M, sch, cand.p2p, v, tails)
         return cand
 
+    def _gpu_step_fraction(self, off: str, n_par: float, nblocks: int, headroom: float) -> float:
+        """The share of a stage's parameters the engine will step on the GPU: ``gpu_step_blocks: auto``'s rule
+        (the memory headroom, as the runtime resolves it); 0 on a CPU profile. An explicit block count is
+        priced by the same rule: the planner's blocks are not the engine's layers."""
+        if off not in ("optimizer", "all") or self.profile.name == "cpu" or nblocks < 1:
+            return 0.0
+        from ..offload.cost import choose_gpu_step_blocks
+
+        return choose_gpu_step_blocks([n_par / nblocks] * nblocks, headroom) / nblocks
+
     def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
-                        ci: int) -> tuple[float, float]:
+                        ci: int, headroom: float = 0.0) -> tuple[float, float]:
         """(optimizer step seconds, exposed offload copy seconds per microbatch)."""
         prof = self.profile
         gpu_opt = n_par * 28.0 / (prof.mem_bw * prof.bw_efficiency)  # fused AdamW: read p,g,m,v; write p,m,v
@@ -405,7 +416,8 @@ class Searcher:
                               fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
                               cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
                               prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
-                              duplex_gbps=prof.duplex_bw / 1e9, recompute=rc)
+                              duplex_gbps=prof.duplex_bw / 1e9, recompute=rc,
+                              gpu_step_fraction=self._gpu_step_fraction(off, n_par, nblocks, headroom))
             return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw

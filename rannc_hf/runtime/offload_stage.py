@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import operator
 import os
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -53,6 +53,7 @@ from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
 from ..offload.hooks import reject_closure
 from ..offload.optimizer import state_bytes_per_param
+from ..offload.cost import choose_gpu_step_blocks  # noqa: F401  (re-exported: the runtime's choice)
 from ..offload.store import check_host_memory
 from .grads import grad_norm_sq
 
@@ -466,25 +467,6 @@ class StageOffload:
         st = self.engine.stats()
         st["stage_modes"] = list(self.modes)
         return st
-
-
-def choose_gpu_step_blocks(block_numels: Sequence[int], headroom_bytes: float, state_bytes_per_param: float = 8.0,
-                           safety: float = 0.8) -> int:
-    """How many leading blocks keep their optimizer state on the GPU and step there (the engine's hybrid step),
-    within ``safety * headroom_bytes``: each costs its state (AdamW: 8 B/param); one block's fp32 master and
-    gradient (8 B/param) pass through the GPU at a time.
-
-        >>> choose_gpu_step_blocks([100] * 10, headroom_bytes=5000)   # 4000 B: 800 transient, 800 per block
-        4
-    """
-    budget = safety * float(headroom_bytes) - 8.0 * max(block_numels, default=0)
-    k, used = 0, 0.0
-    for n in block_numels:
-        used += state_bytes_per_param * n
-        if used > budget:
-            break
-        k += 1
-    return k
 
 
 def engine_mode_for(mode: str, cuda: bool, num_blocks: int, gpu_step_blocks: int) -> tuple[str, int]:
