@@ -18,7 +18,7 @@ from rannc_hf import zoo  # noqa: E402
 from rannc_hf.offload import offload_module  # noqa: E402
 
 
-def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0):
+def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, step_stream=False):
     torch.manual_seed(0)
     model, bf = zoo.make_with_batches(family, 0)
     if recompute:
@@ -30,7 +30,7 @@ def train(family, mode, dtype=None, recompute=False, fused=False, async_step=Non
     else:
         h = offload_module(model, opt, mode, device="cuda", prefetch_blocks=1, compute_dtype=dtype,
                            timing=True, cpu_fused=fused, async_step=async_step,
-                           device_step_blocks=dev_blocks)
+                           device_step_blocks=dev_blocks, step_stream=step_stream)
     losses = []
     for s in range(3):
         for m in range(2):
@@ -120,13 +120,15 @@ for fam in ("gpt2", "bert", "cnn"):
                   flush=True)
 ref = train("gpt2", None)
 for mode in ("optimizer", "all"):  # async pipeline with the fused CPU kernel (clip via grad_scale), and sync path
-    for fused, asy, k in ((True, None, 0), (False, False, 0), (True, None, 1)):
-        got = train("gpt2", mode, recompute=True, fused=fused, async_step=asy, dev_blocks=k)
+    for fused, asy, k, side in ((True, None, 0, False), (False, False, 0, False), (True, None, 1, False),
+                                (True, None, 2, True)):
+        got = train("gpt2", mode, recompute=True, fused=fused, async_step=asy, dev_blocks=k, step_stream=side)
         dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
         dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
         good = dl < 1e-3 and dp < 1e-3
         ok &= good
-        print(f"gpt2 {mode} fused={fused} async={got[2].engine.async_step} gpu-step={k}: loss diff {dl:.2e} param diff {dp:.2e} "
+        print(f"gpt2 {mode} fused={fused} async={got[2].engine.async_step} gpu-step={k} side-stream="
+              f"{got[2].engine.step_stream}: loss diff {dl:.2e} param diff {dp:.2e} "
               f"{'OK' if good else 'FAIL'}", flush=True)
 got = train("gpt2", "all", dtype=torch.bfloat16)
 print("bf16 all losses", [round(x, 3) for x in got[0]], "ref", [round(x, 3) for x in train("gpt2", None)[0]])

@@ -53,6 +53,7 @@ and :mod:`.engine_state` (masters, state dicts, stats).
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from typing import Iterable, Optional
 
@@ -103,6 +104,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             (speed); on a CPU device the user's kernel choice is kept, so results match bit for bit.
         param_order: the order gradient norms are summed in (``model.parameters()`` order makes
             clipping match ``torch.nn.utils.clip_grad_norm_`` bit for bit); default: the optimizer's.
+        step_stream: GPU-stepped blocks step on a side stream after backward (the next forward waits per
+            block) instead of on the compute stream; default ``$RANNC_HF_OFFLOAD_STEP_STREAM`` or off.
         async_step: background host pipeline (``None``: on CUDA with a CPU step). Each block's
             gradients are folded into its fp32 buffer (one flat add) and its norm taken on a worker
             thread while backward goes on; clipping then needs only the per-block norms and its
@@ -118,7 +121,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                  check_memory: bool = True, trace: bool = False, timing: bool = False,
                  cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
                  async_step: Optional[bool] = None, device_step_blocks: int = 0,
-                 cpu_threads: Optional[int] = None):
+                 cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -153,6 +156,11 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         # state on the device and step there (master + gradient streamed in, master back), while the
         # worker steps the other blocks on the CPU at the same time: PCIe and host memory both work
         self.device_step_blocks = int(device_step_blocks) if self.async_step else 0
+        # experimental (off by default, not yet measured on a GPU): run those GPU steps on their own stream,
+        # overlapping the next forward, instead of on the compute stream (``RANNC_HF_OFFLOAD_STEP_STREAM=1``)
+        if step_stream is None:
+            step_stream = os.environ.get("RANNC_HF_OFFLOAD_STEP_STREAM", "0").lower() in ("1", "true", "yes")
+        self.step_stream = bool(step_stream) and self.cuda and self.device_step_blocks > 0
 
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:
@@ -186,6 +194,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         if self.cuda:
             self.h2d_stream = torch.cuda.Stream(self.device)
             self.d2h_stream = torch.cuda.Stream(self.device)
+            self._step_stream = torch.cuda.Stream(self.device) if self.step_stream else None
         self._pending: dict[tuple[int, int], tuple] = {}
         self._resident: list[int] = []           # offloaded blocks whose working copy is allocated
         self._bwd_active: set[int] = set()     # blocks whose backward started and has not finished

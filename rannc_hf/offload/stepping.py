@@ -82,16 +82,26 @@ class _StepMixin:
                 self._step_group(g, inner, has, scale, bwd_done)
                 self._wait_group_step_now(g)
             elif g.device_step:
-                self._device_step_async(g, inner, has, scale)
+                self._device_step_async(g, inner, has, scale, bwd_done)
             else:
                 g.step_fut = self._pool().submit(self._step_group, g, inner, has, scale, bwd_done)
         self._stats["step_time_s"] += time.perf_counter() - t0  # the blocks' time is added by the worker
         self._stats["steps"] += 1
         self.optimizer._opt_called = True
 
-    def _device_step_async(self, g: ParamGroup, inner, has: list, scale) -> None:
+    def _device_step_async(self, g: ParamGroup, inner, has: list, scale, bwd_done=None) -> None:
         """Step ``g`` on the device (state resident there): master and gradient in, new master and
-        compute-dtype shadow back, working copy cast on the device; all on the compute stream, no wait."""
+        compute-dtype shadow back, working copy cast on the device; on the compute stream (or the side
+        step stream, after the backward: ``step_stream``), no host wait."""
+        side = getattr(self, "_step_stream", None) if self.cuda else None
+        if side is None:
+            return self._device_step_body(g, inner, has, scale)
+        if bwd_done is not None:
+            side.wait_event(bwd_done)
+        with torch.cuda.stream(side):
+            self._device_step_body(g, inner, has, scale)
+
+    def _device_step_body(self, g: ParamGroup, inner, has: list, scale) -> None:
         dev = self.device
         m = g.master.to(dev, non_blocking=True)
         gr = g.grad.to(dev, non_blocking=True)
