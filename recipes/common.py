@@ -20,8 +20,8 @@ config in ``recipes/configs`` (``gpt2-tiny``, ``llama-1.3b``, ``bert-large``, ..
 from __future__ import annotations
 
 import argparse
-import json
 import faulthandler
+import json
 import os
 import signal
 import sys
@@ -183,7 +183,8 @@ def parse_args(kind: Kind, argv: Optional[Sequence[str]] = None) -> argparse.Nam
     """Parse and validate the recipe's command line; ``args.kind`` is set to ``kind``."""
     args = build_parser(kind).parse_args(argv)
     args.kind = kind
-    faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1 <pid>`: every thread's stack
+    if hasattr(signal, "SIGUSR1"):   # `kill -USR1 <pid>`: every thread's stack (not on Windows)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     return validate_args(args)
 
 

@@ -1,0 +1,33 @@
+"""Recipe arguments that need no training run to check, and the divergence guard (one short CPU run)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "recipes"))
+
+
+@pytest.mark.parametrize("kind,config,lr", [("gpt", "gpt2-tiny", 1e-3), ("gpt", "gpt2-base", 6e-4),
+                                            ("gpt", "gpt2-1.3b", 2e-4), ("gpt", "llama-13b", 1e-4),
+                                            ("gpt", "gpt2-100b", 6e-5), ("bert", "bert-large", 1e-4),
+                                            ("bert", "bert-tiny", 1e-3)])
+def test_learning_rate_follows_model_width(kind, config, lr):
+    from common import parse_args
+
+    assert parse_args(kind, ["--model_config", config]).learning_rate == pytest.approx(lr)
+    assert parse_args(kind, ["--model_config", config, "--learning_rate", "0.01"]).learning_rate == 0.01
+
+
+def test_diverged_loss_stops_with_a_clear_error(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANNC_HF_CACHE=str(tmp_path / "cache"))
+    env.pop("RANNC_HF_CONFIG", None)
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "gpt", "pretrain.py"), "--max_steps", "10", "--log_every", "5",
+           "--eval_every", "0", "--corpus_max_chars", "200000", "--output_dir", str(tmp_path / "out"), "--no_plot",
+           "--learning_rate", "inf"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "training diverged: the loss is nan at step 5" in proc.stderr, proc.stderr[-3000:]
+    assert "lower --learning_rate" in proc.stderr
