@@ -24,7 +24,7 @@ from trainer_common import ListDataset, tb_scalars, tiny_model  # noqa: E402
 pytest.importorskip("rannc_hf.runtime.module")
 
 LAUNCHES = {
-    2: ["gpt2:2:1:ga2,clip,tb,save,resume,eval", "bert:2:1:clip"],
+    2: ["gpt2:2:1:ga2,clip,tb,save,resume,eval", "bert:2:1:clip", "gpt2:2:1:clip,offload"],
     4: ["gpt2:2:2:ga2,clip", "bert:2:2:ga2"],
 }
 

@@ -49,7 +49,8 @@ def scenario(out_root: str, spec: str) -> None:
     name = spec.replace(":", "_").replace(",", "-")
     out = os.path.join(out_root, name)
     cfg = RanncConfig(num_stages=int(pp), num_microbatches=M, dp_size=int(dp), schedule="gpipe",
-                      recompute="none", offload="none", compile="false", partitioner="even")
+                      recompute="none", offload="all" if "offload" in flags else "none", compile="false",
+                      partitioner="even")
     ga = 2 if "ga2" in flags else 1
     clip = 1.0 if "clip" in flags else 0.0
     ds = ListDataset(family, N_SAMPLES)
