@@ -255,3 +255,22 @@ def test_cost_model_prices_the_hybrid_step_and_params_copies_as_serial():
     assert half.optimizer_time == pytest.approx(max(params.optimizer_time / 2, n / 2 / 2e9))
     assert half.h2d_bytes == pytest.approx(cpu_only.h2d_bytes + 0.5 * n * 8)
     assert offload_cost(mode="all", gpu_step_fraction=-1, **kw).optimizer_time == cpu_only.optimizer_time
+    rest = 1e8   # embeddings: stepped on the CPU first, outside the GPU-stepped layers
+    with_rest = offload_cost(mode="params", rest_params=rest, **kw)
+    assert with_rest.optimizer_time == pytest.approx((n - rest) * 14 / 55e9 + (n - rest) / 50e9 + rest / 2e9)
+
+
+def test_planner_finds_the_layers_the_engine_offloads():
+    """The planner prices the engine's resident group (parameters outside find_blocks' layers) from
+    parameter names alone; for GPT-2 that is the embeddings and the final norm."""
+    from rannc_hf.capture import capture
+    from rannc_hf import zoo
+    from rannc_hf.planner.costs import CostModel
+
+    model, bf = zoo.make_with_batches("gpt2", 0)
+    cm = CostModel.build(capture(model, bf(2, 0)), device="h200", precision="bf16")
+    assert cm.layer_prefixes == {"transformer.h"}
+    n, _, names = cm.stage_params(0, cm.num_blocks - 1)
+    outside = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("transformer.h."))
+    assert cm.outside_layers(0, cm.num_blocks - 1, names) == outside
+    assert [m for m in find_blocks(model)] == list(model.transformer.h)

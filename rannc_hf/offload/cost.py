@@ -27,7 +27,8 @@ Model (what the engine does, see ``engine.py``):
   weight fetches: both directions at once, bounded by ``duplex_gbps``).
 * ``optimizer`` / ``all``: the optimizer step runs on the CPU (``cpu_adam_params_per_s``) after the
   last micro-batch, except for the ``gpu_step_fraction`` of the parameters stepped on the GPU (priced
-  as in ``params``, concurrently); in ``optimizer`` mode the updated weights go back to the GPU block by block,
+  as in ``params``, concurrently); ``rest_params`` (embeddings, heads) step on the CPU first, in
+  every mode; in ``optimizer`` mode the updated weights go back to the GPU block by block,
   overlapped with the CPU step of the next block (exposed: one block's copy).
 * ``params``: optimizer state stays on the GPU; the step streams fp32 master + gradient in and the
   master and its compute-dtype shadow out, block by block on the compute stream (``12`` bytes per
@@ -71,7 +72,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  prefetch_blocks: int = 2, microbatches: int = 1, compute_itemsize: int = 2,
                  duplex_gbps: Optional[float] = None, recompute: bool = False,
                  gpu_optim_params_per_s: float = 50e9, no_offload_optim_time: float = 0.0,
-                 gpu_step_fraction: float = 0.0) -> OffloadCost:
+                 gpu_step_fraction: float = 0.0, rest_params: float = 0.0) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -96,6 +97,9 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         gpu_step_fraction: ``optimizer``/``all``: the share of the parameters whose blocks keep their state
             on the GPU and step there (the engine's hybrid step, ``gpu_step_blocks``): priced like
             ``params`` mode's step, on the compute stream while the CPU steps the rest.
+        rest_params: parameters outside the repeated layers (embeddings, heads), counted in
+            ``param_bytes``: the engine keeps them resident and steps them on the CPU, synchronously,
+            before the layers' steps start (GPT-2 1.3B's 103M embedding: 61 ms on an H200 host).
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -149,7 +153,9 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     # (engine._device_step_async): fp32 master + gradient in, Adam on the GPU, master (+ compute-dtype
     # shadow) out, in one stream, so the copies are serial with each other and with the math (H200,
     # GPT-2 1.3B in ``params``: 14.4 GB in and 9.9 GB out per step, 599-633 ms/step; this model: 620 ms)
-    on_gpu = n_params if mode == "params" else n_params * min(1.0, max(0.0, float(gpu_step_fraction)))
+    rest = min(n_params, max(0.0, float(rest_params)))
+    layers = n_params - rest
+    on_gpu = layers if mode == "params" else layers * min(1.0, max(0.0, float(gpu_step_fraction)))
     stream_in = on_gpu * 8.0
     stream_out = on_gpu * (4.0 + (compute_itemsize if compute_itemsize != 4 else 0))
     h2d += stream_in
@@ -159,7 +165,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     t_gpu = t_link + on_gpu / gpu_optim_params_per_s
     t_opt = t_gpu
     if mode in ("optimizer", "all"):  # the CPU steps the other blocks on the worker meanwhile
-        on_cpu = n_params - on_gpu
+        on_cpu = layers - on_gpu
         t_cpu = on_cpu / cpu_adam_params_per_s
         if mode == "optimizer":  # refresh working copies, overlapped block by block with the CPU step
             cpu_w = w_bytes * on_cpu / n_params
@@ -167,6 +173,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
             link_busy += cpu_w / bw
             t_cpu = max(t_cpu, cpu_w / bw) + per_block_w / bw
         t_opt = max(t_gpu, t_cpu)
+    t_opt += rest / cpu_adam_params_per_s   # the resident group first, on the main thread
+    h2d += rest * compute_itemsize           # and its new working copy
     hidden = 1.0 if link_busy <= 0 else max(0.0, min(1.0, 1.0 - exposed / link_busy))
     step = compute + exposed + t_opt
     return OffloadCost(mode, h2d, d2h, link_busy, exposed, t_opt, step - compute - no_offload_optim_time, step, hidden)

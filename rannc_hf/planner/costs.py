@@ -16,6 +16,8 @@ batch-carrying values scale linearly, weights and masks do not.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Optional
 
@@ -73,6 +75,24 @@ class CostModel:
             seen |= names
         self._cross_b, self._cross_f = _crossing_parts(graph)
         self._cache: dict[float, BlockArrays] = {}
+        self.layer_prefixes = layer_prefixes(graph.params)
+        self._outside: dict[tuple[int, int], int] = {}
+
+    def outside_layers(self, b0: int, b1: int, names: set[str]) -> int:
+        """Trainable parameters of blocks ``b0..b1`` (``names``, from :meth:`stage_params`) outside the
+        repeated layers (embeddings, heads): the offload engine's resident group, stepped on the CPU
+        before the layers' steps start."""
+        key = (b0, b1)
+        if key not in self._outside:
+            n = 0
+            for p in names:
+                info = self.graph.params.get(p)
+                if info is None or info.is_buffer or not info.requires_grad:
+                    continue
+                if not any(p.startswith(pre + ".") for pre in self.layer_prefixes):
+                    n += info.numel
+            self._outside[key] = n
+        return self._outside[key]
 
     @classmethod
     def build(cls, graph, device: str | DeviceProfile = "auto", precision: str = "bf16", max_blocks: int = 256,
@@ -131,6 +151,32 @@ class CostModel:
 
     def op_range(self, b0: int, b1: int) -> tuple[int, int]:
         return self.blocks[b0][0], self.blocks[b1][1]
+
+
+_LAYER_INDEX = re.compile(r"^(.*?)\.(\d+)\.")
+
+
+def layer_prefixes(params: dict) -> set[str]:
+    """Module paths of the repeated layers, from parameter names alone, as
+    :func:`rannc_hf.offload.find_blocks` picks them on the module: the outermost numbered list with at
+    least 2 entries holding at least 10% of the trainable parameters (``transformer.h``, ``model.layers``).
+
+        >>> from types import SimpleNamespace as P
+        >>> w = lambda n: P(numel=n, requires_grad=True, is_buffer=False)
+        >>> sorted(layer_prefixes({"wte.weight": w(50), "h.0.w": w(30), "h.1.w": w(30), "head.0.w": w(1)}))
+        ['h']
+    """
+    total = sum(i.numel for i in params.values() if i.requires_grad and not i.is_buffer) or 1
+    found: dict[str, tuple[set, int]] = {}
+    for name, info in params.items():
+        if info.is_buffer or not info.requires_grad:
+            continue
+        m = _LAYER_INDEX.match(name)
+        if m:
+            idx, n = found.get(m.group(1), (set(), 0))
+            idx.add(m.group(2))
+            found[m.group(1)] = (idx, n + info.numel)
+    return {pre for pre, (idx, n) in found.items() if len(idx) >= 2 and n >= 0.1 * total}
 
 
 def _crossing_parts(graph) -> tuple[np.ndarray, np.ndarray]:

@@ -334,7 +334,8 @@ class Searcher:
         ci = compute_itemsize(self.precision)
         chunk_params = []
         for c, (lo, hi) in enumerate(chunks):
-            n_par, buf, _ = cm.stage_params(lo, hi)
+            n_par, buf, names = cm.stage_params(lo, hi)
+            rest = cm.outside_layers(lo, hi, names)
             chunk_params.append(n_par)
             k = self._inflight(c, S, v, M, sch)
             F = sum(f[lo:hi + 1]); Bw = sum(b[lo:hi + 1]); A = sum(sv[lo:hi + 1])
@@ -353,7 +354,8 @@ class Searcher:
                         continue
                     t_f, t_b = F, Bw + (F if rc else 0.0)
                     opt_t, exp_mb = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci,
-                                                         headroom=self.cap / v - mem["total"])
+                                                         headroom=self.cap / v - mem["total"],
+                                                         rest=rest)
                     score = M * (t_f + t_b + exp_mb) + opt_t
                     if best is None or score < best[0]:
                         best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t)
@@ -404,7 +406,7 @@ class Searcher:
         return choose_gpu_step_blocks([n_par / nblocks] * nblocks, headroom) / nblocks
 
     def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
-                        ci: int, headroom: float = 0.0) -> tuple[float, float]:
+                        ci: int, headroom: float = 0.0, rest: float = 0.0) -> tuple[float, float]:
         """(optimizer step seconds, exposed offload copy seconds per microbatch)."""
         prof = self.profile
         gpu_opt = n_par * 28.0 / (prof.mem_bw * prof.bw_efficiency)  # fused AdamW: read p,g,m,v; write p,m,v
@@ -417,7 +419,8 @@ class Searcher:
                               cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
                               prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
                               duplex_gbps=prof.duplex_bw / 1e9, recompute=rc,
-                              gpu_step_fraction=self._gpu_step_fraction(off, n_par, nblocks, headroom))
+                              gpu_step_fraction=self._gpu_step_fraction(off, n_par - rest, nblocks, headroom),
+                              rest_params=rest)
             return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw
