@@ -87,7 +87,7 @@ def _h200() -> DeviceProfile:
         # the fused CPU AdamW kernel alone runs 4.0e9 params/s on 16 cores (DESIGN.md section 7); inside the
         # engine, beside the gradient folds and the shadow casts, GPT-2 1.3B's embedding group stepped 103M
         # parameters in 61 ms, and with this rate the cost model gives the engine-alone GPT-2 2.7B run
-        # (mode all, 20 of 32 blocks stepped on the GPU, 959 ms measured) 963 ms (4.0e9 would give 921)
+        # (mode all, 20 of 32 blocks stepped on the GPU, 959 ms measured) 1,004 ms (4.0e9: 931)
         cpu_adam_params_per_s=2.0e9,
         notes="bf16 GEMM and pinned copies measured on one H200 (DESIGN.md section 7); fp32 = TF32 tensor cores; "
               "CPU AdamW rate as measured inside the offload engine")
