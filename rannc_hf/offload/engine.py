@@ -191,10 +191,10 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for g in self.groups for p in g.params if p.requires_grad]
 
+        self._step_stream = torch.cuda.Stream(self.device) if self.step_stream else None
         if self.cuda:
             self.h2d_stream = torch.cuda.Stream(self.device)
             self.d2h_stream = torch.cuda.Stream(self.device)
-            self._step_stream = torch.cuda.Stream(self.device) if self.step_stream else None
         self._pending: dict[tuple[int, int], tuple] = {}
         self._resident: list[int] = []           # offloaded blocks whose working copy is allocated
         self._bwd_active: set[int] = set()     # blocks whose backward started and has not finished

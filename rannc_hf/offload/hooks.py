@@ -24,7 +24,7 @@ and :func:`~rannc_hf.offload.fences.offload_exit`. Use the handle (or the patche
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -65,6 +65,19 @@ def find_blocks(model: nn.Module, min_share: float = 0.1) -> list[nn.Module]:
     if found:
         return found
     return [m for m in model.children() if any(True for _ in m.parameters())]
+
+
+def masters_into_state_dict(engine, named: Iterable[tuple[str, nn.Parameter]], state_dict: dict, prefix: str = "",
+                            copy: bool = True) -> None:
+    """Replace the entries of ``engine``'s parameters in ``state_dict`` by their fp32 host masters (their device
+    working copies may be released). Entries that are the parameters themselves (``keep_vars=True``) stay;
+    ``copy``: clone the masters (a master view changes with the next step)."""
+    for name, p in named:
+        key = prefix + name
+        v = state_dict.get(key)
+        if v is not None and not isinstance(v, nn.Parameter) and engine.owns(p):
+            m = engine.master_of(p).detach()
+            state_dict[key] = m.clone() if copy else m
 
 
 def _tensors(obj, out=None) -> list:
@@ -155,10 +168,7 @@ class OffloadHandle:
     def _state_dict_hook(self, module, state_dict, prefix, local_metadata):
         if self.engine is None or self._raw_state:
             return
-        for name, p in self._names.items():
-            key = prefix + name
-            if key in state_dict and self.engine.owns(p):
-                state_dict[key] = self.engine.master_of(p).detach()
+        masters_into_state_dict(self.engine, self._names.items(), state_dict, prefix, copy=False)
 
     def load_state_dict(self, state_dict: dict, strict: bool = True):
         """Load parameters into the host masters (and resident copies) and buffers into the module."""

@@ -93,7 +93,7 @@ class _StepMixin:
         """Step ``g`` on the device (state resident there): master and gradient in, new master and
         compute-dtype shadow back, working copy cast on the device; on the compute stream (or the side
         step stream, after the backward: ``step_stream``), no host wait."""
-        side = getattr(self, "_step_stream", None) if self.cuda else None
+        side = self._step_stream
         if side is None:
             return self._device_step_body(g, inner, has, scale)
         if bwd_done is not None:

@@ -63,14 +63,10 @@ def apply_memory_cap(cap_bytes: Optional[int], device: torch.device) -> Optional
     return frac
 
 
-def _to_weights_device(module: nn.Module, example: dict) -> dict:
-    """``example`` on the device of ``module``'s weights (a batch already on the GPU, the model still on
-    the CPU: export needs one device); a module on ``meta`` is captured with the batch as given."""
+def _weights_device(module: nn.Module) -> Optional[torch.device]:
+    """Where ``module``'s weights are (None: no weights, or on ``meta``, where the batch is used as given)."""
     ref = next(itertools.chain(module.parameters(), module.buffers()), None)
-    if ref is None or ref.device.type == "meta":
-        return example
-    return {k: v.to(ref.device) if isinstance(v, torch.Tensor) and v.device != ref.device else v
-            for k, v in example.items()}
+    return None if ref is None or ref.device.type == "meta" else ref.device
 
 
 class _BuildMixin:
@@ -127,11 +123,12 @@ class _BuildMixin:
         try:
             g = self._given_graph if (self._given_graph is not None and not self._variants and train) else None
             if g is None:
-                if self._primary is not None and self._local_on_device():
-                    # a re-capture (new shape / eval): local weights already live on the device
-                    example = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
-                else:  # the first capture: the weights are still where the user left them (often the CPU)
-                    example = _to_weights_device(self.module, example)
+                # export needs the batch where the weights are: on the device for a re-capture (new shape,
+                # eval), else where the user left them (often the CPU, with the batch already on the GPU)
+                dev = (self.device if self._primary is not None and self._local_on_device()
+                       else _weights_device(self.module))
+                if dev is not None:
+                    example = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
                 with self._stand_ins():
                     g = self._capture(example)
         finally:

@@ -51,9 +51,9 @@ import torch.nn as nn
 
 from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
-from ..offload.hooks import reject_closure
+from ..offload.cost import choose_gpu_step_blocks
+from ..offload.hooks import masters_into_state_dict, reject_closure
 from ..offload.optimizer import state_bytes_per_param
-from ..offload.cost import choose_gpu_step_blocks  # noqa: F401  (re-exported: the runtime's choice)
 from ..offload.store import check_host_memory
 from .grads import grad_norm_sq
 
@@ -509,10 +509,7 @@ def _masters_hook(so: StageOffload, model: nn.Module):
     named = list(model.named_parameters(remove_duplicate=False))
 
     def hook(mod, state_dict, prefix, local_metadata):
-        for name, p in named:
-            key = prefix + name
-            if key in state_dict and not isinstance(state_dict[key], nn.Parameter) and so.engine.owns(p):
-                state_dict[key] = so.engine.master_of(p).detach().clone()
+        masters_into_state_dict(so.engine, named, state_dict, prefix)
 
     return hook
 
