@@ -112,6 +112,11 @@ def main() -> None:
             json.dump({"resumed_from": start, "losses": losses, "shapes": len(rm._variants),
                        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
                        "seconds": round(time.time() - t0, 1)}, f)
+    import torch.distributed as dist
+
+    if dist.is_initialized():   # exit with no live process group (gloo's threads can abort an unclean exit)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

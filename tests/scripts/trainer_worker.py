@@ -118,6 +118,11 @@ def main() -> None:
     out_root = sys.argv[1]
     for spec in sys.argv[2:]:
         scenario(out_root, spec)
+    import torch.distributed as dist
+
+    if dist.is_initialized():   # exit with no live process group (gloo's threads can abort an unclean exit)
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
