@@ -7,6 +7,7 @@ engine's host buffers and `params` run as `all` with every block GPU-stepped). P
     python benchmarks/offload_gpu_check.py --rannc-only [--cpu]    # only the RanncModule cases
 """
 
+import itertools
 import os
 import sys
 import traceback
@@ -80,22 +81,25 @@ def train_rannc(family, mode, device):
 
 
 def rannc_cases(device) -> bool:
+    """Each family and mode, with the two micro-batches' gradients summed on the device and on the host."""
     good_all = True
     for fam in ("gpt2", "bert"):
         ref = train_rannc(fam, None, device)
-        for mode in ("optimizer", "params", "all"):
+        for mode, acc in itertools.product(("optimizer", "params", "all"), ("1", "0")):
+            os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"] = acc
             try:
                 got = train_rannc(fam, mode, device)
             except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"RanncModule {fam} {mode}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
+                print(f"RanncModule {fam} {mode} device-accumulate={acc}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
                 good_all = False
                 continue
             dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
             dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
             good = dl < 1e-3 and dp < 1e-3
             good_all &= good
-            print(f"RanncModule {fam} {mode}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
+            print(f"RanncModule {fam} {mode} device-accumulate={acc}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
                   flush=True)
+    os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", None)
     return good_all
 
 

@@ -295,28 +295,40 @@ def test_gpu_step_blocks_auto_from_plan_headroom(monkeypatch):
 
     import rannc_hf
     from rannc_hf.errors import ConfigError
-    from rannc_hf.runtime.offload_stage import _gpu_step_blocks, choose_gpu_step_blocks, engine_mode_for
+    from rannc_hf.runtime.offload_stage import (_device_accumulate, _gpu_headroom, _gpu_step_blocks,
+                                                choose_gpu_step_blocks, engine_mode_for)
 
     assert choose_gpu_step_blocks([100] * 10, 5000) == 4
     assert choose_gpu_step_blocks([100] * 10, 10**9) == 10
     assert choose_gpu_step_blocks([100] * 10, -1.0) == 0
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=10 * 2**30))
+    monkeypatch.delenv("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", raising=False)
     blocks = [[torch.nn.Parameter(torch.zeros(2**25))] for _ in range(8)]          # 32 Mi params: 256 MiB state
     stage = SimpleNamespace(memory={"total": 6 * 2**30}, peak_bytes=6 * 2**30)
 
-    def module(device="cuda", **cfg):
+    def module(device="cuda", microbatches=1, **cfg):
         return SimpleNamespace(device=torch.device(device), config=rannc_hf.RanncConfig(**cfg),
                                plan=SimpleNamespace(stages=[stage]),
+                               layout=SimpleNamespace(num_microbatches=microbatches),
                                _primary=SimpleNamespace(pipe=SimpleNamespace(modules=[SimpleNamespace(
                                    spec=SimpleNamespace(index=0))])))
 
+    def blocks_for(mode, m):
+        return _gpu_step_blocks(m, blocks, mode, _gpu_headroom(m))
+
     # cap 10 GiB x 0.9 - 6 GiB planned = 3 GiB headroom; x 0.8 - 256 MiB transient = 2.15 GiB: all 8 blocks (2 GiB)
-    assert _gpu_step_blocks(module(), blocks, "optimizer") == 8
-    assert _gpu_step_blocks(module(gpu_memory="8GiB"), blocks, "all") == 2   # (7.2 - 6) x 0.8 - 0.25 GiB = 0.71
-    assert _gpu_step_blocks(module(gpu_step_blocks=2), blocks, "optimizer") == 2
-    assert _gpu_step_blocks(module(gpu_step_blocks=99), blocks, "optimizer") == 8
-    assert _gpu_step_blocks(module("cpu"), blocks, "optimizer") == 0
-    assert _gpu_step_blocks(module(), blocks, "params") == 0
+    assert blocks_for("optimizer", module()) == 8
+    assert blocks_for("all", module(gpu_memory="8GiB")) == 2   # (7.2 - 6) x 0.8 - 0.25 GiB = 0.71
+    assert blocks_for("optimizer", module(gpu_step_blocks=2)) == 2
+    assert blocks_for("optimizer", module(gpu_step_blocks=99)) == 8
+    assert blocks_for("optimizer", module("cpu")) == 0
+    assert blocks_for("params", module()) == 0
+    # micro-batch gradients summed on the GPU when the fp32 buffer fits in 0.8 x headroom (1 GiB of 2.4 here)
+    n = 8 * 2**25
+    assert _device_accumulate(module(microbatches=4), n, _gpu_headroom(module())) is True
+    assert _device_accumulate(module(microbatches=1), n, _gpu_headroom(module())) is False
+    assert _device_accumulate(module(microbatches=4, gpu_memory="7GiB"), n, _gpu_headroom(module(gpu_memory="7GiB"))) is False
+    assert _device_accumulate(module("cpu", microbatches=4), n, None) is False
     # a plan's params mode (state on the GPU) runs on CUDA through the async pipeline, every block device-stepped
     assert engine_mode_for("params", True, 8, 0) == ("all", 8)
     assert engine_mode_for("params", False, 8, 0) == ("params", 0)
@@ -370,3 +382,81 @@ def test_compiled_segments_with_offload_fences(monkeypatch):
         stage = rm._primary.pipe.modules[0]
         assert (stage._compile_args is not None) == (comp == "true") and len(stage.segments()) > 1
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_stage_is_cut_at_offload_fences(monkeypatch):
+    """compile without recompute: the runs between fences are compiled one by one and the fences called
+    eagerly, so dynamo meets no graph break (48 of them made GPT-2 1.3B's compile take minutes on the H200);
+    the losses are the eager ones."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    losses = {}
+    for comp in ("false", "true"):
+        model, bf = make_with_batches("gpt2", 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+            num_stages=1, num_microbatches=2, precision="fp32", offload="optimizer", recompute="none", compile=comp))
+        losses[comp] = []
+        for step in range(2):
+            loss = loss_of(rm(**bf(BATCH // 2, step)))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[comp].append(float(loss.detach()))
+        stage = rm._primary.pipe.modules[0]
+        pieces = stage.fence_pieces()
+        assert len(pieces) > 4 and stage._pieces is not None
+        compiled = [p for p in pieces if not isinstance(p.gm, torch.fx.GraphModule)]
+        assert (len(compiled) > 0) == (comp == "true")
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family,mode", [("gpt2", "optimizer"), ("bert", "all"), ("cnn", "params")])
+def test_device_accumulation_matches_plain_and_sends_once(monkeypatch, family, mode):
+    """Micro-batch gradients summed in the engine's device buffer (forced on the CPU): the same training, and
+    one gradient per parameter leaves per step instead of one per micro-batch."""
+    sent = {}
+    for acc in ("0", "1"):
+        monkeypatch.setenv("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", acc)
+        rm, opt, losses = _rannc(family, mode)
+        eng = rm._offload.engine
+        assert eng.device_accumulate == (acc == "1")
+        sent[acc] = eng.stats()["d2h_bytes"]
+        ref_losses, _, ref_sd = reference(family)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+        _close_sd(rm.state_dict(), ref_sd)
+        assert all(g.dev_acc is None for g in eng.groups)   # the pass's buffers are gone after it
+    assert sent["0"] == M * sent["1"] > 0
+
+
+def test_device_accumulation_sends_sums_of_parameters_some_microbatch_skipped():
+    """A block used by only some micro-batches of a pass: end_pass sends its partial sum."""
+    from rannc_hf.offload import OffloadEngine, offload_enter, offload_exit
+
+    torch.manual_seed(0)
+    layers = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    ref = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(3))
+    ref.load_state_dict(layers.state_dict())
+    eng = OffloadEngine([list(l.parameters()) for l in layers], device="cpu", mode="all", prefetch_blocks=1,
+                        device_accumulate=True, check_memory=False)
+    xs = [torch.randn(2, 4) for _ in range(3)]
+    eng.begin_pass(3)
+    for k, x in enumerate(xs):
+        h, r = x, x
+        for i in range(3):
+            if i == 1 and k == 2:
+                continue
+            h = offload_exit(eng.id, i, layers[i](offload_enter(eng.id, i, h)))
+            r = ref[i](r)
+        h.square().sum().backward()
+        r.square().sum().backward()
+    assert eng.stats()["d2h_bytes"] == 2 * 4 * 20   # blocks 0 and 2 sent once each (fp32), block 1 not yet
+    eng.end_pass()
+    assert eng.stats()["d2h_bytes"] == 3 * 4 * 20
+    for p, q in zip(layers.parameters(), ref.parameters()):
+        torch.testing.assert_close(eng.grad_of(p), q.grad, rtol=1e-6, atol=1e-7)
+    eng.close()

@@ -72,7 +72,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  prefetch_blocks: int = 2, microbatches: int = 1, compute_itemsize: int = 2,
                  duplex_gbps: Optional[float] = None, recompute: bool = False,
                  gpu_optim_params_per_s: float = 50e9, no_offload_optim_time: float = 0.0,
-                 gpu_step_fraction: float = 0.0, rest_params: float = 0.0) -> OffloadCost:
+                 gpu_step_fraction: float = 0.0, rest_params: float = 0.0, device_accumulate: bool = False,
+                 host_fold_params_per_s: float = 4.0e9) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -100,6 +101,12 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         rest_params: parameters outside the repeated layers (embeddings, heads), counted in
             ``param_bytes``: the engine keeps them resident and steps them on the CPU, synchronously,
             before the layers' steps start (GPT-2 1.3B's 103M embedding: 61 ms on an H200 host).
+        device_accumulate: with several micro-batches, gradients are summed on the GPU and leave once per
+            step (the engine's ``device_accumulate``); otherwise every micro-batch's gradients go to the
+            host and each after the first is added there by the engine's single worker.
+        host_fold_params_per_s: that worker's adds (bf16 staging into fp32 buffers), parameters/s:
+            4e9 on an H200 host (GPT-2 1.3B, 4 micro-batches: 1.0 s of folds per step), overlapped with the
+            backward passes that follow.
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -123,30 +130,34 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     fwd_b, bwd_b = fwd_time / nb, bwd_eff / nb
     kept = min(nb, prefetch_blocks + 1)
 
-    h2d = d2h = 0.0
-    exposed = 0.0
-    link_busy = 0.0
-    # --- per micro-batch traffic ---
-    if mode in ("params", "all"):
-        f_copy = per_block_w / bw
-        # forward: first block exposed, then each copy overlaps the previous block's compute
-        exposed_f = f_copy + (nb - 1) * max(0.0, f_copy - fwd_b)
-        # backward: weight fetch (h2d) and gradient stream (d2h) share the link in both directions
-        n_fetch = nb - kept
-        b_h2d = per_block_w / bw
-        b_d2h = per_block_g / bw
-        b_both = (per_block_w + per_block_g) / duplex
-        b_copy = max(b_h2d, b_d2h, b_both)
-        exposed_b = n_fetch * max(0.0, b_copy - bwd_b) + kept * max(0.0, b_d2h - bwd_b)
-        h2d += mb * (w_bytes + per_block_w * n_fetch)
-        d2h += mb * grad_bytes
-        link_busy += mb * (nb * f_copy + n_fetch * b_copy + kept * b_d2h)
-        exposed += mb * (exposed_f + exposed_b) + per_block_g / bw  # the last gradient drains after compute
-    else:  # optimizer: weights resident, only gradients leave
-        b_d2h = per_block_g / bw
-        exposed += mb * nb * max(0.0, b_d2h - bwd_b) + per_block_g / bw
-        d2h += mb * grad_bytes
-        link_busy += mb * nb * b_d2h
+    def microbatch_traffic(block_g: float) -> tuple[float, float, float, float]:
+        """(h2d, d2h, link busy, exposed) of one micro-batch whose blocks each send ``block_g`` gradient bytes."""
+        if mode in ("params", "all"):
+            f_copy = per_block_w / bw
+            # forward: first block exposed, then each copy overlaps the previous block's compute
+            exposed_f = f_copy + (nb - 1) * max(0.0, f_copy - fwd_b)
+            # backward: weight fetch (h2d) and gradient stream (d2h) share the link in both directions
+            n_fetch = nb - kept
+            b_d2h = block_g / bw
+            b_copy = max(per_block_w / bw, b_d2h, (per_block_w + block_g) / duplex)
+            exposed_b = n_fetch * max(0.0, b_copy - bwd_b) + kept * max(0.0, b_d2h - bwd_b)
+            return (w_bytes + per_block_w * n_fetch, block_g * nb, nb * f_copy + n_fetch * b_copy + kept * b_d2h,
+                    exposed_f + exposed_b)
+        b_d2h = block_g / bw  # optimizer: weights resident, only gradients leave
+        return 0.0, block_g * nb, nb * b_d2h, nb * max(0.0, b_d2h - bwd_b)
+
+    # --- per micro-batch traffic (with device accumulation only the last micro-batch's sums leave) ---
+    sending = 1 if (device_accumulate and mb > 1) else mb
+    parts = [(microbatch_traffic(per_block_g), sending)]
+    if sending < mb:
+        parts.append((microbatch_traffic(0.0), mb - sending))
+    h2d = sum(t[0] * k for t, k in parts)
+    d2h = sum(t[1] * k for t, k in parts)
+    link_busy = sum(t[2] * k for t, k in parts)
+    exposed = sum(t[3] * k for t, k in parts) + per_block_g / bw  # the last gradient drains after compute
+    if sending > 1:  # host folds of micro-batches 2..m on one worker, overlapped with the backward passes after
+        folds = (sending - 1) * (n_params - min(n_params, max(0.0, float(rest_params)))) / host_fold_params_per_s
+        exposed += max(0.0, folds - (sending - 1) * bwd_eff)
 
     # --- optimizer step ---
     # GPU step (``params``, and the GPU-stepped share of the others), block by block on the compute stream
@@ -231,6 +242,17 @@ def choose_mode(num_params: float, gpu_budget_bytes: float, *, activation_bytes:
                 host_budget_bytes is None or m["host_bytes"] <= host_budget_bytes):
             return mode
     return None
+
+
+def use_device_accumulation(microbatches: int, num_params: float, headroom_bytes: float,
+                            safety: float = 0.8) -> bool:
+    """Whether the engine sums a pass's micro-batch gradients on the GPU: several micro-batches, and the fp32
+    buffer (4 B per parameter) fits in ``safety * headroom_bytes`` (the runtime and the planner use this rule).
+
+        >>> use_device_accumulation(4, 1e9, 10e9), use_device_accumulation(4, 1e9, 4e9), use_device_accumulation(1, 1e9, 10e9)
+        (True, False, False)
+    """
+    return microbatches > 1 and 4.0 * num_params <= safety * float(headroom_bytes)
 
 
 def choose_gpu_step_blocks(block_numels: Sequence[int], headroom_bytes: float, state_bytes_per_param: float = 8.0,

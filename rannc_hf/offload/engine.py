@@ -113,6 +113,9 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             the worker steps the blocks in forward order while the next forward runs, each
             ``before_forward(i)`` waiting for block ``i`` alone. Same values as the synchronous path
             up to rounding (norm summation order, fused Adam's ``grad_scale``).
+        device_accumulate: on CUDA, within a pass announced by :meth:`begin_pass` (the pipeline runtime's
+            micro-batches), sum each parameter's gradients in an fp32 device buffer (4 bytes per parameter,
+            held during the pass) and send only the sum to the host (a CPU device runs the same path).
     """
 
     def __init__(self, blocks: list[list[nn.Parameter]], device: torch.device | str | None = None,
@@ -121,7 +124,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                  check_memory: bool = True, trace: bool = False, timing: bool = False,
                  cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
                  async_step: Optional[bool] = None, device_step_blocks: int = 0,
-                 cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None):
+                 cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None,
+                 device_accumulate: bool = False):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -161,6 +165,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         if step_stream is None:
             step_stream = os.environ.get("RANNC_HF_OFFLOAD_STEP_STREAM", "0").lower() in ("1", "true", "yes")
         self.step_stream = bool(step_stream) and self.cuda and self.device_step_blocks > 0
+        self.device_accumulate = bool(device_accumulate)
+        self._pass_mb = 1          # micro-batches of the pass under way (begin_pass)
 
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:

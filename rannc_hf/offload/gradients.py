@@ -22,11 +22,59 @@ from .store import ParamGroup
 class _GradientMixin:
     """Gradient streaming, norms and clipping of :class:`~rannc_hf.offload.engine.OffloadEngine`."""
 
+    # -- micro-batches of one pass (the pipeline runtime): sum on the device, one trip to the host ------
+    def begin_pass(self, num_microbatches: int) -> None:
+        """A pipeline pass of ``num_microbatches`` backward passes starts. With :attr:`device_accumulate`
+        (CUDA), each parameter's gradients of the first ``m - 1`` micro-batches are summed in an fp32 device
+        buffer and only the sum leaves with the last: one copy to the host per pass and no host folds
+        (GPT-2 1.3B, 4 micro-batches: the host folds took 1.0 s of a step). :meth:`end_pass` sends what
+        is left (a parameter some micro-batch did not use)."""
+        self._pass_mb = max(1, int(num_microbatches))
+        self._forget_pass()
+
+    def _forget_pass(self) -> None:
+        for g in self.groups:
+            g.arrivals = [0] * len(g.params)
+            g.dev_acc = None
+
+    def end_pass(self) -> None:
+        """Send the device sums of parameters that got fewer gradients than the pass had micro-batches."""
+        for g in self.groups:
+            if g.dev_acc is not None:
+                for j, n in enumerate(g.arrivals):
+                    if 0 < n < self._pass_mb:
+                        self._send(g, j, g.view(g.dev_acc, j).to(g.params[j].dtype))
+        self._forget_pass()
+        self._pass_mb = 1
+
+    def _accumulated(self, g: ParamGroup, j: int, grad: torch.Tensor) -> Optional[torch.Tensor]:
+        """None while parameter ``j`` of ``g`` waits for later micro-batches (``grad`` added to its device
+        sum), else the gradient to send: ``grad`` itself, or the pass's sum in ``grad``'s dtype."""
+        m = self._pass_mb
+        if m <= 1 or not self.device_accumulate:
+            return grad
+        n = g.arrivals[j] = g.arrivals[j] + 1
+        if g.dev_acc is None:
+            g.dev_acc = torch.empty(g.numel, dtype=torch.float32, device=self.device)
+        acc = g.view(g.dev_acc, j)
+        if n == 1:
+            acc.copy_(grad)
+        else:
+            acc.add_(grad)
+        return acc.to(grad.dtype) if n >= m else None
+
     def _on_grad(self, p: torch.Tensor) -> None:
         grad = p.grad
         if grad is None:
             return
+        p.grad = None
         g, j = self._where[id(p)]
+        grad = self._accumulated(g, j, grad)
+        if grad is not None:
+            self._send(g, j, grad)
+
+    def _send(self, g: ParamGroup, j: int, grad: torch.Tensor) -> None:
+        """Take one gradient of parameter ``j`` of ``g`` to its host buffer (summed with earlier ones)."""
         self._got_grads = True
         self._stats["d2h_bytes"] += grad.numel() * grad.element_size()
         if not self.cuda:
@@ -75,7 +123,6 @@ class _GradientMixin:
                     self._copy_events.append((e0, ev))
             grad.record_stream(s)
             self._pending[key] = (g, j, ev)
-        p.grad = None
 
     def _pool(self):
         if self._worker is None:
@@ -222,6 +269,7 @@ class _GradientMixin:
     def zero_grad(self) -> None:
         """Forget accumulated gradients (the host buffers are overwritten by the next ones)."""
         self.drain(force=True)
+        self._forget_pass()
         self._scale = None
         self._got_grads = False
         for g in self.groups:

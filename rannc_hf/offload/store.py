@@ -88,6 +88,8 @@ class ParamGroup:
             off += -(-n // ALIGN) * ALIGN
         self.numel = off
         self.has_grad = [False] * len(self.params)
+        self.arrivals = [0] * len(self.params)  # gradients summed on the device this pass (engine.begin_pass)
+        self.dev_acc: Optional[torch.Tensor] = None  # their fp32 device sum
         self.ready_event = None  # CUDA event of an in-flight fetch
         self.master = _empty_host(self.numel, torch.float32, self.pin)
         self.master.zero_()  # padding between parameters stays zero

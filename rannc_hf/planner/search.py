@@ -413,14 +413,19 @@ class Searcher:
         if off == "none":
             return gpu_opt, 0.0
         try:
-            from ..offload.cost import offload_cost
+            from ..offload.cost import offload_cost, use_device_accumulation
+
+            dev_acc = prof.name != "cpu" and use_device_accumulation(M, n_par, headroom)  # as the runtime decides
+            if dev_acc:
+                headroom -= 4.0 * n_par
             oc = offload_cost(param_bytes=n_par * 4.0, grad_bytes=n_par * ci, optim_bytes=n_par * 8.0,
                               fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
                               cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
                               prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
                               duplex_gbps=prof.duplex_bw / 1e9, recompute=rc,
                               gpu_step_fraction=self._gpu_step_fraction(off, n_par - rest, nblocks, headroom),
-                              rest_params=rest)
+                              rest_params=rest, device_accumulate=dev_acc,
+                              host_fold_params_per_s=prof.host_fold_params_per_s)
             return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw

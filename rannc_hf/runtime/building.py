@@ -69,6 +69,13 @@ def _weights_device(module: nn.Module) -> Optional[torch.device]:
     return None if ref is None or ref.device.type == "meta" else ref.device
 
 
+def _moved(batch: dict, device: Optional[torch.device]) -> dict:
+    """``batch`` with its tensors on ``device`` (as given when None)."""
+    if device is None:
+        return batch
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 class _BuildMixin:
     """RanncModule's building methods (mixed into :class:`~rannc_hf.runtime.module.RanncModule`)."""
 
@@ -111,7 +118,8 @@ class _BuildMixin:
             self._plan_from_file = True
         if plan is not None:
             plan.check_world(world)
-        batch = {**tensors, **other}
+        # export (the planner captures too) needs the batch where the weights are, often still the CPU
+        batch = _moved({**tensors, **other}, _weights_device(self.module))
         self.layout = decide_layout(self.module, batch, self.config, world_size=world, batch_size=B,
                                     plan=plan, batch_is_local=self.local_batch)
         pp = self.layout.num_stages // self.layout.virtual_stages
@@ -127,8 +135,7 @@ class _BuildMixin:
                 # eval), else where the user left them (often the CPU, with the batch already on the GPU)
                 dev = (self.device if self._primary is not None and self._local_on_device()
                        else _weights_device(self.module))
-                if dev is not None:
-                    example = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in example.items()}
+                example = _moved(example, dev)
                 with self._stand_ins():
                     g = self._capture(example)
         finally:

@@ -276,9 +276,11 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
             pipe.loss_scale = 1.0 / m if mean_in_loss else self.scaler.scale
             saved = stash_grads(var.params)
             if self._offload is not None:
-                self._offload.before_run(on_host)
+                self._offload.before_run(on_host, m)
             try:
                 loss_sum = pipe.run(inputs, train=True)
+                if self._offload is not None:
+                    self._offload.after_run()
             finally:
                 new = restore_grads(var.params, saved)
             if self._offload is not None and not on_host:

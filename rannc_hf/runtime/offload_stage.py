@@ -51,7 +51,7 @@ import torch.nn as nn
 
 from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
-from ..offload.cost import choose_gpu_step_blocks
+from ..offload.cost import choose_gpu_step_blocks, use_device_accumulation
 from ..offload.hooks import masters_into_state_dict, reject_closure
 from ..offload.optimizer import state_bytes_per_param
 from ..offload.store import check_host_memory
@@ -279,11 +279,12 @@ class StageOffload:
             return False
         return not (o._sync and o.mesh is not None and o.mesh.dp_size > 1)
 
-    def before_run(self, on_host: bool = False) -> None:
+    def before_run(self, on_host: bool = False, num_microbatches: int = 1) -> None:
         """Before a pipeline pass with backward: the engine's buffers must hold only this call's gradients.
 
         ``on_host``: this call keeps its gradients on the host (see :meth:`keeps_grads_on_host`)."""
         eng = self.engine
+        eng.begin_pass(num_microbatches)
         if self._pending is not None:       # the last call's backward never came: forget its gradients
             self._restore_base()
         self._pending = None
@@ -299,6 +300,10 @@ class StageOffload:
                 base[id(p)] = gr.clone()
         self._base = base or None
         eng.zero_grad()
+
+    def after_run(self) -> None:
+        """After the pipeline pass: gradient sums still on the device go to the host."""
+        self.engine.end_pass()
 
     def _restore_base(self) -> None:
         eng = self.engine
@@ -484,20 +489,37 @@ def engine_mode_for(mode: str, cuda: bool, num_blocks: int, gpu_step_blocks: int
     return mode, gpu_step_blocks
 
 
-def _gpu_step_blocks(module, blocks: list, mode: str) -> int:
-    """``config.gpu_step_blocks``, resolving ``auto`` from the plan: the GPU cap (after ``mem_margin``) less the
-    local stages' predicted peak. 0 without a CUDA device, a CPU step mode, or a plan with memory figures."""
+def _gpu_headroom(module) -> Optional[float]:
+    """GPU bytes the plan leaves free on this rank: the cap (after ``mem_margin``) less the local stages'
+    predicted peak. None without a CUDA device or a plan with memory figures."""
+    plan = module.plan
+    local = [m.spec.index for m in module._primary.pipe.modules]
+    if module.device.type != "cuda" or plan is None or not all(
+            i < len(plan.stages) and plan.stages[i].memory for i in local):
+        return None
+    cap = module.config.gpu_memory_bytes or torch.cuda.get_device_properties(module.device).total_memory
+    return cap * (1.0 - module.config.mem_margin) - sum(plan.stages[i].peak_bytes for i in local)
+
+
+def _device_accumulate(module, num_params: int, headroom: Optional[float]) -> bool:
+    """Sum micro-batch gradients on the GPU (:func:`~rannc_hf.offload.cost.use_device_accumulation`, the
+    planner's rule); ``RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE=0/1`` overrides it (benchmarks)."""
+    forced = os.environ.get("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE")
+    if forced is not None:
+        return forced.lower() in ("1", "true", "yes")
+    return module.device.type == "cuda" and headroom is not None and use_device_accumulation(module.layout.num_microbatches, num_params, headroom)
+
+
+def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float]) -> int:
+    """``config.gpu_step_blocks``, resolving ``auto`` from ``headroom`` (see :func:`_gpu_headroom`, less the
+    device gradient sums if any). 0 without a CUDA device, a CPU step mode, or a plan with memory figures."""
     want = module.config.gpu_step_blocks
     if module.device.type != "cuda" or mode not in ("optimizer", "all"):
         return 0
     if want != "auto":
         return min(int(want), len(blocks))
-    plan = module.plan
-    local = [m.spec.index for m in module._primary.pipe.modules]
-    if plan is None or not all(i < len(plan.stages) and plan.stages[i].memory for i in local):
+    if headroom is None:
         return 0
-    cap = module.config.gpu_memory_bytes or torch.cuda.get_device_properties(module.device).total_memory
-    headroom = cap * (1.0 - module.config.mem_margin) - sum(plan.stages[i].peak_bytes for i in local)
     return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom)
 
 
@@ -552,10 +574,16 @@ def attach(module) -> Optional[StageOffload]:
     in_blocks = {id(p) for ps in blocks for p in ps}
     rest = [p for p in params if id(p) not in in_blocks]
     opt = module.optimizer
-    engine_mode, k = engine_mode_for(mode, cuda, len(blocks), _gpu_step_blocks(module, blocks, mode))
+    headroom = _gpu_headroom(module)
+    n_params = sum(p.numel() for p in params)
+    dev_acc = _device_accumulate(module, n_params, headroom)
+    if dev_acc and headroom is not None:
+        headroom -= 4.0 * n_params
+    engine_mode, k = engine_mode_for(mode, cuda, len(blocks), _gpu_step_blocks(module, blocks, mode, headroom))
     engine = OffloadEngine(blocks, device=module.device, mode=engine_mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
-                           check_memory=False, param_order=params, device_step_blocks=k)
+                           check_memory=False, param_order=params, device_step_blocks=k,
+                           device_accumulate=dev_acc)
     so = StageOffload(module, engine, mode, modes)
     so._prefixes = prefixes
     so._blocks_per_stage = per_stage
@@ -567,5 +595,6 @@ def attach(module) -> Optional[StageOffload]:
         so.patch_optimizer(opt)
     module.module._register_state_dict_hook(_masters_hook(so, module.module))
     log.info("rannc_hf: offload %s (engine mode %s) on pipeline rank %d: %d blocks (%d stepped on the GPU), "
-             "%d resident parameters", mode, engine_mode, module.pp_rank, len(blocks), engine.device_step_blocks, len(rest))
+             "%d resident parameters, micro-batch gradients summed on the %s", mode, engine_mode, module.pp_rank,
+             len(blocks), engine.device_step_blocks, len(rest), "GPU" if engine.device_accumulate else "host")
     return so
