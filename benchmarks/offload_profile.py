@@ -62,7 +62,8 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
         cfg_r = RanncConfig(num_stages=1, precision="fp32" if tiny else "bf16",
                             offload="none" if variant == "plain" else ("all" if tiny else "auto"),
                             gpu_memory=None if (tiny or variant == "plain") else cap,
-                            compile="false" if (tiny or variant == "rannc-eager") else "auto")
+                            compile="false" if (tiny or variant == "rannc-eager") else "auto",
+                            num_microbatches=int(os.environ["MICROBATCHES"]) if os.environ.get("MICROBATCHES") else None)
         m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
         dev = m.device
         eng = m._offload.engine if m._offload is not None else None
