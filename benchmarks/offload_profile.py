@@ -60,7 +60,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
 
         opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
         cfg_r = RanncConfig(num_stages=1, precision="fp32" if tiny else "bf16",
-                            offload="none" if variant == "plain" else ("all" if tiny else "auto"),
+                            offload="none" if variant == "plain" else ("all" if tiny else os.environ.get("OFFLOAD", "auto")),
                             gpu_memory=None if (tiny or variant == "plain") else cap,
                             compile="false" if (tiny or variant == "rannc-eager") else "auto",
                             num_microbatches=int(os.environ["MICROBATCHES"]) if os.environ.get("MICROBATCHES") else None)
