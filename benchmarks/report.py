@@ -158,6 +158,25 @@ def offload() -> str:
     return "\n".join(rows) + tail + "\n\n" + _env_line(d)
 
 
+def offload_rannc() -> str:
+    d = _load("offload_rannc_h200.json")
+    if not d:
+        return "_no results yet_"
+    mb, cv, vs = d["gpt2_1.3b_microbatches"], d["gpt2_1.3b_loss_curves"], d["gpt2_2.7b_vs_deepspeed"]
+    rows = ["| model | plan | step ms (predicted) | tokens/s | GB to GPU / to host per step | engine CPU step s |",
+            "|---|---|---|---|---|---|"]
+    for name, r in (("GPT-2 1.3B", mb["mb1"]), ("GPT-2 1.3B", mb["mb4"]), ("GPT-2 2.7B", vs["rannc"])):
+        rows.append(f"| {name} | {r['plan']} | {r['step_time_s'] * 1e3:,.0f} ({r['predicted_step_time_s'] * 1e3:,.0f}) | "
+                    f"{r['tokens_per_s']:,.0f} | {r['h2d_gb_per_step']:.1f} / {r['d2h_gb_per_step']:.1f} | {r['engine_cpu_step_s']:.2f} |")
+    p = vs["deepspeed_zero3_offload"]
+    rows.append(f"| GPT-2 2.7B | DeepSpeed ZeRO-3, param + optimizer offload, same call | {p['step_time_s'] * 1e3:,.0f} | "
+                f"{p['tokens_per_s']:,.0f} | | |")
+    curves = ["| run (30 steps, same batches, bf16) | largest per-step loss difference vs no offload |", "|---|---|"]
+    curves += [f"| {k} | {v:.4f} |" for k, v in cv["max_abs_loss_difference_vs_plain"].items()]
+    return ("\n".join(rows) + f"\n\n{vs['note']} {mb['note']}\n\n" + "\n".join(curves) + f"\n\n{cv['note']}\n\n"
+            + _env_line(d))
+
+
 def trainer() -> str:
     d = _load("trainer_gpu_h200.json")
     if not d:
@@ -231,7 +250,8 @@ def cpu_overhead() -> str:
             + "\n".join(rows) + "\n\n" + _env_line(d))
 
 
-SECTIONS = {"single_gpu": single_gpu, "plan": plan_tables, "offload": offload, "trainer": trainer,
+SECTIONS = {"single_gpu": single_gpu, "plan": plan_tables, "offload": offload, "offload_rannc": offload_rannc,
+            "trainer": trainer,
             "multi_gpu": multi_gpu, "recipes": recipes, "cpu_overhead": cpu_overhead}
 
 

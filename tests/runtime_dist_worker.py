@@ -382,6 +382,26 @@ def ws4() -> None:
 
     run_case("no_sync", no_sync)
 
+    def dp_inner():
+        """A plan whose replicas sit on neighbouring ranks (dp_inner): rank 1 is stage 0's second replica; GPT-2's
+        tied embedding still syncs across its two stages."""
+        model, bf = make_with_batches("gpt2", 0)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR)
+        cfg = rannc_hf.RanncConfig(num_stages=2, dp_size=2, num_microbatches=2, schedule="1f1b", precision="fp32",
+                                   collective_timeout_s=120)
+        g = graph_for("gpt2", BATCH // 4)
+        p = rannc_hf.plan(g, cluster=rannc_hf.Cluster(num_gpus=4, gpu_memory="8GiB", device="h100"), config=cfg,
+                          progress=False, global_batch=BATCH)
+        p.dp_inner = True
+        rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g, plan=p)
+        losses, norms = run_steps(rm, opt, bf)
+        dump_state("gpt2_dp_inner", rm.state_dict())
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, (rm.mesh.pp_rank, rm.mesh.dp_rank))
+        return {"losses": losses, "norms": norms, "ranks": ranks}
+
+    run_case("gpt2_dp_inner", dp_inner)
+
 
 if __name__ == "__main__":
     from rannc_hf.runtime.mesh import init_distributed

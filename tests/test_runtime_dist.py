@@ -190,6 +190,16 @@ def test_no_sync_accumulation(out):
     max_rel(load_file(os.path.join(out, "no_sync.safetensors")), model.state_dict())
 
 
+def test_dp_inner_rank_layout_matches_single_process(out):
+    """pp=2 x dp=2 with the replicas of a stage on neighbouring ranks (the planner's dp_inner layout)."""
+    info = _case(out, "gpt2_dp_inner")
+    assert [tuple(r) for r in info["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    ref_losses, ref_norms, ref_sd = reference("gpt2")
+    torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(info["norms"]), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
+    max_rel(load_file(os.path.join(out, "gpt2_dp_inner.safetensors")), ref_sd)
+
+
 def test_recompute_full_matches(out):
     info = _case(out, "gpt2_recompute")
     ref_losses, _, ref_sd = reference("gpt2")

@@ -151,11 +151,11 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
             fixed = RanncConfig(**{**config.to_dict(), "num_stages": chosen.S, "dp_size": chosen.dp,
                                    "num_microbatches": chosen.M, "schedule": chosen.schedule})
             cm2 = CostModel.build(g_mb, cluster.device, config.precision, max_blocks=max_blocks)
-            best2, searcher = _search(cm2, cluster, fixed, cap, ("auto",), False, global_batch,
+            # every partitioner again: auto is the best of all of them on this graph too
+            best2, searcher = _search(cm2, cluster, fixed, cap, partitioners, False, global_batch,
                                       virtual=chosen.v)
-            if "auto" in best2:
-                graph, cm, chosen = g_mb, cm2, best2["auto"]
-                chosen.partitioner = config.partitioner
+            if config.partitioner in best2:   # the baselines too are this graph's
+                graph, cm, chosen, best = g_mb, cm2, best2[config.partitioner], best2
     searcher._simulate(chosen)
     p = _to_plan(chosen, cm, graph, cluster, config, cap, global_batch)
     for name, cand in best.items():
@@ -280,7 +280,7 @@ def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: Rannc
              predicted_bubble=c.sim.bubble if c.sim else 0.0, gpu_memory=int(cap), device=cm.profile.name,
              model_class=graph.model_class, graph_fingerprint=graph.fingerprint(), num_ops=len(graph.ops),
              tokens_per_sample=_tokens_per_sample(graph), flops_per_step=flops,
-             stage_p2p_ms=[x * 1e3 for x in c.p2p], rank_tail_ms=[x * 1e3 for x in c.tail])
+             stage_p2p_ms=[x * 1e3 for x in c.p2p], rank_tail_ms=[x * 1e3 for x in c.tail], dp_inner=c.dp_inner)
     if c.partitioner != config.partitioner:
         p.notes.append(f"the best auto candidate came from the {c.partitioner} partition")
     if c.v > 1:

@@ -75,6 +75,7 @@ class Plan:
     rank_tail_ms: list[float] = field(default_factory=list)     # per rank: all-reduces + optimizer after the pipeline
     cost_source: str = ""                                       # analytic | measured
     split_min_out_features: Optional[int] = None  # capture with this (rannc_hf.capture split_head), as planned
+    dp_inner: bool = False    # rank layout: a stage's replicas on neighbouring ranks (rannc_hf.runtime.mesh)
 
     # ---- derived -----------------------------------------------------------------------
     @property
@@ -187,7 +188,8 @@ class Plan:
         """A table a person reads: one row per stage."""
         head = (f"Plan for {self.model_class}: {self.num_ranks_pp} stage(s) x {self.dp_size} replica(s) = "
                 f"{self.world_size} GPU(s), {self.num_microbatches} microbatch(es) of {self.microbatch_size}, "
-                f"schedule {self.schedule}, partitioner {self.partitioner}")
+                f"schedule {self.schedule}, partitioner {self.partitioner}"
+                + (", replicas on neighbouring ranks" if self.dp_inner else ""))
         cols = ["stage", "ops", "modules", "params", "memory", "fwd ms", "bwd ms", "replicas", "recompute", "offload"]
         rows = []
         for s in self.stages:

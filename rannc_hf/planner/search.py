@@ -63,6 +63,7 @@ class Candidate:
     rank_memory: list[int] = field(default_factory=list)
     est: float = math.inf
     sim: Optional[SimResult] = None
+    dp_inner: bool = False      #: rank layout: a stage's replicas are neighbours (see runtime.mesh)
 
     @property
     def score(self) -> float:
@@ -159,15 +160,30 @@ class Searcher:
     def _inflight(self, c: int, S: int, v: int, M: int, sch: str) -> float:
         return in_flight(sch, c % S, S, M, v)
 
-    def _dp_bw(self, S: int, dp: int) -> float:
-        if S * dp <= self.gpn:
+    # Two rank layouts (runtime.mesh): pp-inner (a replica's stages are neighbours: p2p on NVLink, the
+    # data-parallel all-reduce crosses nodes) and dp-inner (a stage's replicas are neighbours, as in Megatron
+    # and DeepSpeed's pipe/data topology: all-reduce on NVLink, stage boundaries cross nodes).
+    def _dp_bw(self, S: int, dp: int, dp_inner: bool = False) -> float:
+        if S * dp <= self.gpn or (dp_inner and dp <= self.gpn and self.gpn % dp == 0):
             return self.profile.intra_node_bw
+        if dp_inner:   # one replica group spans whole nodes: a ring crosses each node boundary once
+            return self.profile.inter_node_bw
         return min(self.profile.intra_node_bw, self.profile.inter_node_bw / max(1, min(S, self.gpn)))
 
-    def _p2p_bw(self, c: int, S: int) -> float:
+    def _p2p_bw(self, c: int, S: int, dp: int = 1, dp_inner: bool = False) -> float:
         r0, r1 = c % S, (c + 1) % S
+        if dp_inner:   # ranks r*dp .. r*dp+dp-1; all of a node's GPUs send across at once when dp >= gpn
+            if S * dp <= self.gpn:
+                return self.profile.intra_node_bw
+            if (r0 * dp) // self.gpn == (r1 * dp) // self.gpn:
+                return self.profile.intra_node_bw
+            return self.profile.inter_node_bw / max(1, min(dp, self.gpn))
         same = (r0 // self.gpn) == (r1 // self.gpn) if S > self.gpn else True
         return self.profile.intra_node_bw if same else self.profile.inter_node_bw
+
+    def _layouts(self, S: int, dp: int) -> tuple[bool, ...]:
+        """The rank layouts worth pricing (``dp_inner`` values): both once a plan spans several nodes."""
+        return (False, True) if S > 1 and dp > 1 and S * dp > self.gpn else (False,)
 
     # ---- partitioners ---------------------------------------------------------------------
     def _greedy(self, a: BlockArrays, T: float, C: int, S: int, v: int, M: int, sch: str,
@@ -333,6 +349,7 @@ class Searcher:
         prof = self.profile
         ci = compute_itemsize(self.precision)
         chunk_params = []
+        couts: list[float] = []
         for c, (lo, hi) in enumerate(chunks):
             n_par, buf, names = cm.stage_params(lo, hi)
             rest = cm.outside_layers(lo, hi, names)
@@ -368,7 +385,7 @@ class Searcher:
             cand.memory.append(mem)
             cand.fwd.append(t_f)
             cand.bwd.append(t_b)
-            cand.p2p.append(cout / self._p2p_bw(c, S) + prof.p2p_latency if c < len(chunks) - 1 else 0.0)
+            couts.append(cout)
             cand.tail.append(opt_t)
         # per rank: memory and tails (dp all-reduce, tied all-reduce, optimizer)
         R = S
@@ -384,15 +401,21 @@ class Searcher:
             rank_params[r] += chunk_params[c]
         if max(rank_mem) > self.cap:
             return None
-        bw = self._dp_bw(S, dp)
-        for r in range(R):
-            ar = ring_allreduce_time(rank_params[r] * 4.0, dp, bw, prof.collective_latency)
-            tails[r] += max(0.0, ar - rank_b[r] / max(1, v))
-        for r, t in self._tied_times(chunks, S).items():
-            tails[r] += t
-        cand.tail = tails
         cand.rank_memory = rank_mem
-        cand.est = estimate(cand.fwd, cand.bwd, M, sch, cand.p2p, v, tails)
+        base = tails
+        for dp_inner in self._layouts(S, dp):
+            p2p = [cout / self._p2p_bw(c, S, dp, dp_inner) + prof.p2p_latency if c < len(chunks) - 1 else 0.0
+                   for c, cout in enumerate(couts)]
+            tails = list(base)
+            bw = self._dp_bw(S, dp, dp_inner)
+            for r in range(R):
+                ar = ring_allreduce_time(rank_params[r] * 4.0, dp, bw, prof.collective_latency)
+                tails[r] += max(0.0, ar - rank_b[r] / max(1, v))
+            for r, t in self._tied_times(chunks, S, dp, dp_inner).items():
+                tails[r] += t
+            est = estimate(cand.fwd, cand.bwd, M, sch, p2p, v, tails)
+            if est < cand.est:
+                cand.p2p, cand.tail, cand.est, cand.dp_inner = p2p, tails, est, dp_inner
         return cand
 
     def _gpu_step_fraction(self, off: str, n_par: float, nblocks: int, headroom: float) -> float:
@@ -433,7 +456,8 @@ class Searcher:
             opt = n_par / prof.cpu_adam_params_per_s if off in ("optimizer", "all") else gpu_opt + 12 * n_par / prof.h2d_bw
             return opt, exposed
 
-    def _tied_times(self, chunks: list[tuple[int, int]], S: int) -> dict[int, float]:
+    def _tied_times(self, chunks: list[tuple[int, int]], S: int, dp: int = 1,
+                    dp_inner: bool = False) -> dict[int, float]:
         """Gradient all-reduce time of parameters used by several pipeline ranks (tied embeddings)."""
         cm = self.cm
         holders: dict[str, set[int]] = {}
@@ -446,7 +470,7 @@ class Searcher:
             info = cm.graph.params.get(p)
             if len(ranks) < 2 or info is None or info.is_buffer or not info.requires_grad:
                 continue
-            spans = S > self.gpn
+            spans = S * (dp if dp_inner else 1) > self.gpn   # a replica's pipeline ranks are dp apart when dp-inner
             bw = self.profile.inter_node_bw if spans else self.profile.intra_node_bw
             t = ring_allreduce_time(info.numel * 4.0, len(ranks), bw, self.profile.collective_latency)
             for r in ranks:

@@ -123,7 +123,9 @@ class _BuildMixin:
         self.layout = decide_layout(self.module, batch, self.config, world_size=world, batch_size=B,
                                     plan=plan, batch_is_local=self.local_batch)
         pp = self.layout.num_stages // self.layout.virtual_stages
-        self.mesh = Mesh(pp, self.layout.dp_size, self.config.collective_timeout_s, self.device)
+        plan = self.layout.plan
+        self.mesh = Mesh(pp, self.layout.dp_size, self.config.collective_timeout_s, self.device,
+                         dp_inner=bool(plan is not None and plan.dp_inner))
 
     def _build_variant(self, example: dict, train: bool) -> _Variant:
         was = self.module.training

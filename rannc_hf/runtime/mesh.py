@@ -8,7 +8,10 @@
     g = mesh.holder_group([0, 1])       # the ranks of my replica that hold pipeline ranks 0 and 1
 
 Ranks are laid out row-major over ``(dp, pp)``: ``rank = dp_rank * pp_size + pp_rank``, so the
-stages of one replica are neighbours (on one node, p2p traffic stays on NVLink). The default
+stages of one replica are neighbours (on one node, p2p traffic stays on NVLink). With ``dp_inner=True``
+(a plan's ``dp_inner``, chosen by the planner when gradient all-reduces outweigh stage boundaries, as
+Megatron and DeepSpeed's pipe/data topology place them) it is ``(pp, dp)``: ``rank = pp_rank * dp_size +
+dp_rank``, a stage's replicas are neighbours and their all-reduce stays on the node. The default
 process group is initialised from the torchrun environment when it is not already (``nccl`` on
 GPU, ``gloo`` on CPU); a lone process without torchrun gets a one-rank gloo group backed by an
 in-process store (no ports are opened). Every collective times out after ``timeout_s``.
@@ -64,7 +67,7 @@ class Mesh:
     """The ``(dp, pp)`` layout of the world and its process groups."""
 
     def __init__(self, pp_size: int, dp_size: int = 1, timeout_s: float = 600.0,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, dp_inner: bool = False):
         self.device = device or default_device()
         init_distributed(timeout_s, self.device)
         self.timeout = datetime.timedelta(seconds=timeout_s)
@@ -76,12 +79,17 @@ class Mesh:
             raise PlanMismatchError(f"{pp_size} pipeline stages x {dp_size} replicas need {pp_size * dp_size} "
                                     f"processes, but {self.world_size} were launched")
         self.pp_size, self.dp_size = pp_size, dp_size
-        self.dp_rank, self.pp_rank = divmod(self.rank, pp_size)
+        self.dp_inner = bool(dp_inner)
+        if self.dp_inner:
+            self.pp_rank, self.dp_rank = divmod(self.rank, dp_size)
+        else:
+            self.dp_rank, self.pp_rank = divmod(self.rank, pp_size)
         self.device_mesh = None
         try:
             from torch.distributed.device_mesh import init_device_mesh
 
-            self.device_mesh = init_device_mesh(self.device.type, (dp_size, pp_size), mesh_dim_names=("dp", "pp"))
+            shape, names = ((pp_size, dp_size), ("pp", "dp")) if self.dp_inner else ((dp_size, pp_size), ("dp", "pp"))
+            self.device_mesh = init_device_mesh(self.device.type, shape, mesh_dim_names=names)
             self.pp_group = self.device_mesh.get_group("pp")
             self.dp_group = self.device_mesh.get_group("dp")
         except Exception:  # noqa: BLE001 - fall back to plain groups (same layout)
@@ -91,7 +99,7 @@ class Mesh:
 
     # ---- layout ------------------------------------------------------------------------
     def rank_of(self, dp_rank: int, pp_rank: int) -> int:
-        return dp_rank * self.pp_size + pp_rank
+        return pp_rank * self.dp_size + dp_rank if self.dp_inner else dp_rank * self.pp_size + pp_rank
 
     @property
     def pp_ranks(self) -> list[int]:
@@ -133,4 +141,4 @@ class Mesh:
 
     def __repr__(self) -> str:
         return (f"Mesh(world={self.world_size}, dp={self.dp_size}, pp={self.pp_size}, rank={self.rank}, "
-                f"dp_rank={self.dp_rank}, pp_rank={self.pp_rank}, device={self.device})")
+                f"dp_rank={self.dp_rank}, pp_rank={self.pp_rank}, dp_inner={self.dp_inner}, device={self.device})")
