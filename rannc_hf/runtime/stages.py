@@ -412,18 +412,19 @@ class StageModule(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=dt)
 
-    def _run(self, *args):
+    def _run(self, *args, whole_checkpoint: bool = False):
         received = args
         if self.in_dtypes:
             args = tuple(a.to(d) if isinstance(a, torch.Tensor) and a.dtype != d else a
                          for a, d in zip(args, self.in_dtypes))
+        fences = fence_starts(self.gm) if self.compiled is not None else set()
         with self._autocast():
             if self.recompute == "full" and self.segment_starts and torch.is_grad_enabled():
                 out = self._run_split("_segments", self.segment_starts, args, checkpointed=True)
-            elif self.compiled is not None and (starts := fence_starts(self.gm)):
-                out = self._run_split("_pieces", starts, args, checkpointed=False)
-            else:
-                out = (self.compiled if self.compiled is not None else self.gm)(*args)
+            elif fences and not whole_checkpoint:
+                out = self._run_split("_pieces", fences, args, checkpointed=False)
+            else:   # fences under a checkpoint run eager, as in segments()
+                out = (self.gm if fences or self.compiled is None else self.compiled)(*args)
         if self.spec.is_last and isinstance(out, (tuple, list)):   # (loss, *extras): extras in capture dtypes
             loss = out[0].float() if out[0].is_floating_point() else out[0]
             out = (loss, *(o.to(d) if o.dtype != d else o for o, d in zip(out[1:], self.out_dtypes)))
@@ -453,7 +454,7 @@ class StageModule(nn.Module):
         if self.recompute == "full" and not self.segment_starts and torch.is_grad_enabled():
             from torch.utils.checkpoint import checkpoint
 
-            return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=True)
+            return checkpoint(self._run, *args, use_reentrant=False, preserve_rng_state=True, whole_checkpoint=True)
         return self._run(*args)
 
 
