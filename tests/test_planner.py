@@ -179,3 +179,38 @@ def test_recompute_segments_thin_uniform_cuts():
     assert seg.peak(1) == 15 and len(seg.boundaries) == 7 and seg.max_segment_bytes == 8
     # a stage whose cheap cuts are rare keeps them all (thinning never makes the peak worse)
     assert choose_boundaries(np.array([1.0, 6, 1, 6, 1]), np.full(6, 4.0)).boundaries == [0, 2, 4]
+
+
+def test_rank_layout_priced_both_ways_and_saved(tmp_path):
+    """Across nodes the planner prices both rank layouts: replicas of a stage on one node (all-reduce on
+    NVLink, stage boundaries over the network) or a replica's stages on one node; the plan records it."""
+    from rannc_hf.planner.costs import CostModel
+    from rannc_hf.planner.search import Searcher
+
+    g = graph("gpt2", 8)
+    cl = Cluster(num_gpus=16, gpus_per_node=8, device="h100", gpu_memory="80GiB")
+    s = Searcher(CostModel.build(g, "h100", "bf16"), cl, RanncConfig(), global_batch=64)
+    intra, inter = s.profile.intra_node_bw, s.profile.inter_node_bw
+    assert s._layouts(2, 8) == (False, True) and s._layouts(2, 4) == (False,) and s._layouts(1, 16) == (False,)
+    assert s._dp_bw(2, 8, dp_inner=True) == intra and s._dp_bw(2, 8) == inter / 2
+    assert s._p2p_bw(0, 2, 8, dp_inner=True) == inter / 8 and s._p2p_bw(0, 2, 8) == intra
+    p = rannc_hf.plan(g, cluster=cl, config=RanncConfig(num_stages=2), progress=False, global_batch=64)
+    check_plan(p, g)
+    assert p.dp_size == 8
+    # a network far slower than NVLink: the gradient all-reduce (every parameter) must stay on the node,
+    # and the stage boundaries (a few KB per micro-batch) cross it
+    from rannc_hf.profile.devices import get_profile
+
+    slow = get_profile("h100").to_dict()
+    slow.update(name="slow-net", inter_node_bw=1e6)
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    q = rannc_hf.plan(g, cluster=Cluster(num_gpus=16, gpus_per_node=8, device=str(tmp_path / "slow.json"),
+                                         gpu_memory="80GiB"), config=RanncConfig(num_stages=2), progress=False,
+                      global_batch=64)
+    assert q.dp_size == 8 and q.dp_inner is True
+    assert "replicas on neighbouring ranks" in q.summary()
+    p.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json").dp_inner == p.dp_inner
+    d = json.load(open(tmp_path / "plan.json"))
+    d.pop("dp_inner")
+    assert Plan.from_dict(d).dp_inner is False        # plans saved before the field load as the old layout
