@@ -13,6 +13,7 @@ way, copy time, stalls, hidden fraction, CPU step time) and a ``torch.profiler``
     python benchmarks/offload_profile.py engine           # offload_module alone
     python benchmarks/offload_profile.py plain --no-profile --steps 30   # no offload, uncapped: the loss
                                                           # curve to compare an offloaded run's with
+    python benchmarks/offload_profile.py rannc --model 2.7b --batch 64 --microbatches 8   # 64k tokens per step
     python benchmarks/offload_profile.py rannc --tiny     # CPU smoke test
 """
 
@@ -41,9 +42,10 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
+def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
+          microbatches=None):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
-    model, cfg = build_model(tiny)
+    model, cfg = build_model(tiny, size)
     g = torch.Generator().manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = cfg.vocab_size
@@ -60,10 +62,10 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int):
 
         opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
         cfg_r = RanncConfig(num_stages=1, precision="fp32" if tiny else "bf16",
-                            offload="none" if variant == "plain" else ("all" if tiny else os.environ.get("OFFLOAD", "auto")),
+                            offload="none" if variant == "plain" else ("all" if tiny else offload),
                             gpu_memory=None if (tiny or variant == "plain") else cap,
                             compile="false" if (tiny or variant == "rannc-eager") else "auto",
-                            num_microbatches=int(os.environ["MICROBATCHES"]) if os.environ.get("MICROBATCHES") else None)
+                            num_microbatches=microbatches)
         m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
         dev = m.device
         eng = m._offload.engine if m._offload is not None else None
@@ -107,11 +109,16 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/offload_profile"))
+    ap.add_argument("--model", choices=["1.3b", "2.7b"], default="1.3b", help="GPT-2-style size")
+    ap.add_argument("--batch", type=int, default=8, help="samples per optimizer step (seq 1024)")
+    ap.add_argument("--microbatches", type=int, default=None, help="RanncModule micro-batches (default: the plan's)")
+    ap.add_argument("--offload", default="auto", help="RanncModule offload mode (default: the plan's)")
     args = ap.parse_args(argv)
-    batch, seq = (2, 64) if args.tiny else (8, 1024)
+    batch, seq = (2, 64) if args.tiny else (args.batch, 1024)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
-    step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq)
+    step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
+                                 args.microbatches)
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()

@@ -52,13 +52,13 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def build_model(tiny: bool):
+def build_model(tiny: bool, size: str = "1.3b"):
     import transformers as tf
 
     if tiny:
         cfg = tf.GPT2Config(n_embd=64, n_layer=4, n_head=4, n_positions=128, vocab_size=512, resid_pdrop=0.0,
                             embd_pdrop=0.0, attn_pdrop=0.0)
-    elif os.environ.get("MODEL") == "2.7b":  # GPT-2-style 2.7B (issue 4's offload target)
+    elif size == "2.7b":  # GPT-2-style 2.7B (issue 4's offload target)
         cfg = tf.GPT2Config(n_embd=2560, n_layer=32, n_head=32, n_positions=1024, vocab_size=50257,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     else:  # GPT-2 1.3B (GPT-3 XL shape)

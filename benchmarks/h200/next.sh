@@ -1,11 +1,15 @@
 #!/bin/bash
-# H200 x1, the next session's first call (~9 min): the Trainer's offload overhead after the two fixes of the
-# third 2026-11-30 session (issue 6: offloaded clip, model.zero_grad() reaching the engine), then GPT-2 1.3B
-# trained 30 steps on learnable batches without offload (uncapped) and with offload under 24 GiB, to compare
-# the bf16 loss curves (the recipe's loss rose after step 100 with offload; is it the engine?).
+# H200 x2, the next session's first call (~9.5 min), after the fourth 2026-11-30 session left checkpointed segments
+# holding offload fences eager (compiled, they drifted). GPU 0: the GPT-2 1.3B recipe with offload under 24 GiB,
+# 200 steps: does it now train like the recipe without offload (eval 6.27 @100, 6.06 @200; issue 7)?
+# GPU 1: the Trainer's offload overhead over 100 steps (issue 6: 1.031x over 40 steps beside another job),
+# then the 30-step loss curve of the planner's default plan against the plain curve of call 11.
 source "$(dirname "$0")/lib.sh"
-job trainer_offload 0 0-15 240 python3 benchmarks/trainer_gpu.py --scenarios loop_offload,trainer_offload --steps 60 --warmup 10 --out $OUT/results; wait
-job curve_plain 0 0-15 170 python3 benchmarks/offload_profile.py plain --no-profile --steps 30 --warmup 0 --out $OUT/results; wait
-job curve_offload 0 0-15 $((560 - SECONDS)) python3 benchmarks/offload_profile.py rannc --no-profile --steps 30 --warmup 0 --out $OUT/results; wait
+R="--rannc_config recipes/configs/rannc_1gpu_offload.yaml --max_steps 200 --eval_every 100 --log_every 10"
+job recipe_gpt 0 0-15 555 python3 recipes/gpt/pretrain.py --model_config gpt2-1.3b --seq_len 1024 --per_device_batch_size 8 --output_dir /tmp/recipes/gpt-1.3b $R
+( job trainer_offload 1 16-31 400 python3 benchmarks/trainer_gpu.py --scenarios loop_offload,trainer_offload --steps 100 --warmup 10 --out $OUT/results; wait
+  job curve_default 1 16-31 $((555 - SECONDS)) python3 benchmarks/offload_profile.py rannc --no-profile --steps 30 --warmup 0 --out $OUT/results/default; wait ) &
+wait
+mkdir -p $OUT/recipes; cp /tmp/recipes/gpt-1.3b/{history.json,rannc_stats.json,loss.png} $OUT/recipes/ 2>/dev/null
 cat "$OUT/logs/summary.txt"
-cd "$OUT" && tar czf /tmp/bundle.tgz logs results && rm -rf logs results && mv /tmp/bundle.tgz .
+cd "$OUT" && tar czf /tmp/bundle.tgz logs results recipes && rm -rf logs results recipes && mv /tmp/bundle.tgz .

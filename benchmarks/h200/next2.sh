@@ -1,13 +1,14 @@
 #!/bin/bash
-# H200 x1, the next session's second call (~9 min): the BERT-large recipe with optimizer offload under 24 GiB,
-# 200 steps with its final evaluation, stats table and checkpoint (the third session's run lost them to the
-# device deadline); then the experimental side-stream GPU step (RANNC_HF_OFFLOAD_STEP_STREAM=1): the CUDA
-# correctness check (engine alone and through RanncModule) and GPT-2 1.3B's step time with it
-# (offload_profile.py rannc: 599 ms without it).
+# H200 x2, the next session's second call (~9.5 min): GPT-2 2.7B under 24 GiB through RanncModule with the current
+# default (fenced recompute segments eager) on GPU 0 and DeepSpeed ZeRO-3 offload on GPU 1 (issue 4: 1.85x with
+# the compiled segments), then on GPU 0 the same model with 64k tokens per step (8 micro-batches summed on the GPU)
+# against plain PyTorch uncapped at accumulation 8 on GPU 1 (issue 4's 0.8x target; the engine alone reached 0.59x).
 source "$(dirname "$0")/lib.sh"
-job recipe_bert 0 0-15 330 env RANNC_HF_OFFLOAD=optimizer python3 recipes/bert/pretrain.py --model_config bert-large --seq_len 512 --per_device_batch_size 32 --output_dir /tmp/recipes/bert-large --rannc_config recipes/configs/rannc_1gpu_offload.yaml --max_steps 200 --eval_every 0 --log_every 10; wait
-job check_step_stream 0 0-15 100 env RANNC_HF_OFFLOAD_STEP_STREAM=1 python3 benchmarks/offload_gpu_check.py; wait
-job profile_step_stream 0 0-15 $((560 - SECONDS)) env RANNC_HF_OFFLOAD_STEP_STREAM=1 python3 benchmarks/offload_profile.py rannc --steps 6 --out $OUT/results; wait
-mkdir -p $OUT/recipes/bert-large; cp /tmp/recipes/bert-large/{history.json,rannc_stats.json,loss.png} $OUT/recipes/bert-large/ 2>/dev/null
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ds .peer/whl/*.whl > "$OUT/logs/pip_ds.log" 2>&1
+( job rannc_2p7b 0 0-15 240 python3 benchmarks/offload_profile.py rannc --model 2.7b --no-profile --steps 6 --warmup 2 --out $OUT/results/rannc_2p7b; wait
+  job rannc_2p7b_acc8 0 0-15 $((555 - SECONDS)) python3 benchmarks/offload_profile.py rannc --model 2.7b --batch 64 --microbatches 8 --no-profile --steps 3 --warmup 1 --out $OUT/results/rannc_2p7b_acc8; wait ) &
+( job ds3 1 16-31 240 env PYTHONPATH=$PYTHONPATH:/tmp/ds OUT=$OUT/results python3 benchmarks/offload_peers.py ds3; wait
+  job plain_acc8 1 16-31 $((555 - SECONDS)) python3 benchmarks/offload_gpt.py --cases plain:8 --warmup 1 --steps 3 --out $OUT/results/plain_acc8.json; wait ) &
+wait
 cat "$OUT/logs/summary.txt"
-cd "$OUT" && tar czf /tmp/bundle.tgz logs results recipes && rm -rf logs results recipes && mv /tmp/bundle.tgz .
+cd "$OUT" && tar czf /tmp/bundle.tgz logs results && rm -rf logs results && mv /tmp/bundle.tgz .
