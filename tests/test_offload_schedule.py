@@ -274,3 +274,20 @@ def test_planner_finds_the_layers_the_engine_offloads():
     outside = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("transformer.h."))
     assert cm.outside_layers(0, cm.num_blocks - 1, names) == outside
     assert [m for m in find_blocks(model)] == list(model.transformer.h)
+
+
+def test_cost_model_prices_host_folds_or_device_sums():
+    """Several micro-batches: summed on the host, every micro-batch's gradients leave and the worker adds
+    micro-batches 2..m (exposed beyond the later backward passes); summed on the GPU, one copy leaves."""
+    n = 1.3e9
+    kw = dict(param_bytes=n * 4, grad_bytes=n * 2, optim_bytes=n * 8, fwd_time=0.024, bwd_time=0.041,
+              link_gbps=55.0, cpu_adam_params_per_s=2e9, num_blocks=24, prefetch_blocks=2, mode="optimizer",
+              microbatches=4, host_fold_params_per_s=4e9)
+    host = offload_cost(**kw)
+    dev = offload_cost(device_accumulate=True, **kw)
+    one = offload_cost(**{**kw, "microbatches": 1})
+    assert host.d2h_bytes == pytest.approx(4 * dev.d2h_bytes) and dev.d2h_bytes == pytest.approx(one.d2h_bytes)
+    folds = 3 * n / 4e9
+    sends = 3 * 24 * max(0.0, n * 2 / 24 / 55e9 - 0.041 / 24)      # three more micro-batches' copies, per block
+    assert host.exposed_copy_time - dev.exposed_copy_time == pytest.approx(folds - 3 * 0.041 + sends, rel=1e-6)
+    assert offload_cost(device_accumulate=True, **{**kw, "microbatches": 1}).step_time == pytest.approx(one.step_time)
