@@ -363,6 +363,22 @@ def test_offload_with_segment_recompute_matches_plain(mode):
     _close_sd(rm.state_dict(), ref_sd)
 
 
+def _two_offloaded_steps(**cfg):
+    """GPT-2, one stage, optimizer offload, 2 micro-batches, two AdamW steps: (RanncModule, losses)."""
+    model, bf = make_with_batches("gpt2", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+        num_stages=1, num_microbatches=2, precision="fp32", offload="optimizer", **cfg))
+    losses = []
+    for step in range(2):
+        loss = loss_of(rm(**bf(BATCH // 2, step)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    return rm, losses
+
+
 def test_compiled_segments_with_offload_fences(monkeypatch):
     """compile + segment recompute + offload fences together (the GPU recipe's combination), on the CPU with
     the aot_eager backend: segments holding a fence stay eager (compiled, they drifted on the H200), the
@@ -370,17 +386,7 @@ def test_compiled_segments_with_offload_fences(monkeypatch):
     monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
     losses = {}
     for comp in ("false", "true"):
-        model, bf = make_with_batches("gpt2", 0)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR)
-        rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
-            num_stages=1, num_microbatches=2, precision="fp32", offload="optimizer", recompute="full", compile=comp))
-        losses[comp] = []
-        for step in range(2):
-            loss = loss_of(rm(**bf(BATCH // 2, step)))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[comp].append(float(loss.detach()))
+        rm, losses[comp] = _two_offloaded_steps(recompute="full", compile=comp)
         stage = rm._primary.pipe.modules[0]
         assert (stage._compile_args is not None) == (comp == "true") and len(stage.segments()) > 1
         kinds = [(_fence_kinds(sg)[0], isinstance(sg.gm, torch.fx.GraphModule)) for sg in stage.segments()]
@@ -401,17 +407,7 @@ def test_compiled_stage_is_cut_at_offload_fences(monkeypatch):
     counters.clear()
     losses = {}
     for comp in ("false", "true"):
-        model, bf = make_with_batches("gpt2", 0)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR)
-        rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
-            num_stages=1, num_microbatches=2, precision="fp32", offload="optimizer", recompute="none", compile=comp))
-        losses[comp] = []
-        for step in range(2):
-            loss = loss_of(rm(**bf(BATCH // 2, step)))
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses[comp].append(float(loss.detach()))
+        rm, losses[comp] = _two_offloaded_steps(recompute="none", compile=comp)
         stage = rm._primary.pipe.modules[0]
         pieces = stage.fence_pieces()
         assert len(pieces) > 4 and stage._pieces is not None
