@@ -214,3 +214,20 @@ def test_rank_layout_priced_both_ways_and_saved(tmp_path):
     d = json.load(open(tmp_path / "plan.json"))
     d.pop("dp_inner")
     assert Plan.from_dict(d).dp_inner is False        # plans saved before the field load as the old layout
+
+
+def test_gpu_step_share_counted_in_whole_layers():
+    """The engine steps whole layers on the GPU, so the planner prices the GPU-stepped share in whole layers."""
+    from rannc_hf.planner.costs import CostModel
+    from rannc_hf.planner.search import Searcher
+
+    model, _ = make("gpt2", batch_size=8)
+    s = Searcher(CostModel.build(graph("gpt2"), "h200", "bf16"), Cluster(num_gpus=1, device="h200"),
+                 RanncConfig(offload="optimizer"), global_batch=8)
+    layers = s._layers_in(0, s.N - 1)
+    assert layers == model.config.n_layer
+    n = 1e9
+    per = n / layers
+    room = (1.5 * 8 * per + 8 * per) / 0.8          # state of 1.5 layers plus one layer in transit, at 80%
+    assert s._gpu_step_fraction("optimizer", n, layers, room) == pytest.approx(1 / layers)
+    assert s._gpu_step_fraction("params", n, layers, room) == 0.0
