@@ -19,7 +19,8 @@ from rannc_hf import zoo  # noqa: E402
 from rannc_hf.offload import offload_module  # noqa: E402
 
 
-def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, step_stream=False):
+def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, step_stream=False,
+          device_grads=False):
     torch.manual_seed(0)
     model, bf = zoo.make_with_batches(family, 0)
     if recompute:
@@ -31,7 +32,7 @@ def train(family, mode, dtype=None, recompute=False, fused=False, async_step=Non
     else:
         h = offload_module(model, opt, mode, device="cuda", prefetch_blocks=1, compute_dtype=dtype,
                            timing=True, cpu_fused=fused, async_step=async_step,
-                           device_step_blocks=dev_blocks, step_stream=step_stream)
+                           device_step_blocks=dev_blocks, step_stream=step_stream, device_grads=device_grads)
     losses = []
     for s in range(3):
         for m in range(2):
@@ -81,25 +82,28 @@ def train_rannc(family, mode, device):
 
 
 def rannc_cases(device) -> bool:
-    """Each family and mode, with the two micro-batches' gradients summed on the device and on the host."""
+    """Each family and mode: the two micro-batches' gradients summed on the device and on the host, and with
+    GPU-stepped blocks keeping their gradients on the device."""
     good_all = True
     for fam in ("gpt2", "bert"):
         ref = train_rannc(fam, None, device)
-        for mode, acc in itertools.product(("optimizer", "params", "all"), ("1", "0")):
+        for mode, (acc, dg) in itertools.product(("optimizer", "params", "all"), (("1", "0"), ("0", "0"), ("1", "1"))):
             os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"] = acc
+            os.environ["RANNC_HF_OFFLOAD_DEVICE_GRADS"] = dg   # GPU-stepped blocks keep their gradients
             try:
                 got = train_rannc(fam, mode, device)
             except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"RanncModule {fam} {mode} device-accumulate={acc}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
+                print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
                 good_all = False
                 continue
             dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
             dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
             good = dl < 1e-3 and dp < 1e-3
             good_all &= good
-            print(f"RanncModule {fam} {mode} device-accumulate={acc}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
+            print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
                   flush=True)
     os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", None)
+    os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_GRADS", None)
     return good_all
 
 
@@ -124,15 +128,17 @@ for fam in ("gpt2", "bert", "cnn"):
                   flush=True)
 ref = train("gpt2", None)
 for mode in ("optimizer", "all"):  # async pipeline with the fused CPU kernel (clip via grad_scale), and sync path
-    for fused, asy, k, side in ((True, None, 0, False), (False, False, 0, False), (True, None, 1, False),
-                                (True, None, 2, True)):
-        got = train("gpt2", mode, recompute=True, fused=fused, async_step=asy, dev_blocks=k, step_stream=side)
+    for fused, asy, k, side, dg in ((True, None, 0, False, False), (False, False, 0, False, False),
+                                    (True, None, 1, False, False), (True, None, 2, True, False),
+                                    (True, None, 2, False, True), (True, None, 2, True, True)):
+        got = train("gpt2", mode, recompute=True, fused=fused, async_step=asy, dev_blocks=k, step_stream=side,
+                    device_grads=dg)
         dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
         dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
         good = dl < 1e-3 and dp < 1e-3
         ok &= good
         print(f"gpt2 {mode} fused={fused} async={got[2].engine.async_step} gpu-step={k} side-stream="
-              f"{got[2].engine.step_stream}: loss diff {dl:.2e} param diff {dp:.2e} "
+              f"{got[2].engine.step_stream} device-grads={got[2].engine.device_grads}: loss diff {dl:.2e} param diff {dp:.2e} "
               f"{'OK' if good else 'FAIL'}", flush=True)
 got = train("gpt2", "all", dtype=torch.bfloat16)
 print("bf16 all losses", [round(x, 3) for x in got[0]], "ref", [round(x, 3) for x in train("gpt2", None)[0]])

@@ -186,11 +186,11 @@ def test_host_memory_refusal(monkeypatch):
     assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
 
 
-def _train_async(family, mode, opt_fn, fused, device_blocks=0):
+def _train_async(family, mode, opt_fn, fused, device_blocks=0, device_grads=False):
     model, batch_fn = zoo.make_with_batches(family, 0)
     opt = opt_fn(model.parameters())
     h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True, cpu_fused=fused,
-                       device_step_blocks=device_blocks)
+                       device_step_blocks=device_blocks, device_grads=device_grads)
     assert h.engine.async_step
     losses = []
     for s in range(STEPS):
@@ -206,8 +206,10 @@ def _train_async(family, mode, opt_fn, fused, device_blocks=0):
 
 
 @pytest.mark.parametrize("mode", ["optimizer", "all"])
-@pytest.mark.parametrize("opt_name,device_blocks", [("adamw_fused", 0), ("sgd", 0), ("adamw_fused", 1), ("sgd", 1)])
-def test_async_step_matches_plain(mode, opt_name, device_blocks):
+@pytest.mark.parametrize("opt_name,device_blocks,device_grads", [
+    ("adamw_fused", 0, False), ("sgd", 0, False), ("adamw_fused", 1, False), ("sgd", 1, False),
+    ("adamw_fused", 1, True), ("sgd", 2, True)])
+def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads):
     """Background pipeline (per-block norms, clip coefficient inside the step, blocks stepped on a
     worker thread while the next forward waits block by block) trains like plain PyTorch."""
     if opt_name == "adamw_fused":
@@ -228,9 +230,19 @@ def test_async_step_matches_plain(mode, opt_name, device_blocks):
         opt.step()
         opt.zero_grad()
     ref = (losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()})
-    got = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks)
+    got = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks,
+                       device_grads=device_grads)
+    eng = got[2].engine
+    # device_grads: the GPU-stepped blocks' gradients never went to the host (the CPU stands in for the GPU)
+    assert [g.keep_grads for g in eng.blocks] == [device_grads and i < device_blocks for i in range(len(eng.blocks))]
+    if device_grads:
+        host = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks)[2]
+        kept = eng.stats()["kept_grad_bytes"]
+        assert kept >= sum(g.numel for g in eng.blocks[:device_blocks]) * 4 * STEPS   # every step, all block params
+        assert eng.stats()["d2h_bytes"] + kept == host.engine.stats()["d2h_bytes"]
+        host.remove()
     if device_blocks:
-        assert got[2].engine.blocks[0].device_step and not got[2].engine.blocks[1].device_step
+        assert [g.device_step for g in got[2].engine.blocks] == [i < device_blocks for i in range(len(eng.blocks))]
         sd = got[2].optimizer_state_dict()  # the user's format, state of every parameter
         assert len(sd["state"]) == len(list(got[3].param_groups[0]["params"]))
     torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=1e-5, atol=1e-5)

@@ -291,3 +291,19 @@ def test_cost_model_prices_host_folds_or_device_sums():
     sends = 3 * 24 * max(0.0, n * 2 / 24 / 55e9 - 0.041 / 24)      # three more micro-batches' copies, per block
     assert host.exposed_copy_time - dev.exposed_copy_time == pytest.approx(folds - 3 * 0.041 + sends, rel=1e-6)
     assert offload_cost(device_accumulate=True, **{**kw, "microbatches": 1}).step_time == pytest.approx(one.step_time)
+
+
+def test_cost_model_device_grads_keep_the_gpu_share_off_the_link():
+    """GPU-stepped layers keeping their gradients on the GPU: their gradients neither leave in backward nor
+    come back for the step (only the fp32 master does)."""
+    n = 1.3e9
+    kw = dict(param_bytes=n * 4, grad_bytes=n * 2, optim_bytes=n * 8, fwd_time=0.064, bwd_time=0.128,
+              link_gbps=55.0, cpu_adam_params_per_s=2e9, num_blocks=24, prefetch_blocks=2, mode="all",
+              gpu_step_fraction=0.5, recompute=True)
+    host = offload_cost(**kw)
+    dev = offload_cost(device_grads=True, **kw)
+    assert host.d2h_bytes - dev.d2h_bytes == pytest.approx(0.5 * n * 2)          # half the gradients stay
+    assert host.h2d_bytes - dev.h2d_bytes == pytest.approx(0.5 * n * 4)          # and are not streamed back in
+    assert dev.optimizer_time <= host.optimizer_time and dev.step_time < host.step_time
+    params = dict(kw, mode="params")
+    assert offload_cost(device_grads=True, **params).optimizer_time < offload_cost(**params).optimizer_time

@@ -73,7 +73,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  duplex_gbps: Optional[float] = None, recompute: bool = False,
                  gpu_optim_params_per_s: float = 50e9, no_offload_optim_time: float = 0.0,
                  gpu_step_fraction: float = 0.0, rest_params: float = 0.0, device_accumulate: bool = False,
-                 host_fold_params_per_s: float = 4.0e9) -> OffloadCost:
+                 host_fold_params_per_s: float = 4.0e9, device_grads: bool = False) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -107,6 +107,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         host_fold_params_per_s: that worker's adds (bf16 staging into fp32 buffers), parameters/s:
             4e9 on an H200 host (GPT-2 1.3B, 4 micro-batches: 1.0 s of folds per step), overlapped with the
             backward passes that follow.
+        device_grads: GPU-stepped layers keep their gradients on the GPU (the engine's ``device_grads``):
+            their gradients neither leave nor come back for the step.
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -126,6 +128,11 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
 
     w_bytes = n_params * compute_itemsize          # working copy of all blocks
     per_block_w = w_bytes / nb
+    rest = min(n_params, max(0.0, float(rest_params)))
+    layers = n_params - rest
+    on_gpu = layers if mode == "params" else layers * min(1.0, max(0.0, float(gpu_step_fraction)))
+    if device_grads and n_params > 0:   # only the CPU-stepped share's gradients travel
+        grad_bytes = grad_bytes * (1.0 - on_gpu / n_params)
     per_block_g = grad_bytes / nb
     fwd_b, bwd_b = fwd_time / nb, bwd_eff / nb
     kept = min(nb, prefetch_blocks + 1)
@@ -156,7 +163,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     link_busy = sum(t[2] * k for t, k in parts)
     exposed = sum(t[3] * k for t, k in parts) + per_block_g / bw  # the last gradient drains after compute
     if sending > 1:  # host folds of micro-batches 2..m on one worker, overlapped with the backward passes after
-        folds = (sending - 1) * (n_params - min(n_params, max(0.0, float(rest_params)))) / host_fold_params_per_s
+        folds = (sending - 1) * (layers - (on_gpu if device_grads else 0.0)) / host_fold_params_per_s
         exposed += max(0.0, folds - (sending - 1) * bwd_eff)
 
     # --- optimizer step ---
@@ -164,10 +171,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     # (engine._device_step_async): fp32 master + gradient in, Adam on the GPU, master (+ compute-dtype
     # shadow) out, in one stream, so the copies are serial with each other and with the math (H200,
     # GPT-2 1.3B in ``params``: 14.4 GB in and 9.9 GB out per step, 599-633 ms/step; this model: 620 ms)
-    rest = min(n_params, max(0.0, float(rest_params)))
-    layers = n_params - rest
-    on_gpu = layers if mode == "params" else layers * min(1.0, max(0.0, float(gpu_step_fraction)))
-    stream_in = on_gpu * 8.0
+    stream_in = on_gpu * (4.0 if device_grads else 8.0)
     stream_out = on_gpu * (4.0 + (compute_itemsize if compute_itemsize != 4 else 0))
     h2d += stream_in
     d2h += stream_out

@@ -73,6 +73,12 @@ _ENGINES: dict[int, "weakref.ref[OffloadEngine]"] = {}
 _IDS = itertools.count(1)
 
 
+def device_grads_default() -> bool:
+    """``RANNC_HF_OFFLOAD_DEVICE_GRADS``: GPU-stepped blocks keep their gradients on the GPU (off by default
+    until timed on a GPU); the runtime and the planner budget 4 more bytes per such parameter."""
+    return os.environ.get("RANNC_HF_OFFLOAD_DEVICE_GRADS", "0").lower() in ("1", "true", "yes")
+
+
 def get_engine(engine_id: int) -> "OffloadEngine":
     """The live engine registered under ``engine_id`` (raises :class:`OffloadError` if gone)."""
     ref = _ENGINES.get(engine_id)
@@ -116,6 +122,10 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         device_accumulate: on CUDA, within a pass announced by :meth:`begin_pass` (the pipeline runtime's
             micro-batches), sum each parameter's gradients in an fp32 device buffer (4 bytes per parameter,
             held during the pass) and send only the sum to the host (a CPU device runs the same path).
+        device_grads: GPU-stepped blocks (``device_step_blocks``) keep their gradients on the device in an fp32
+            buffer (4 bytes per parameter until ``zero_grad``) that their step reads in place: no gradient
+            crosses PCIe for them either way. Default ``$RANNC_HF_OFFLOAD_DEVICE_GRADS`` or off (not yet
+            timed on a GPU).
     """
 
     def __init__(self, blocks: list[list[nn.Parameter]], device: torch.device | str | None = None,
@@ -125,7 +135,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                  cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
                  async_step: Optional[bool] = None, device_step_blocks: int = 0,
                  cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None,
-                 device_accumulate: bool = False):
+                 device_accumulate: bool = False, device_grads: Optional[bool] = None):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -166,6 +176,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             step_stream = os.environ.get("RANNC_HF_OFFLOAD_STEP_STREAM", "0").lower() in ("1", "true", "yes")
         self.step_stream = bool(step_stream) and self.cuda and self.device_step_blocks > 0
         self.device_accumulate = bool(device_accumulate)
+        self.device_grads = device_grads_default() if device_grads is None else bool(device_grads)
         self._pass_mb = 1          # micro-batches of the pass under way (begin_pass)
 
         block_lists, rest_list = self._partition(blocks, rest)
@@ -186,6 +197,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self.num_blocks = len(self.blocks)
         for g in self.groups:  # async pipeline bookkeeping
             g.device_step = g.index < self.device_step_blocks and g is not self.rest
+            g.keep_grads = g.device_step and self.device_grads
             g.n_req = sum(1 for p in g.params if p.requires_grad)
             g.round, g.round_set = [], set()
             g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
@@ -212,7 +224,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._stall_events: list = []
         self._stats = dict(h2d_bytes=0, d2h_bytes=0, fetches=0, demand_fetches=0, prefetches=0, releases=0,
                            resident_peak_blocks=0, resident_peak_bytes=0, copy_time_s=0.0, stall_time_s=0.0,
-                           step_time_s=0.0, grad_reduce_time_s=0.0, steps=0)
+                           step_time_s=0.0, grad_reduce_time_s=0.0, steps=0, kept_grad_bytes=0)
         for b in self.blocks:  # start released: blocks arrive when first needed
             if b.offload:
                 b.release()

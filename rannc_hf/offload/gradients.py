@@ -69,9 +69,34 @@ class _GradientMixin:
             return
         p.grad = None
         g, j = self._where[id(p)]
+        if g.keep_grads:
+            return self._keep(g, j, grad)
         grad = self._accumulated(g, j, grad)
         if grad is not None:
             self._send(g, j, grad)
+
+    def _keep(self, g: ParamGroup, j: int, grad: torch.Tensor) -> None:
+        """A GPU-stepped block's gradient stays on the device (``device_grads``): summed into its fp32 buffer,
+        which the step reads in place; nothing crosses PCIe."""
+        self._got_grads = True
+        self._stats["kept_grad_bytes"] += grad.numel() * grad.element_size()
+        if g.dev_grad is None:
+            g.dev_grad = torch.zeros(g.numel, dtype=torch.float32, device=self.device)
+        v = g.view(g.dev_grad, j)
+        if g.has_grad[j]:
+            v.add_(grad)
+        else:
+            v.copy_(grad)
+        g.has_grad[j] = True
+        g.gnorm = None
+
+    def _grad_view(self, g: ParamGroup, j: int) -> torch.Tensor:
+        """Parameter ``j``'s gradient buffer: on the device for a block that keeps its gradients there."""
+        if g.keep_grads:
+            if g.dev_grad is None:
+                g.dev_grad = torch.zeros(g.numel, dtype=torch.float32, device=self.device)
+            return g.view(g.dev_grad, j)
+        return g.view(g.grad, j)
 
     def _send(self, g: ParamGroup, j: int, grad: torch.Tensor) -> None:
         """Take one gradient of parameter ``j`` of ``g`` to its host buffer (summed with earlier ones)."""
@@ -241,7 +266,7 @@ class _GradientMixin:
     def _materialize_scale(self) -> None:
         if self._scale is not None:
             coef, self._scale = self._scale, None
-            grads = [g.view(g.grad, j) for g, j in self._order if g.has_grad[j]]
+            grads = [self._grad_view(g, j) for g, j in self._order if g.has_grad[j]]
             if grads:
                 torch._foreach_mul_(grads, coef)
             for g in self.groups:
@@ -275,6 +300,7 @@ class _GradientMixin:
         for g in self.groups:
             g.has_grad = [False] * len(g.params)
             g.gnorm = None
+            g.dev_grad = None
             g.dev_norms, g.dev_norms_ok = [], True
             for p in g.params:
                 p.grad = None
@@ -288,7 +314,7 @@ class _GradientMixin:
         self.synchronize()
         self.drain(force=True)
         self._materialize_scale()
-        return [g.view(g.grad, j) for g, j in self._order if g.has_grad[j]]
+        return [self._grad_view(g, j) for g, j in self._order if g.has_grad[j]]
 
     def grad_of(self, p: nn.Parameter) -> Optional[torch.Tensor]:
         """The fp32 host gradient of ``p`` accumulated since ``zero_grad`` (a view of the host buffer), or None."""
@@ -296,7 +322,7 @@ class _GradientMixin:
         self.drain(force=True)
         self._materialize_scale()
         g, j = self._where[id(p)]
-        return g.view(g.grad, j) if g.has_grad[j] else None
+        return self._grad_view(g, j) if g.has_grad[j] else None
 
     def set_grad_(self, p: nn.Parameter, value: Optional[torch.Tensor]) -> None:
         """Overwrite (``value``) or clear (``None``) the host gradient of ``p`` (pipeline runtimes: all-reduced grads)."""
@@ -308,7 +334,7 @@ class _GradientMixin:
             g.has_grad[j] = False
         else:
             self._got_grads = True
-            dst = g.view(g.grad, j)
+            dst = self._grad_view(g, j)
             if value.data_ptr() != dst.data_ptr():
                 dst.copy_(value.detach().reshape(dst.shape))
             g.has_grad[j] = True
@@ -363,6 +389,10 @@ class _GradientMixin:
         self.drain(force=True)
         self._materialize_scale()
         todo = [g for g in self.groups if any(g.has_grad) and g.gnorm is None]
+        for g in todo:
+            if g.keep_grads:   # zeros where no gradient came: the whole buffer's norm is the gradients'
+                g.gnorm = torch.linalg.vector_norm(g.dev_grad, 2) if g.dev_grad is not None else torch.zeros(())
+        todo = [g for g in todo if not g.keep_grads]
         if todo:
             self._host_norms(todo)
         norms = [g.gnorm.to("cpu", torch.float32) for g in self.groups if any(g.has_grad)]

@@ -104,7 +104,12 @@ class _StepMixin:
     def _device_step_body(self, g: ParamGroup, inner, has: list, scale) -> None:
         dev = self.device
         m = g.master.to(dev, non_blocking=True)
-        gr = g.grad.to(dev, non_blocking=True)
+        if g.keep_grads:   # the gradients never left the device
+            gr = g.dev_grad if g.dev_grad is not None else torch.zeros(g.numel, dtype=torch.float32, device=dev)
+            if self._step_stream is not None:
+                gr.record_stream(self._step_stream)
+        else:
+            gr = g.grad.to(dev, non_blocking=True)
         for j, hp in enumerate(g.host_params):
             hp.data = g.view(m, j)
             hp.grad = g.view(gr, j) if has[j] else None
@@ -131,7 +136,7 @@ class _StepMixin:
                 g.work.copy_(g.shadow)
         for j, hp in enumerate(g.host_params):
             hp.data = g.view(g.master, j)
-        self._stats["h2d_bytes"] += g.master.nbytes + g.grad.nbytes
+        self._stats["h2d_bytes"] += g.master.nbytes + (0 if g.keep_grads else g.grad.nbytes)
 
     def _wait_group_step_now(self, g: ParamGroup) -> None:
         if self.cuda and g.step_event is not None:

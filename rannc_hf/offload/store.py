@@ -90,6 +90,8 @@ class ParamGroup:
         self.has_grad = [False] * len(self.params)
         self.arrivals = [0] * len(self.params)  # gradients summed on the device this pass (engine.begin_pass)
         self.dev_acc: Optional[torch.Tensor] = None  # their fp32 device sum
+        self.keep_grads = False   # a GPU-stepped block keeping its gradients on the device (engine.device_grads)
+        self.dev_grad: Optional[torch.Tensor] = None  # those gradients, fp32, flat
         self.ready_event = None  # CUDA event of an in-flight fetch
         self.master = _empty_host(self.numel, torch.float32, self.pin)
         self.master.zero_()  # padding between parameters stays zero

@@ -52,6 +52,7 @@ import torch.nn as nn
 from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
 from ..offload.cost import choose_gpu_step_blocks, use_device_accumulation
+from ..offload.engine import device_grads_default
 from ..offload.hooks import masters_into_state_dict, reject_closure
 from ..offload.optimizer import state_bytes_per_param
 from ..offload.store import check_host_memory
@@ -520,7 +521,8 @@ def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float])
         return min(int(want), len(blocks))
     if headroom is None:
         return 0
-    return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom)
+    state = 8.0 + (4.0 if device_grads_default() else 0.0)   # AdamW state (+ the gradients kept on the GPU)
+    return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom, state)
 
 
 def _masters_hook(so: StageOffload, model: nn.Module):
