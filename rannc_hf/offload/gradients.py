@@ -80,9 +80,7 @@ class _GradientMixin:
         which the step reads in place; nothing crosses PCIe."""
         self._got_grads = True
         self._stats["kept_grad_bytes"] += grad.numel() * grad.element_size()
-        if g.dev_grad is None:
-            g.dev_grad = torch.zeros(g.numel, dtype=torch.float32, device=self.device)
-        v = g.view(g.dev_grad, j)
+        v = self._grad_view(g, j)
         if g.has_grad[j]:
             v.add_(grad)
         else:
