@@ -203,8 +203,11 @@ def test_single_stage_offload_matches_plain(family, mode):
     _close_sd(rm2.state_dict(), rm.state_dict())
 
 
-def test_offload_gradient_accumulation_across_calls():
-    """Two forward/backward calls (second loss scaled) before one step: same as without offload."""
+@pytest.mark.parametrize("device_accumulate", ["0", "1"])
+def test_offload_gradient_accumulation_across_calls(monkeypatch, device_accumulate):
+    """Two forward/backward calls (second loss scaled) before one step: same as without offload, with each
+    call's micro-batches summed on the host or (forced here on the CPU) in the engine's device buffer."""
+    monkeypatch.setenv("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", device_accumulate)
     res = []
     for mode in ("none", "all"):
         model, bf = make_with_batches("gpt2", 0)
