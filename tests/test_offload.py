@@ -240,6 +240,15 @@ def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads):
         kept = eng.stats()["kept_grad_bytes"]
         assert kept >= sum(g.numel for g in eng.blocks[:device_blocks]) * 4 * STEPS   # every step, all block params
         assert eng.stats()["d2h_bytes"] + kept == host.engine.stats()["d2h_bytes"]
+        # and they have no host gradient buffer (fp32 here; on CUDA the compute-dtype staging goes too)
+        freed = sum(g.numel for g in eng.blocks[:device_blocks]) * 4
+        assert eng.stats()["host_bytes"] == host.engine.stats()["host_bytes"] - freed
+        need = eng.host_bytes_needed([g.params for g in eng.blocks], eng.rest.params, got[3])
+        count = [sum(p.numel() for p in g.params) for g in eng.groups]
+        kept_params = sum(count[:device_blocks])
+        assert need["fp32 gradients"] == 4 * (sum(count) - kept_params)
+        if mode == "optimizer" and opt_name == "adamw_fused":   # AdamW state of the GPU-stepped blocks is not on the host
+            assert need["optimizer state"] == 8 * (sum(count) - kept_params)
         host.remove()
     if device_blocks:
         assert [g.device_step for g in got[2].engine.blocks] == [i < device_blocks for i in range(len(eng.blocks))]

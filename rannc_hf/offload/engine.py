@@ -190,14 +190,15 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         if check_memory:
             self._check_host_memory(block_lists, rest_list, optimizer)
 
-        self.blocks = [ParamGroup(i, ps, self.device, compute_dtype, offload=self.offload_params)
+        self.blocks = [ParamGroup(i, ps, self.device, compute_dtype, offload=self.offload_params,
+                                  host_grads=not self._keeps_grads(i))
                        for i, ps in enumerate(block_lists)]
         self.rest = ParamGroup(len(block_lists), rest_list, self.device, compute_dtype, offload=False)
         self.groups = self.blocks + [self.rest]
         self.num_blocks = len(self.blocks)
         for g in self.groups:  # async pipeline bookkeeping
             g.device_step = g.index < self.device_step_blocks and g is not self.rest
-            g.keep_grads = g.device_step and self.device_grads
+            g.keep_grads = g is not self.rest and self._keeps_grads(g.index)
             g.n_req = sum(1 for p in g.params if p.requires_grad)
             g.round, g.round_set = [], set()
             g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
@@ -274,16 +275,24 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                 raise OffloadError(f"offload handles floating-point parameters only, got {p.dtype}")
         return block_lists, rest_list
 
+    def _keeps_grads(self, block: int) -> bool:
+        """Block ``block`` steps on the device and keeps its gradients there (no host gradient buffers)."""
+        return self.device_grads and block < self.device_step_blocks
+
     def host_bytes_needed(self, block_lists, rest_list, optimizer) -> dict:
-        """Bytes of host memory the store needs, by kind (used by the host-memory check)."""
-        n = sum(p.numel() for ps in block_lists for p in ps) + sum(p.numel() for p in rest_list)
+        """Bytes of host memory the store needs, by kind (used by the host-memory check): GPU-stepped blocks
+        keep their optimizer state on the device, and with ``device_grads`` their gradients too."""
+        sizes = [sum(p.numel() for p in ps) for ps in block_lists]
+        n = sum(sizes) + sum(p.numel() for p in rest_list)
+        on_device = sum(sizes[:self.device_step_blocks])
+        kept = on_device if self.device_grads else 0
         item = torch.empty(0, dtype=self.compute_dtype).element_size()
-        out = {"fp32 master weights": 4 * n, "fp32 gradients": 4 * n,
+        out = {"fp32 master weights": 4 * n, "fp32 gradients": 4 * (n - kept),
                "compute-dtype shadow": item * n if self.compute_dtype != torch.float32 else 0,
-               "gradient staging": item * n if self.cuda else 0,
+               "gradient staging": item * (n - kept) if self.cuda else 0,
                "optimizer state": 0}
         if optimizer is not None and self.step_on_cpu:
-            out["optimizer state"] = int(state_bytes_per_param(optimizer) * n)
+            out["optimizer state"] = int(state_bytes_per_param(optimizer) * (n - on_device))
         return out
 
     def _check_host_memory(self, block_lists, rest_list, optimizer) -> None:

@@ -72,7 +72,7 @@ class ParamGroup:
     """Host buffers and the GPU working copy of one block of parameters (see module docstring)."""
 
     def __init__(self, index: int, params: list[nn.Parameter], device: torch.device, compute_dtype: torch.dtype,
-                 offload: bool, pin: Optional[bool] = None):
+                 offload: bool, pin: Optional[bool] = None, host_grads: bool = True):
         self.index = index
         self.params = list(params)
         self.device = torch.device(device)
@@ -100,9 +100,11 @@ class ParamGroup:
         self.shadow = self.master if compute_dtype == torch.float32 else _empty_host(self.numel, compute_dtype, self.pin)
         if self.shadow is not self.master:
             self.shadow.copy_(self.master)
-        self.grad = _empty_host(self.numel, torch.float32, self.pin)
+        # host_grads=False: the block's gradients stay on the device (engine.device_grads); empty buffers
+        self.grad = _empty_host(self.numel if host_grads else 0, torch.float32, self.pin)
         self.grad.zero_()
-        self.staging = _empty_host(self.numel, compute_dtype, True) if self.device.type == "cuda" else None
+        self.staging = (_empty_host(self.numel if host_grads else 0, compute_dtype, True)
+                        if self.device.type == "cuda" else None)
         if self.staging is not None:
             self.staging.zero_()  # padding stays zero: whole-block folds and norms read it
         self.work = torch.empty(self.numel, dtype=compute_dtype, device=self.device)
