@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -298,6 +299,11 @@ def split_segments(gm: fx.GraphModule, starts: set[str]) -> tuple[list[_Segment]
     return segments, out_node.args[0]
 
 
+#: ``RANNC_HF_COMPILE_FENCED_SEGMENTS=1`` compiles checkpointed code holding offload fences anyway (to study
+#: the drift that made them eager; see :meth:`StageModule.segments`)
+_COMPILE_FENCED = os.environ.get("RANNC_HF_COMPILE_FENCED_SEGMENTS", "0").lower() in ("1", "true", "yes")
+
+
 def fence_starts(gm: fx.GraphModule) -> set[str]:
     """Cut points that give each offload fence (with the ``getitem`` nodes unpacking it) a segment of its own.
 
@@ -369,7 +375,7 @@ class StageModule(nn.Module):
         the fences inside, GPT-2 1.3B's params-offload run drifted from the uncompiled one on the H200
         (per-step losses apart by up to 0.045 in 30 steps, and a recipe that trained far worse), while
         the eager segments matched training without offload to 1e-3."""
-        return self._split("_segments", self.segment_starts, eager_if_fenced=True)[1]
+        return self._split("_segments", self.segment_starts, eager_if_fenced=not _COMPILE_FENCED)[1]
 
     def fence_pieces(self) -> list[_Segment]:
         """The stage cut around its offload fences (see :func:`fence_starts`); empty without fences."""
@@ -397,7 +403,7 @@ class StageModule(nn.Module):
     def _run_split(self, attr: str, starts: set[str], args, checkpointed: bool):
         from torch.utils.checkpoint import checkpoint
 
-        _, segs, out_arg, names = self._split(attr, starts, eager_if_fenced=checkpointed)
+        _, segs, out_arg, names = self._split(attr, starts, eager_if_fenced=checkpointed and not _COMPILE_FENCED)
         env: dict[str, Any] = dict(zip(names, args))
         for sg in segs:
             ins = [env[n] for n in sg.inputs]
@@ -424,7 +430,7 @@ class StageModule(nn.Module):
             elif fences and not whole_checkpoint:
                 out = self._run_split("_pieces", fences, args, checkpointed=False)
             else:   # fences under a checkpoint run eager, as in segments()
-                out = (self.gm if fences or self.compiled is None else self.compiled)(*args)
+                out = (self.gm if (fences and not _COMPILE_FENCED) or self.compiled is None else self.compiled)(*args)
         if self.spec.is_last and isinstance(out, (tuple, list)):   # (loss, *extras): extras in capture dtypes
             loss = out[0].float() if out[0].is_floating_point() else out[0]
             out = (loss, *(o.to(d) if o.dtype != d else o for o, d in zip(out[1:], self.out_dtypes)))
