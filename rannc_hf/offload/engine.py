@@ -55,7 +55,7 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -126,6 +126,9 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             buffer (4 bytes per parameter until ``zero_grad``) that their step reads in place: no gradient
             crosses PCIe for them either way. Default ``$RANNC_HF_OFFLOAD_DEVICE_GRADS`` or off (not yet
             timed on a GPU).
+        prepare: called with each group's index (block ``i``, then ``len(blocks)`` for the rest) just before
+            the engine copies that group's parameters into its host store: :func:`offload_module` gives
+            meta-device parameters their values there, one block at a time.
     """
 
     def __init__(self, blocks: list[list[nn.Parameter]], device: torch.device | str | None = None,
@@ -135,7 +138,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                  cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
                  async_step: Optional[bool] = None, device_step_blocks: int = 0,
                  cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None,
-                 device_accumulate: bool = False, device_grads: Optional[bool] = None):
+                 device_accumulate: bool = False, device_grads: Optional[bool] = None,
+                 prepare: Optional[Callable[[int], None]] = None):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -190,10 +194,14 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         if check_memory:
             self._check_host_memory(block_lists, rest_list, optimizer)
 
-        self.blocks = [ParamGroup(i, ps, self.device, compute_dtype, offload=self.offload_params,
-                                  host_grads=not self._keeps_grads(i))
+        def group(i: int, ps: list, **kw) -> ParamGroup:
+            if prepare is not None:
+                prepare(i)
+            return ParamGroup(i, ps, self.device, compute_dtype, **kw)
+
+        self.blocks = [group(i, ps, offload=self.offload_params, host_grads=not self._keeps_grads(i))
                        for i, ps in enumerate(block_lists)]
-        self.rest = ParamGroup(len(block_lists), rest_list, self.device, compute_dtype, offload=False)
+        self.rest = group(len(block_lists), rest_list, offload=False)
         self.groups = self.blocks + [self.rest]
         self.num_blocks = len(self.blocks)
         for g in self.groups:  # async pipeline bookkeeping

@@ -24,7 +24,7 @@ and :func:`~rannc_hf.offload.fences.offload_exit`. Use the handle (or the patche
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -231,6 +231,27 @@ def reject_closure(args: tuple, kwargs: dict) -> None:
                            "before step()")
 
 
+def _materializer(model: nn.Module, blocks: Sequence[nn.Module],
+                  init: Optional[Callable[[nn.Module], None]]) -> Optional[Callable[[int], None]]:
+    """The engine's ``prepare``: before group ``i`` is stored, give its meta parameters host storage and run
+    ``init`` on its modules (block ``i``'s, or for ``i == len(blocks)`` those outside every block)."""
+    if init is None or not any(p.is_meta for p in model.parameters()):
+        return None
+    inside = {id(m) for b in blocks for m in b.modules()}
+    groups = [list(b.modules()) for b in blocks] + [[m for m in model.modules() if id(m) not in inside]]
+
+    def prepare(i: int) -> None:
+        metas = [p for m in groups[i] for p in m.parameters(recurse=False) if p.is_meta]
+        for p in {id(p): p for p in metas}.values():   # in place: the optimizer, the engine and ties hold it
+            torch.utils.swap_tensors(p, nn.Parameter(torch.empty(p.shape, dtype=p.dtype),
+                                                     requires_grad=p.requires_grad))
+        if metas:
+            for m in reversed(groups[i]):   # children before parents, as Module.apply (GPT-2 rescales c_proj
+                init(m)                     # when it reaches the attention module)
+
+    return prepare
+
+
 def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                    config_or_mode: Union[RanncConfig, str] = "all", blocks: Optional[Sequence[nn.Module]] = None, *,
                    device: Union[str, torch.device, None] = None, compute_dtype: Optional[torch.dtype] = None,
@@ -238,7 +259,8 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
                    trace: bool = False, timing: bool = False, cpu_fused: Optional[bool] = None,
                    async_step: Optional[bool] = None, device_step_blocks: int = 0,
                    cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None,
-                   device_grads: Optional[bool] = None) -> OffloadHandle:
+                   device_grads: Optional[bool] = None,
+                   materialize: Optional[Callable[[nn.Module], None]] = None) -> OffloadHandle:
     """Offload ``model``'s blocks per ``config_or_mode`` and return an :class:`OffloadHandle`.
 
     Args:
@@ -254,12 +276,35 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
         check_memory: refuse with :class:`OffloadError` if host RAM is too small.
         trace, timing, cpu_fused, async_step, device_step_blocks, cpu_threads, step_stream, device_grads: see
             :class:`~rannc_hf.offload.engine.OffloadEngine`.
+        materialize: for a model built on the meta device (``with torch.device("meta"): ...``): its
+            parameters get host storage one block at a time, just before the engine copies that block into
+            its store, and ``materialize(module)`` initialises every module of the block in place (for a
+            Transformers model: ``model._init_weights``). So the whole model never exists in host memory in
+            fp32 next to the store, which a model near the host-memory limit needs. Buffers must not be on
+            the meta device.
+
+    Example (a model too large to build on the host first)::
+
+        with torch.device("meta"):
+            model = transformers.GPT2LMHeadModel(config)
+        opt = torch.optim.AdamW(model.parameters(), lr=2e-4)
+        h = offload_module(model, opt, "all", materialize=model._init_weights)
     """
     mode, dtype, pf = _resolve(config_or_mode, compute_dtype, prefetch_blocks)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     blocks = list(blocks) if blocks is not None else find_blocks(model)
     if mode == "auto":
         mode = _auto_mode(model, optimizer, dev, dtype, len(blocks), pf)
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta and materialize is None:
+        raise OffloadError(f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]}); pass "
+                           f"materialize= (e.g. model._init_weights for a Transformers model) to give them values "
+                           f"block by block, or build the model on the CPU")
+    bad = [n for n, b in model.named_buffers() if b.is_meta]
+    if bad:
+        raise OffloadError(f"buffer {bad[0]!r} is on the meta device; offload_module materialises parameters only: "
+                           f"build the model's buffers on the CPU (e.g. create it on the CPU, or re-register "
+                           f"the buffers after building it on the meta device)")
     for mod in model.modules():  # buffers (BatchNorm stats, masks) live on the compute device
         for k, b in list(mod._buffers.items()):
             if b is not None and b.device != dev:
@@ -278,7 +323,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
                            optimizer=optimizer, rest=rest, check_memory=check_memory, trace=trace, timing=timing,
                            cpu_fused=cpu_fused, param_order=list(model.parameters()), async_step=async_step,
                            device_step_blocks=device_step_blocks, cpu_threads=cpu_threads, step_stream=step_stream,
-                           device_grads=device_grads)
+                           device_grads=device_grads, prepare=_materializer(model, blocks, materialize))
     handle = OffloadHandle(model, optimizer, engine, mode, blocks)
     eid = engine.id
     for i, b in enumerate(blocks):
