@@ -273,6 +273,12 @@ def test_meta_model_materialised_block_by_block_trains_like_plain():
         model = tf.GPT2LMHeadModel(cfg)
     with pytest.raises(OffloadError, match="meta device.*materialize="):
         offload_module(model, None, "all", device="cpu")
+    with pytest.raises(OffloadError, match="needs an offload mode"):
+        offload_module(model, None, "none", device="cpu", materialize=model._init_weights)
+    with torch.device("meta"):
+        bn = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    with pytest.raises(OffloadError, match="buffer '1.running_mean' is on the meta device"):
+        offload_module(bn, None, "all", blocks=[bn[0]], device="cpu", materialize=lambda m: None)
     opt = _adamw(model.parameters())
     h = offload_module(model, opt, "all", device="cpu", materialize=model._init_weights)
     assert not any(p.is_meta for p in model.parameters())

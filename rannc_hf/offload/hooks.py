@@ -293,8 +293,6 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     mode, dtype, pf = _resolve(config_or_mode, compute_dtype, prefetch_blocks)
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     blocks = list(blocks) if blocks is not None else find_blocks(model)
-    if mode == "auto":
-        mode = _auto_mode(model, optimizer, dev, dtype, len(blocks), pf)
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta and materialize is None:
         raise OffloadError(f"{len(meta)} parameter(s) are on the meta device (first: {meta[0]}); pass "
@@ -305,6 +303,11 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
         raise OffloadError(f"buffer {bad[0]!r} is on the meta device; offload_module materialises parameters only: "
                            f"build the model's buffers on the CPU (e.g. create it on the CPU, or re-register "
                            f"the buffers after building it on the meta device)")
+    if mode == "auto":
+        mode = _auto_mode(model, optimizer, dev, dtype, len(blocks), pf)
+    if meta and mode == "none":
+        raise OffloadError("a model on the meta device needs an offload mode (optimizer, params or all): "
+                           "offload 'none' would have to build it whole on the device")
     for mod in model.modules():  # buffers (BatchNorm stats, masks) live on the compute device
         for k, b in list(mod._buffers.items()):
             if b is not None and b.device != dev:
