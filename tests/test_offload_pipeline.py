@@ -465,3 +465,19 @@ def test_device_accumulation_sends_sums_of_parameters_some_microbatch_skipped():
     for p, q in zip(layers.parameters(), ref.parameters()):
         torch.testing.assert_close(eng.grad_of(p), q.grad, rtol=1e-6, atol=1e-7)
     eng.close()
+
+
+def test_node_host_check_leaves_out_what_stays_on_the_gpu():
+    """The runtime's per-node host check: GPU-stepped parameters keep their optimizer state on the GPU, and
+    those keeping gradients there need no host gradient or staging buffer."""
+    from rannc_hf.runtime.offload_stage import host_bytes
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    full = host_bytes(1000, "all", torch.bfloat16, True, opt)
+    assert full == {"fp32 master weights": 4000, "fp32 gradients": 4000, "compute-dtype shadow": 2000,
+                    "gradient staging": 2000, "optimizer state": 8000}
+    hybrid = host_bytes(1000, "all", torch.bfloat16, True, opt, on_device=600)
+    assert hybrid["optimizer state"] == 3200 and hybrid["fp32 gradients"] == 4000
+    kept = host_bytes(1000, "all", torch.bfloat16, True, opt, on_device=600, kept=600)
+    assert (kept["fp32 gradients"], kept["gradient staging"], kept["optimizer state"]) == (1600, 800, 3200)
+    assert host_bytes(1000, "params", torch.float32, False, opt)["optimizer state"] == 0

@@ -192,14 +192,17 @@ def _unpack(g: fx.Graph, call: fx.Node, vals: list[fx.Node]) -> list[fx.Node]:
 
 
 # ---------------------------------------------------------------------------------------- host memory
-def host_bytes(num_params: int, mode: str, compute_dtype: torch.dtype, cuda: bool, optimizer) -> dict:
-    """Host bytes an engine of ``num_params`` parameters needs, by kind (as ``OffloadEngine.host_bytes_needed``)."""
+def host_bytes(num_params: int, mode: str, compute_dtype: torch.dtype, cuda: bool, optimizer,
+               on_device: int = 0, kept: int = 0) -> dict:
+    """Host bytes an engine of ``num_params`` parameters needs, by kind (as ``OffloadEngine.host_bytes_needed``):
+    ``mode`` is the engine's; ``on_device`` parameters step on the GPU (their optimizer state is there), ``kept``
+    of them keep their gradients there too (no host gradient or staging buffer)."""
     item = torch.empty(0, dtype=compute_dtype).element_size()
-    out = {"fp32 master weights": 4 * num_params, "fp32 gradients": 4 * num_params,
+    out = {"fp32 master weights": 4 * num_params, "fp32 gradients": 4 * (num_params - kept),
            "compute-dtype shadow": item * num_params if compute_dtype != torch.float32 else 0,
-           "gradient staging": item * num_params if cuda else 0, "optimizer state": 0}
+           "gradient staging": item * (num_params - kept) if cuda else 0, "optimizer state": 0}
     if optimizer is not None and mode in ("optimizer", "all"):
-        out["optimizer state"] = int(state_bytes_per_param(optimizer) * num_params)
+        out["optimizer state"] = int(state_bytes_per_param(optimizer) * (num_params - on_device))
     return out
 
 
@@ -556,11 +559,8 @@ def attach(module) -> Optional[StageOffload]:
     dtype = _compute_dtype(module.config.precision, module.device)
     cuda = module.device.type == "cuda"
     params = list(var.params)
-    need = host_bytes(sum(p.numel() for p in params) if mode != "none" else 0, mode, dtype, cuda, module.optimizer)
-    if mode == "none":
-        need = {k: 0 for k in need}
-    check_node_memory(need, mode, module.device)
-    if mode == "none":
+    if mode == "none":   # the node check is collective: every rank takes part
+        check_node_memory({k_: 0 for k_ in host_bytes(0, mode, dtype, cuda, None)}, mode, module.device)
         return None
     names = {id(m): n for n, m in module.module.named_modules()}
     prefixes = [names[id(b)] for b in find_blocks(module.module) if id(b) in names]
@@ -582,6 +582,9 @@ def attach(module) -> Optional[StageOffload]:
     if dev_acc and headroom is not None:
         headroom -= 4.0 * n_params
     engine_mode, k = engine_mode_for(mode, cuda, len(blocks), _gpu_step_blocks(module, blocks, mode, headroom))
+    on_device = sum(p.numel() for ps in blocks[:k] for p in ps) if cuda else 0   # GPU-stepped (async on CUDA only)
+    check_node_memory(host_bytes(n_params, engine_mode, dtype, cuda, opt, on_device,
+                                 on_device if device_grads_default() else 0), mode, module.device)
     engine = OffloadEngine(blocks, device=module.device, mode=engine_mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
                            check_memory=False, param_order=params, device_step_blocks=k,
