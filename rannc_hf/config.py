@@ -30,6 +30,9 @@ ENV_PREFIX = "RANNC_HF_"
 # RANNC_HF_* variables that are not config fields (cache and results folders)
 NON_CONFIG_ENV = frozenset({CONFIG_ENV, "RANNC_HF_CACHE", "RANNC_HF_RESULTS",
                             "RANNC_HF_FAST_PATH", "RANNC_HF_COMPILE_BACKEND",   # runtime switches
+                            "RANNC_HF_COMPILE_FENCED_SEGMENTS",                  # experiment switches (env_flag)
+                            "RANNC_HF_OFFLOAD_STEP_STREAM", "RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE",
+                            "RANNC_HF_OFFLOAD_DEVICE_GRADS",
                             "RANNC_HF_TEST_KILL_AT_STEP", "RANNC_HF_TEST_KILL_RANK"})   # test hooks (rannc_hf.reliability.testing)
 
 SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved-1f1b")
@@ -39,6 +42,13 @@ OFFLOAD = ("auto", "none", "optimizer", "params", "all")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPILE = ("auto", "true", "false")
 SPLIT_HEAD = ("auto", "true", "false")
+
+
+def env_flag(name: str, environ: Optional[dict] = None) -> Optional[bool]:
+    """An on/off switch from the environment (``1``/``true``/``yes`` on, anything else off; None when unset).
+    Switches are listed in ``NON_CONFIG_ENV`` so that ``RanncConfig.from_env`` does not take them for keys."""
+    v = (os.environ if environ is None else environ).get(name)
+    return None if v is None else v.lower() in ("1", "true", "yes")
 
 
 def _choice(name: str, value: Any, choices: tuple) -> str:
