@@ -53,20 +53,20 @@ and :mod:`.engine_state` (masters, state dicts, stats).
 from __future__ import annotations
 
 import itertools
-import os
 import weakref
 from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
+from ..config import env_flag
 from ..errors import OffloadError
 from .engine_state import _StateMixin
 from .gradients import _GradientMixin
 from .optimizer import build_inner_optimizer, check_supported, state_bytes_per_param, user_group_index
 from .residency import _ResidencyMixin
 from .stepping import _StepMixin
-from .store import ParamGroup, check_host_memory
+from .store import ParamGroup, check_host_memory, host_need
 
 MODES = ("optimizer", "params", "all")
 _ENGINES: dict[int, "weakref.ref[OffloadEngine]"] = {}
@@ -76,7 +76,7 @@ _IDS = itertools.count(1)
 def device_grads_default() -> bool:
     """``RANNC_HF_OFFLOAD_DEVICE_GRADS``: GPU-stepped blocks keep their gradients on the GPU (off by default
     until timed on a GPU); the runtime and the planner budget 4 more bytes per such parameter."""
-    return os.environ.get("RANNC_HF_OFFLOAD_DEVICE_GRADS", "0").lower() in ("1", "true", "yes")
+    return bool(env_flag("RANNC_HF_OFFLOAD_DEVICE_GRADS"))
 
 
 def get_engine(engine_id: int) -> "OffloadEngine":
@@ -177,7 +177,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         # experimental (off by default, not yet measured on a GPU): run those GPU steps on their own stream,
         # overlapping the next forward, instead of on the compute stream (``RANNC_HF_OFFLOAD_STEP_STREAM=1``)
         if step_stream is None:
-            step_stream = os.environ.get("RANNC_HF_OFFLOAD_STEP_STREAM", "0").lower() in ("1", "true", "yes")
+            step_stream = env_flag("RANNC_HF_OFFLOAD_STEP_STREAM")
         self.step_stream = bool(step_stream) and self.cuda and self.device_step_blocks > 0
         self.device_accumulate = bool(device_accumulate)
         self.device_grads = device_grads_default() if device_grads is None else bool(device_grads)
@@ -291,17 +291,10 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         """Bytes of host memory the store needs, by kind (used by the host-memory check): GPU-stepped blocks
         keep their optimizer state on the device, and with ``device_grads`` their gradients too."""
         sizes = [sum(p.numel() for p in ps) for ps in block_lists]
-        n = sum(sizes) + sum(p.numel() for p in rest_list)
         on_device = sum(sizes[:self.device_step_blocks])
-        kept = on_device if self.device_grads else 0
-        item = torch.empty(0, dtype=self.compute_dtype).element_size()
-        out = {"fp32 master weights": 4 * n, "fp32 gradients": 4 * (n - kept),
-               "compute-dtype shadow": item * n if self.compute_dtype != torch.float32 else 0,
-               "gradient staging": item * (n - kept) if self.cuda else 0,
-               "optimizer state": 0}
-        if optimizer is not None and self.step_on_cpu:
-            out["optimizer state"] = int(state_bytes_per_param(optimizer) * (n - on_device))
-        return out
+        state = state_bytes_per_param(optimizer) if optimizer is not None and self.step_on_cpu else 0.0
+        return host_need(sum(sizes) + sum(p.numel() for p in rest_list), self.compute_dtype, self.cuda, state,
+                         on_device, on_device if self.device_grads else 0)
 
     def _check_host_memory(self, block_lists, rest_list, optimizer) -> None:
         need = self.host_bytes_needed(block_lists, rest_list, optimizer)

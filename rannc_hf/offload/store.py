@@ -46,6 +46,22 @@ def available_host_memory() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def host_need(num_params: int, compute_dtype: torch.dtype, cuda: bool, state_bytes_per_param: float = 0.0,
+              on_device: int = 0, kept: int = 0) -> dict:
+    """Host bytes an engine of ``num_params`` parameters needs, by kind: ``state_bytes_per_param`` of optimizer
+    state for those stepped on the CPU (all but ``on_device``), no gradient or staging buffer for the ``kept``
+    ones whose gradients stay on the GPU.
+
+        >>> host_need(1000, torch.bfloat16, True, 8.0, on_device=600, kept=600)["optimizer state"]
+        3200
+    """
+    item = torch.empty(0, dtype=compute_dtype).element_size()
+    return {"fp32 master weights": 4 * num_params, "fp32 gradients": 4 * (num_params - kept),
+            "compute-dtype shadow": item * num_params if compute_dtype != torch.float32 else 0,
+            "gradient staging": item * (num_params - kept) if cuda else 0,
+            "optimizer state": int(state_bytes_per_param * (num_params - on_device))}
+
+
 def check_host_memory(needed: int, breakdown: dict, mode: str, headroom: float = 0.9) -> None:
     """Raise :class:`OffloadError` if ``needed`` bytes exceed ``headroom`` x the available host RAM."""
     avail = available_host_memory()

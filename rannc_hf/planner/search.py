@@ -104,6 +104,9 @@ class Searcher:
             self.off_opts = ("none",) if config.offload in ("auto", "none") else (config.offload,)
         self.N = cm.num_blocks
         self.layer_of_block = self._layer_index()
+        from ..offload.engine import device_grads_default
+
+        self.device_grads = device_grads_default()   # GPU-stepped blocks keep their gradients there (priced)
         self.notes: list[str] = []
 
     # ---- configuration space ------------------------------------------------------------
@@ -430,9 +433,8 @@ class Searcher:
         if off not in ("optimizer", "all") or self.profile.name == "cpu" or layers < 1:
             return 0.0
         from ..offload.cost import choose_gpu_step_blocks
-        from ..offload.engine import device_grads_default
 
-        state = 8.0 + (4.0 if device_grads_default() else 0.0)
+        state = 8.0 + (4.0 if self.device_grads else 0.0)
         return choose_gpu_step_blocks([n_par / layers] * layers, headroom, state) / layers
 
     def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
@@ -446,7 +448,6 @@ class Searcher:
             return gpu_opt, 0.0
         try:
             from ..offload.cost import offload_cost, use_device_accumulation
-            from ..offload.engine import device_grads_default
 
             dev_acc = prof.name != "cpu" and use_device_accumulation(M, n_par, headroom)  # as the runtime decides
             if dev_acc:
@@ -459,7 +460,7 @@ class Searcher:
                               gpu_step_fraction=self._gpu_step_fraction(off, n_par - rest, layers or nblocks,
                                                                         headroom),
                               rest_params=rest, device_accumulate=dev_acc,
-                              host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=device_grads_default())
+                              host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads)
             return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw

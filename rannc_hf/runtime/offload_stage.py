@@ -49,13 +49,14 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
+from ..config import env_flag
 from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
 from ..offload.cost import choose_gpu_step_blocks, use_device_accumulation
 from ..offload.engine import device_grads_default
 from ..offload.hooks import masters_into_state_dict, reject_closure
 from ..offload.optimizer import state_bytes_per_param
-from ..offload.store import check_host_memory
+from ..offload.store import check_host_memory, host_need
 from .grads import grad_norm_sq
 
 log = logging.getLogger(__name__)
@@ -197,13 +198,8 @@ def host_bytes(num_params: int, mode: str, compute_dtype: torch.dtype, cuda: boo
     """Host bytes an engine of ``num_params`` parameters needs, by kind (as ``OffloadEngine.host_bytes_needed``):
     ``mode`` is the engine's; ``on_device`` parameters step on the GPU (their optimizer state is there), ``kept``
     of them keep their gradients there too (no host gradient or staging buffer)."""
-    item = torch.empty(0, dtype=compute_dtype).element_size()
-    out = {"fp32 master weights": 4 * num_params, "fp32 gradients": 4 * (num_params - kept),
-           "compute-dtype shadow": item * num_params if compute_dtype != torch.float32 else 0,
-           "gradient staging": item * (num_params - kept) if cuda else 0, "optimizer state": 0}
-    if optimizer is not None and mode in ("optimizer", "all"):
-        out["optimizer state"] = int(state_bytes_per_param(optimizer) * (num_params - on_device))
-    return out
+    state = state_bytes_per_param(optimizer) if optimizer is not None and mode in ("optimizer", "all") else 0.0
+    return host_need(num_params, compute_dtype, cuda, state, on_device, kept)
 
 
 def check_node_memory(need: dict, mode: str, device: torch.device) -> None:
@@ -508,15 +504,17 @@ def _gpu_headroom(module) -> Optional[float]:
 def _device_accumulate(module, num_params: int, headroom: Optional[float]) -> bool:
     """Sum micro-batch gradients on the GPU (:func:`~rannc_hf.offload.cost.use_device_accumulation`, the
     planner's rule); ``RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE=0/1`` overrides it (benchmarks)."""
-    forced = os.environ.get("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE")
+    forced = env_flag("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE")
     if forced is not None:
-        return forced.lower() in ("1", "true", "yes")
-    return module.device.type == "cuda" and headroom is not None and use_device_accumulation(module.layout.num_microbatches, num_params, headroom)
+        return forced
+    return (module.device.type == "cuda" and headroom is not None
+            and use_device_accumulation(module.layout.num_microbatches, num_params, headroom))
 
 
-def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float]) -> int:
+def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float], device_grads: bool = False) -> int:
     """``config.gpu_step_blocks``, resolving ``auto`` from ``headroom`` (see :func:`_gpu_headroom`, less the
-    device gradient sums if any). 0 without a CUDA device, a CPU step mode, or a plan with memory figures."""
+    device gradient sums if any; ``device_grads``: each such block also keeps its gradients on the GPU).
+    0 without a CUDA device, a CPU step mode, or a plan with memory figures."""
     want = module.config.gpu_step_blocks
     if module.device.type != "cuda" or mode not in ("optimizer", "all"):
         return 0
@@ -524,7 +522,7 @@ def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float])
         return min(int(want), len(blocks))
     if headroom is None:
         return 0
-    state = 8.0 + (4.0 if device_grads_default() else 0.0)   # AdamW state (+ the gradients kept on the GPU)
+    state = 8.0 + (4.0 if device_grads else 0.0)   # AdamW state (+ the gradients kept on the GPU)
     return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom, state)
 
 
@@ -581,14 +579,16 @@ def attach(module) -> Optional[StageOffload]:
     dev_acc = _device_accumulate(module, n_params, headroom)
     if dev_acc and headroom is not None:
         headroom -= 4.0 * n_params
-    engine_mode, k = engine_mode_for(mode, cuda, len(blocks), _gpu_step_blocks(module, blocks, mode, headroom))
+    dev_grads = device_grads_default()
+    engine_mode, k = engine_mode_for(mode, cuda, len(blocks),
+                                     _gpu_step_blocks(module, blocks, mode, headroom, dev_grads))
     on_device = sum(p.numel() for ps in blocks[:k] for p in ps) if cuda else 0   # GPU-stepped (async on CUDA only)
-    check_node_memory(host_bytes(n_params, engine_mode, dtype, cuda, opt, on_device,
-                                 on_device if device_grads_default() else 0), mode, module.device)
+    check_node_memory(host_bytes(n_params, engine_mode, dtype, cuda, opt, on_device, on_device if dev_grads else 0),
+                      mode, module.device)
     engine = OffloadEngine(blocks, device=module.device, mode=engine_mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
                            check_memory=False, param_order=params, device_step_blocks=k,
-                           device_accumulate=dev_acc)
+                           device_accumulate=dev_acc, device_grads=dev_grads)
     so = StageOffload(module, engine, mode, modes)
     so._prefixes = prefixes
     so._blocks_per_stage = per_stage

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import operator
-import os
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
@@ -35,6 +34,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..capture.graph import Graph
+from ..config import env_flag
 
 
 @dataclass
@@ -301,7 +301,7 @@ def split_segments(gm: fx.GraphModule, starts: set[str]) -> tuple[list[_Segment]
 
 #: ``RANNC_HF_COMPILE_FENCED_SEGMENTS=1`` compiles checkpointed code holding offload fences anyway (to study
 #: the drift that made them eager; see :meth:`StageModule.segments`)
-_COMPILE_FENCED = os.environ.get("RANNC_HF_COMPILE_FENCED_SEGMENTS", "0").lower() in ("1", "true", "yes")
+_COMPILE_FENCED = bool(env_flag("RANNC_HF_COMPILE_FENCED_SEGMENTS"))
 
 
 def fence_starts(gm: fx.GraphModule) -> set[str]:
@@ -361,6 +361,7 @@ class StageModule(nn.Module):
         object.__setattr__(self, "compiled", None)   # torch.compile(gm) when enabled (not a registered submodule)
         object.__setattr__(self, "_segments", None)  # (graph version, segments, output arg, input names)
         object.__setattr__(self, "_pieces", None)    # the same, cut around offload fences (compiled runs)
+        object.__setattr__(self, "_fence_cache", None)  # (graph version, fence_starts)
         self._compile_args: Optional[tuple] = None
 
     def compile(self, backend: str = "inductor", **kwargs) -> None:  # noqa: A003 - nn.Module.compile, same idea
@@ -379,13 +380,25 @@ class StageModule(nn.Module):
 
     def fence_pieces(self) -> list[_Segment]:
         """The stage cut around its offload fences (see :func:`fence_starts`); empty without fences."""
-        starts = fence_starts(self.gm)
+        starts = self._fences()
         return self._split("_pieces", starts)[1] if starts else []
+
+    def _version(self) -> tuple:
+        """Changes when the stage graph does (offload fences inserted)."""
+        return (id(self.gm.graph), len(self.gm.graph.nodes))
+
+    def _fences(self) -> set[str]:
+        """:func:`fence_starts` of the current graph, computed once per graph version (forward asks each call)."""
+        cached = self._fence_cache
+        if cached is None or cached[0] != self._version():
+            cached = (self._version(), fence_starts(self.gm))
+            object.__setattr__(self, "_fence_cache", cached)
+        return cached[1]
 
     def _split(self, attr: str, starts: set[str], eager_if_fenced: bool = False) -> tuple:
         """(graph version, segments, output arg, input names) cached in ``attr``; compiled segments when
         compile is on, except the fences' own (and, ``eager_if_fenced``, every segment holding a fence)."""
-        version = (id(self.gm.graph), len(self.gm.graph.nodes))
+        version = self._version()
         cached = getattr(self, attr)
         if cached is None or cached[0] != version:
             segs, out_arg = split_segments(self.gm, starts)
@@ -423,7 +436,7 @@ class StageModule(nn.Module):
         if self.in_dtypes:
             args = tuple(a.to(d) if isinstance(a, torch.Tensor) and a.dtype != d else a
                          for a, d in zip(args, self.in_dtypes))
-        fences = fence_starts(self.gm) if self.compiled is not None else set()
+        fences = self._fences() if self.compiled is not None else set()
         with self._autocast():
             if self.recompute == "full" and self.segment_starts and torch.is_grad_enabled():
                 out = self._run_split("_segments", self.segment_starts, args, checkpointed=True)
