@@ -78,9 +78,15 @@ def main(argv=None) -> int:
     rss_peak = [psutil.Process().memory_info().rss]
     stop = threading.Event()
 
-    def watch():
+    def watch():  # the RSS peak, and a line every 15 s so that a run the kernel kills shows where it stood
+        ticks = 0
         while not stop.wait(0.5):
-            rss_peak[0] = max(rss_peak[0], psutil.Process().memory_info().rss)
+            rss = psutil.Process().memory_info().rss
+            rss_peak[0] = max(rss_peak[0], rss)
+            ticks += 1
+            if ticks % 30 == 0:
+                print(f"[host] rss {rss / GiB:.1f} GiB, available {psutil.virtual_memory().available / GiB:.1f} GiB",
+                      flush=True)
 
     threading.Thread(target=watch, daemon=True).start()
     t0 = time.perf_counter()

@@ -26,6 +26,7 @@ A :class:`ParamGroup` owns, for the parameters of one block (or the resident "re
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -80,8 +81,29 @@ def check_host_memory(needed: int, breakdown: dict, mode: str, headroom: float =
         f"parameters; use an optimizer with less state (SGD, Adafactor); or free host memory.")
 
 
+def _unregister(ptr: int) -> None:
+    torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
 def _empty_host(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
-    return torch.empty(n, dtype=dtype, pin_memory=pin)
+    """A host buffer of ``n`` elements, page-locked when ``pin``.
+
+    Pinned buffers are ordinary allocations page-locked with ``cudaHostRegister``, not
+    ``torch.empty(pin_memory=True)``: torch's caching host allocator rounds every pinned allocation up to a
+    power of two and never gives it back, so a 1.26 GB block costs 2 GiB, and a 12.85B-parameter model's
+    stores (108 GiB nominal) overflowed a 125 GiB host. The registration ends when the tensor is freed.
+    """
+    t = torch.empty(n, dtype=dtype)
+    if not pin or n == 0:
+        return t
+    try:
+        rc = int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), n * t.element_size(), 0))
+    except (AttributeError, RuntimeError):  # a torch without the binding
+        rc = -1
+    if rc != 0:  # e.g. a locked-memory limit: the caching allocator's pinned memory instead
+        return torch.empty(n, dtype=dtype, pin_memory=True)
+    weakref.finalize(t, _unregister, t.data_ptr())
+    return t
 
 
 class ParamGroup:
