@@ -61,6 +61,17 @@ def test_every_family_plans_on_two_stages(family):
     assert p.flops_per_step > 0 and p.tokens_per_sample >= 1
 
 
+def test_flops_per_step_counts_every_microbatch():
+    """A step's FLOPs are the same whether the plan splits the batch into micro-batches or not, also when the
+    runtime's graph is captured at micro-batch 1 (no batch dimension left to scale by)."""
+    model, batch = make("gpt2", batch_size=8)
+    cl = Cluster(num_gpus=1, device="h200")
+    one = rannc_hf.plan(model, batch, cluster=cl, config=RanncConfig(num_microbatches=1), progress=False)
+    eight = rannc_hf.plan(model, batch, cluster=cl, config=RanncConfig(num_microbatches=8), progress=False)
+    assert eight.microbatch_size == 1
+    assert eight.flops_per_step == pytest.approx(one.flops_per_step, rel=0.02)
+
+
 def test_module_entry_point_and_json_roundtrip(tmp_path):
     model, batch = make("gpt2", batch_size=8)
     p = rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=4, device="h200"),

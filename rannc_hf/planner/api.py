@@ -271,10 +271,13 @@ def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: Rannc
                                 bwd_ms=c.bwd[i] * 1e3, recompute=rc_name if c.recompute[i] else "none",
                                 recompute_starts=starts, offload=c.offload[i], replicas=c.dp))
     t = cm.table
-    sc = t.scale(global_batch)
+    # one micro-batch's FLOPs times the micro-batches of a step: a graph captured at batch 1 has no batch
+    # dimension to scale by (export specialises it), so scaling it straight to the global batch undercounts
+    sc = t.scale(max(1, global_batch // (c.dp * c.M)))
     flops = float(((t.flops + t.bwd_flops) * sc).sum())
     flops += sum(float((t.flops * sc)[cm.op_range(lo, hi)[0]:cm.op_range(lo, hi)[1] + 1].sum())
                  for (lo, hi), rc in zip(c.chunks, c.recompute) if rc)
+    flops *= c.dp * c.M
     p = Plan(stages=stages, num_microbatches=c.M, batch_size=global_batch, dp_size=c.dp, schedule=c.schedule,
              virtual_stages=c.v, partitioner=config.partitioner, predicted_step_time=c.score,
              predicted_bubble=c.sim.bubble if c.sim else 0.0, gpu_memory=int(cap), device=cm.profile.name,
