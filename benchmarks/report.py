@@ -166,15 +166,41 @@ def offload_rannc() -> str:
     rows = ["| model | plan | step ms (predicted) | tokens/s | GB to GPU / to host per step | engine CPU step s |",
             "|---|---|---|---|---|---|"]
     for name, r in (("GPT-2 1.3B", mb["mb1"]), ("GPT-2 1.3B", mb["mb4"]), ("GPT-2 2.7B", vs["rannc"])):
-        rows.append(f"| {name} | {r['plan']} | {r['step_time_s'] * 1e3:,.0f} ({r['predicted_step_time_s'] * 1e3:,.0f}) | "
-                    f"{r['tokens_per_s']:,.0f} | {r['h2d_gb_per_step']:.1f} / {r['d2h_gb_per_step']:.1f} | {r['engine_cpu_step_s']:.2f} |")
+        rows.append(_rannc_row(name, r))
     p = vs["deepspeed_zero3_offload"]
     rows.append(f"| GPT-2 2.7B | DeepSpeed ZeRO-3, param + optimizer offload, same call | {p['step_time_s'] * 1e3:,.0f} | "
                 f"{p['tokens_per_s']:,.0f} | | |")
+    notes = [vs["note"], mb["note"]]
+    cur, acc = d.get("gpt2_2.7b_default"), d.get("gpt2_2.7b_accum8")
+    if cur:  # the current default and its peers, one call
+        for name, r in (("GPT-2 2.7B", cur["rannc"]), ("GPT-2 2.7B", cur["rannc_device_grads"])):
+            rows.append(_rannc_row(name, r))
+        for label, key in (("DeepSpeed ZeRO-3, param + optimizer offload, same call", "deepspeed_zero3_offload"),
+                           ("FSDP2 + CPUOffloadPolicy, same call", "fsdp2_cpuoffload")):
+            rows.append(f"| GPT-2 2.7B | {label} | {cur[key]['step_time_s'] * 1e3:,.0f} | {cur[key]['tokens_per_s']:,.0f} | | |")
+        notes.append(cur["note"])
+    if acc:
+        rows.append(_rannc_row("GPT-2 2.7B", acc["rannc"]))
+        q = acc["plain_uncapped_accum8"]
+        rows.append(f"| GPT-2 2.7B | plain PyTorch uncapped, accumulation 8, recompute, same call | "
+                    f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | |")
+        notes.append(acc["note"])
     curves = ["| run (30 steps, same batches, bf16) | largest per-step loss difference vs no offload |", "|---|---|"]
     curves += [f"| {k} | {v:.4f} |" for k, v in cv["max_abs_loss_difference_vs_plain"].items()]
-    return ("\n".join(rows) + f"\n\n{vs['note']} {mb['note']}\n\n" + "\n".join(curves) + f"\n\n{cv['note']}\n\n"
-            + _env_line(d))
+    out = "\n".join(rows) + "\n\n" + "\n\n".join(notes) + "\n\n" + "\n".join(curves) + f"\n\n{cv['note']}"
+    big = d.get("largest")
+    if big:
+        out += ("\n\n**Largest model on one H200 box** | parameters | GPU-stepped layers | s/step (1 x 1024) | tokens/s | "
+                "GPU peak GiB | host RSS peak GiB\n|---|---|---|---|---|---|---|\n"
+                f"| GPT-2 style, d {big['d']}, {big['layers']} layers | {big['params'] / 1e9:.2f}B | {big['gpu_stepped_layers']} | "
+                f"{sum(big['step_times_s'][1:]) / max(1, len(big['step_times_s']) - 1):.2f} | {big['tokens_per_s']:.0f} | "
+                f"{big['gpu_peak_gib']:.1f} | {big['host_rss_peak_gib']:.1f} |\n\n{big['note']}")
+    return out + "\n\n" + _env_line(d)
+
+
+def _rannc_row(name: str, r: dict) -> str:
+    return (f"| {name} | {r['plan']} | {r['step_time_s'] * 1e3:,.0f} ({r['predicted_step_time_s'] * 1e3:,.0f}) | "
+            f"{r['tokens_per_s']:,.0f} | {r['h2d_gb_per_step']:.1f} / {r['d2h_gb_per_step']:.1f} | {r['engine_cpu_step_s']:.2f} |")
 
 
 def trainer() -> str:
