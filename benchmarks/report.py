@@ -165,12 +165,14 @@ def offload_rannc() -> str:
     mb, cv, vs = d["gpt2_1.3b_microbatches"], d["gpt2_1.3b_loss_curves"], d["gpt2_2.7b_vs_deepspeed"]
     rows = ["| model | plan | step ms (predicted) | tokens/s | GB to GPU / to host per step | engine CPU step s |",
             "|---|---|---|---|---|---|"]
-    for name, r in (("GPT-2 1.3B", mb["mb1"]), ("GPT-2 1.3B", mb["mb4"]), ("GPT-2 2.7B", vs["rannc"])):
-        rows.append(_rannc_row(name, r))
+    for name, r in (("GPT-2 1.3B", mb["mb1"]), ("GPT-2 1.3B", mb["mb4"]), ("GPT-2 1.3B", mb.get("mb8_call20")),
+                    ("GPT-2 1.3B", mb.get("mb1_call20")), ("GPT-2 2.7B", vs["rannc"])):
+        if r:
+            rows.append(_rannc_row(name, r))
     p = vs["deepspeed_zero3_offload"]
     rows.append(f"| GPT-2 2.7B | DeepSpeed ZeRO-3, param + optimizer offload, same call | {p['step_time_s'] * 1e3:,.0f} | "
                 f"{p['tokens_per_s']:,.0f} | | |")
-    notes = [vs["note"], mb["note"]]
+    notes = [vs["note"], mb["note"]] + ([mb["note_call20"]] if "note_call20" in mb else [])
     cur, acc = d.get("gpt2_2.7b_default"), d.get("gpt2_2.7b_accum8")
     if cur:  # the current default and its peers, one call
         for name, r in (("GPT-2 2.7B", cur["rannc"]), ("GPT-2 2.7B", cur["rannc_device_grads"])):

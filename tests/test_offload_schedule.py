@@ -307,3 +307,17 @@ def test_cost_model_device_grads_keep_the_gpu_share_off_the_link():
     assert dev.optimizer_time <= host.optimizer_time and dev.step_time < host.step_time
     params = dict(kw, mode="params")
     assert offload_cost(device_grads=True, **params).optimizer_time < offload_cost(**params).optimizer_time
+
+
+def test_cost_model_host_time_per_block_shows_only_behind_short_blocks():
+    """The engine's host work per block and micro-batch is exposed by the part the block's GPU work does not
+    cover: 8 micro-batches of 1 sample (GPU per block shorter than the host) pay it, one of 8 does not."""
+    n = 1.3e9
+    kw = dict(param_bytes=n * 4, grad_bytes=n * 2, optim_bytes=n * 8, link_gbps=55.0, cpu_adam_params_per_s=2e9,
+              num_blocks=160, prefetch_blocks=2, mode="optimizer", device_accumulate=True)
+    small = dict(kw, fwd_time=0.0116, bwd_time=0.0213, microbatches=8)
+    big = dict(kw, fwd_time=0.0928, bwd_time=0.1704, microbatches=1, recompute=True)
+    extra = offload_cost(block_host_time=2.8e-3, engine_blocks=24, **small).step_time - offload_cost(**small).step_time
+    assert extra == pytest.approx(8 * 24 * (2.8e-3 - (0.0116 + 0.0213) / 24), rel=1e-6)
+    assert offload_cost(block_host_time=2.8e-3, engine_blocks=24, **big).step_time == pytest.approx(
+        offload_cost(**big).step_time)

@@ -460,7 +460,8 @@ class Searcher:
                               gpu_step_fraction=self._gpu_step_fraction(off, n_par - rest, layers or nblocks,
                                                                         headroom),
                               rest_params=rest, device_accumulate=dev_acc,
-                              host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads)
+                              host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
+                              block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks)
             return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw

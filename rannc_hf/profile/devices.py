@@ -44,6 +44,11 @@ class DeviceProfile:
     op_overhead: float = 4e-6        #: launch/dispatch seconds per kernel
     cpu_adam_params_per_s: float = 4.0e9  #: host optimizer throughput (fused AdamW), parameters/s
     host_fold_params_per_s: float = 4.0e9  #: offload: host adds of micro-batch gradients (one worker), parameters/s
+    #: offload: host (Python) seconds the engine spends on one block in one micro-batch's forward and backward
+    #: (residency fences, gradient hooks, device sums); exposed when the block's GPU work is shorter. Fitted on
+    #: GPT-2 1.3B under 24 GiB on an H200, GPU alone: 8 micro-batches of 1 ran 906 ms against 578 predicted
+    #: without it, one of 8 ran 733 against 640 (benchmarks/h200/next5.sh)
+    offload_block_host_s: float = 2.8e-3
     notes: str = ""
 
     def peak_flops(self, precision: str) -> float:
@@ -122,7 +127,8 @@ def _cpu() -> DeviceProfile:
         name="cpu", flops={"fp32": 50e9 * cores, "bf16": 25e9 * cores, "fp16": 10e9 * cores}, mem_bw=10e9 * min(cores, 8),
         memory=mem, h2d_bw=20e9, d2h_bw=20e9, duplex_bw=20e9, intra_node_bw=10e9, inter_node_bw=1e9,
         p2p_latency=50e-6, collective_latency=100e-6, attention_efficiency=0.5, bw_efficiency=0.7, op_overhead=10e-6,
-        cpu_adam_params_per_s=0.25e9 * cores, host_fold_params_per_s=0.5e9 * cores, notes="generic local CPU defaults (gloo)")
+        cpu_adam_params_per_s=0.25e9 * cores, host_fold_params_per_s=0.5e9 * cores, offload_block_host_s=0.0,
+        notes="generic local CPU defaults (gloo)")
 
 
 BUILTIN = {"h200": _h200, "h100": _h100, "a100": _a100, "cpu": _cpu}
