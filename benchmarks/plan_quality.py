@@ -1,6 +1,7 @@
 """Plan quality by the simulator: auto vs even (equal layers) vs params (equal parameter bytes).
 
     python benchmarks/plan_quality.py          # writes benchmarks/results/plan_quality.json
+    python benchmarks/plan_quality.py --model llama-vocab250k --mode pipeline   # a subset; prints, writes nothing
 
 GPT-2-style (1.3B), BERT-large-style and a large-vocabulary (250k) decoder over 4, 8 and 64 GPUs
 of 80 GB (H100 profile, 8 per node). Every partitioner searches the same stages x replicas x
@@ -43,11 +44,23 @@ def models():
 
 
 def main() -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", action="append", help="only this model (repeatable); the results file is not written")
+    ap.add_argument("--mode", choices=("free", "pipeline"), help="only this mode; the results file is not written")
+    ap.add_argument("--gpus", type=int, action="append", help="only this GPU count (repeatable); no results file")
+    args = ap.parse_args()
+    subset = bool(args.model or args.mode or args.gpus)
     rows = []
     for name, model, batch in models():
+        if args.model and name not in args.model:
+            continue
         model.config.use_cache = False
         n_params = sum(p.numel() for p in model.parameters())
         for gpus, mode in [(4, "free"), (8, "free"), (64, "free"), (4, "pipeline"), (8, "pipeline"), (64, "pipeline")]:
+            if (args.mode and mode != args.mode) or (args.gpus and gpus not in args.gpus):
+                continue
             cl = rannc_hf.Cluster(num_gpus=gpus, gpus_per_node=8, gpu_memory="80GB", device="h100")
             # "free": the whole space (a model that fits one GPU gets pure data parallelism, where every
             # partitioner is the same); "pipeline": pipeline depth fixed to min(gpus, 8), so the partition matters
@@ -72,6 +85,8 @@ def main() -> None:
                "min_ratio_params_large_vocab_pipeline": min((r["ratio_params"] for r in large), default=None),
                "target_ratio_params_large_vocab": 1.2}
     print(summary)
+    if subset:
+        return
     print(write_result("plan_quality", {"seq_len": SEQ, "global_batch": GLOBAL_BATCH, "device_profile": "h100",
                                         "gpu_memory": "80GB", "rows": rows, "summary": summary}))
 

@@ -120,6 +120,7 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
     graph, B = _as_graph(model_or_graph, example_batch, split=split)
     global_batch = int(global_batch or B)
     cm = CostModel.build(graph, cluster.device, config.precision, max_blocks=max_blocks)
+    cm_proxy = cm
     source = "analytic"
     if _want_measured(costs, model_or_graph, cluster):
         from ..profile.measure import measure_blocks
@@ -141,10 +142,18 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
     if config.partitioner not in best:
         raise _does_not_fit(cm, cluster, config, cap, mem, global_batch)
     chosen = best[config.partitioner]
+    proxy_best = dict(best)
+    graphs: dict[int, Any] = {}
+
+    def graph_at(mb: int):
+        if mb not in graphs:
+            graphs[mb], _ = _as_graph(model_or_graph, _slice_batch(example_batch, mb), proxy=False, split=split)
+        return graphs[mb]
+
     mb = global_batch // (chosen.dp * chosen.M)
     if mb != graph.batch_size and not _is_graph(model_or_graph):
         # the runtime captures at the microbatch size: make op ranges and fingerprint refer to that graph
-        g_mb, _ = _as_graph(model_or_graph, _slice_batch(example_batch, mb), proxy=False, split=split)
+        g_mb = graph_at(mb)
         if len(g_mb.ops) == len(graph.ops) and g_mb.valid_cuts == graph.valid_cuts:
             graph = g_mb
         else:  # the op sequence changed (batch 1 specialises): re-plan that graph with the chosen shape
@@ -161,10 +170,35 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
     for name, cand in best.items():
         if name != "auto":
             p.baselines[name] = cand.score
+    for name, cand in proxy_best.items():
+        # a baseline is also scored at its own best shape, on the graph its own plan would be built from (not
+        # only at the auto plan's shape): the comparison is with the best that partitioner does
+        if name != "auto" and name != config.partitioner:
+            t = _score_on_own_graph(cand, cm_proxy, graph_at, model_or_graph, cluster, config, cap, name,
+                                    global_batch, max_blocks)
+            p.baselines[name] = min(t, p.baselines.get(name, t))
     p.cost_source = source
     p.split_min_out_features = graph.split_min_out_features
     p._graph = graph
     return p
+
+
+def _score_on_own_graph(cand: Candidate, cm: CostModel, graph_at, model_or_graph: Any, cluster: Cluster,
+                        config: RanncConfig, cap: float, name: str, global_batch: int, max_blocks: int) -> float:
+    """The step time partitioner ``name``'s own plan would predict for its best candidate ``cand`` (found on the
+    proxy capture ``cm``): re-planned at that shape on the graph captured at its microbatch size when that
+    graph's op sequence differs (as :func:`_plan_one` does for the chosen plan)."""
+    mb = global_batch // (cand.dp * cand.M)
+    if mb == cm.graph.batch_size or _is_graph(model_or_graph):
+        return cand.score
+    g_mb = graph_at(mb)
+    if len(g_mb.ops) == len(cm.graph.ops) and g_mb.valid_cuts == cm.graph.valid_cuts:
+        return cand.score
+    fixed = RanncConfig(**{**config.to_dict(), "num_stages": cand.S, "dp_size": cand.dp,
+                           "num_microbatches": cand.M, "schedule": cand.schedule, "partitioner": name})
+    cm2 = CostModel.build(g_mb, cluster.device, config.precision, max_blocks=max_blocks)
+    best2, _ = _search(cm2, cluster, fixed, cap, (name,), False, global_batch, virtual=cand.v)
+    return best2[name].score if name in best2 else cand.score
 
 
 def _search(cm: CostModel, cluster: Cluster, config: RanncConfig, cap: float, partitioners: tuple[str, ...],

@@ -190,7 +190,7 @@ class Searcher:
 
     # ---- partitioners ---------------------------------------------------------------------
     def _greedy(self, a: BlockArrays, T: float, C: int, S: int, v: int, M: int, sch: str,
-                cap: float) -> Optional[list[tuple[int, int]]]:
+                cap: float, cut_ok: Optional[list[bool]] = None) -> Optional[list[tuple[int, int]]]:
         f, b, sv, po, cr = self._lists(a)
         N = self.N
         pf = self.cm.params_first
@@ -230,18 +230,36 @@ class Searcher:
                         break
                 if not ok:
                     break
-                last_ok = j
+                if cut_ok is None or cut_ok[j] or j == N - 1:
+                    last_ok = j
             if last_ok < start:
                 return None
             chunks.append((start, last_ok))
             start = last_ok + 1
         if start < N:
             return None
-        return self._split_to(chunks, C, f, b)
+        return self._split_to(chunks, C, f, b, cr, self._has_params())
 
-    def _split_to(self, chunks: list[tuple[int, int]], C: int, f, b) -> Optional[list[tuple[int, int]]]:
-        """Split the heaviest multi-block chunks until there are exactly ``C``."""
+    def _has_params(self) -> list[bool]:
+        """Per block: does it use a trainable parameter."""
+        if getattr(self, "_hp", None) is None:
+            ps = self.cm.graph.params
+            self._hp = [any(p in ps and ps[p].requires_grad and not ps[p].is_buffer for p in names)
+                        for names in self.cm.block_params]
+        return self._hp
+
+    def _split_to(self, chunks: list[tuple[int, int]], C: int, f, b,
+                  cross=None, has_params=None) -> Optional[list[tuple[int, int]]]:
+        """Split the heaviest multi-block chunks until there are exactly ``C``.
+
+        With ``cross`` (bytes crossing the cut after each block) a split goes only where few bytes cross (at
+        most twice the cheapest place left): splitting never raises the slowest chunk, but a cut through a
+        wide tensor (a large-vocabulary head's logits) costs a large send every microbatch. With
+        ``has_params`` (per block) a split that leaves either half without trainable parameters (a loss-only
+        last stage) is taken only when there is no other."""
         chunks = list(chunks)
+        if cross is not None:
+            return self._split_cheap(chunks, C, f, b, cross, has_params)
         while len(chunks) < C:
             best, bi = -1.0, -1
             for i, (lo, hi) in enumerate(chunks):
@@ -261,6 +279,48 @@ class Searcher:
             chunks[bi:bi + 1] = [(lo, cut), (cut + 1, hi)]
         return chunks
 
+    @staticmethod
+    def _split_cheap(chunks: list[tuple[int, int]], C: int, f, b, cross,
+                     has_params=None) -> Optional[list[tuple[int, int]]]:
+        pre = [0.0]
+        for x, y in zip(f, b):
+            pre.append(pre[-1] + x + y)
+        npar = [0]
+        for h in (has_params if has_params is not None else [True] * len(f)):
+            npar.append(npar[-1] + (1 if h else 0))
+        while len(chunks) < C:
+            places = [(cross[j], i, j) for i, (lo, hi) in enumerate(chunks) for j in range(lo, hi)]
+            both = [p for p in places if npar[p[2] + 1] > npar[chunks[p[1]][0]]
+                    and npar[chunks[p[1]][1] + 1] > npar[p[2] + 1]]
+            places = both or places
+            if not places:
+                return None
+            limit = 2.0 * min(p[0] for p in places)
+            best, pick = -1.0, None
+            for x, i, j in places:   # among the cheap cuts, the one leaving the most even halves
+                if x > limit:
+                    continue
+                lo, hi = chunks[i]
+                even = min(pre[j + 1] - pre[lo], pre[hi + 1] - pre[j + 1])
+                if even > best:
+                    best, pick = even, (i, j)
+            i, j = pick
+            lo, hi = chunks[i]
+            chunks[i:i + 1] = [(lo, j), (j + 1, hi)]
+        return chunks
+
+    def cheap_cuts(self, a: BlockArrays) -> list[bool]:
+        """Where a cut is cheap: at most 1.5x the bytes of the thinnest tenth of all cuts (for a transformer,
+        the residual stream between layers); never through a wide tensor such as a large head's logits."""
+        hit = getattr(a, "_cheap", None)
+        if hit is None:
+            cr = self._lists(a)[4]
+            inner = sorted(cr[:-1]) or [0.0]
+            limit = 1.5 * inner[len(inner) // 10]
+            hit = [x <= limit for x in cr[:-1]] + [True]
+            a._cheap = hit  # type: ignore[attr-defined]
+        return hit
+
     def _lists(self, a: BlockArrays):
         cache = getattr(a, "_lists", None)
         if cache is None:
@@ -268,21 +328,22 @@ class Searcher:
             a._lists = cache  # type: ignore[attr-defined]
         return cache
 
-    def partition_auto(self, a: BlockArrays, S: int, v: int, M: int, sch: str) -> Optional[list[tuple[int, int]]]:
+    def partition_auto(self, a: BlockArrays, S: int, v: int, M: int, sch: str,
+                       cut_ok: Optional[list[bool]] = None) -> Optional[list[tuple[int, int]]]:
         C = S * v
         f, b, *_ = self._lists(a)
         per = [x + y for x, y in zip(f, b)]
         total = sum(per) * 2.0 + 1e-12
         lo = max(per)
         hi = total
-        best = self._greedy(a, hi, C, S, v, M, sch, self.cap)
+        best = self._greedy(a, hi, C, S, v, M, sch, self.cap, cut_ok)
         if best is None:
             return None
         for _ in range(40):
             if hi - lo <= 1e-3 * hi:
                 break
             mid = 0.5 * (lo + hi)
-            r = self._greedy(a, mid, C, S, v, M, sch, self.cap)
+            r = self._greedy(a, mid, C, S, v, M, sch, self.cap, cut_ok)
             if r is None:
                 lo = mid
             else:
@@ -517,19 +578,24 @@ class Searcher:
             for p in partitioners:
                 if lb >= best_est[p]:
                     continue
-                if p == "auto":
-                    chunks = self.partition_auto(a, S, v, M, sch)
+                if p == "auto":   # cuts anywhere, and cuts only where few bytes cross (see cheap_cuts)
+                    parts = [self.partition_auto(a, S, v, M, sch)]
+                    cheap = self.partition_auto(a, S, v, M, sch, self.cheap_cuts(a))
+                    hp = self._has_params()
+                    if cheap and cheap != parts[0] and all(any(hp[lo:hi + 1]) for lo, hi in cheap):
+                        parts.append(cheap)   # (a stage without parameters, e.g. the loss alone, is not run)
                 elif p == "even":
-                    chunks = self.partition_even(S * v)
+                    parts = [self.partition_even(S * v)]
                 else:
-                    chunks = self.partition_params(S * v)
-                if not chunks or len(chunks) != S * v:
-                    continue
-                cand = self.evaluate(p, chunks, S, v, dp, M, sch)
-                if cand is None:
-                    continue
-                pools[p].append(cand)
-                best_est[p] = min(best_est[p], cand.est)
+                    parts = [self.partition_params(S * v)]
+                for chunks in parts:
+                    if not chunks or len(chunks) != S * v:
+                        continue
+                    cand = self.evaluate(p, chunks, S, v, dp, M, sch)
+                    if cand is None:
+                        continue
+                    pools[p].append(cand)
+                    best_est[p] = min(best_est[p], cand.est)
         if bar is not None:
             bar.close()
         out: dict[str, Candidate] = {}
