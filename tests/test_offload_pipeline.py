@@ -399,6 +399,39 @@ def test_compiled_segments_with_offload_fences(monkeypatch):
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["params", "all"])
+def test_compiled_fenced_segments_train_like_plain(monkeypatch, mode):
+    """``RANNC_HF_COMPILE_FENCED_SEGMENTS=1`` path on the CPU (aot_eager): checkpointed segments holding offload
+    fences compiled, blocks released in forward and fetched again for the recompute (prefetch 1), 4 micro-batches,
+    clipping: the training is the one-process one, step for step. The H200 drift of this path (bf16, inductor)
+    does not show here; ``benchmarks/drift/repro_fenced_compile.py`` is the wider CPU check."""
+    import rannc_hf.runtime.stages as stages
+
+    monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(stages, "_COMPILE_FENCED", True)
+    model, bf = make_with_batches("gpt2", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+        num_stages=1, num_microbatches=M, precision="fp32", offload=mode, recompute="full", compile="true",
+        prefetch_blocks=1))
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss = loss_of(rm(**bf(BATCH, step)))
+        loss.backward()
+        norms.append(float(rm.clip_grad_norm_(1.0)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    stage = rm._primary.pipe.modules[0]
+    kinds = [(_fence_kinds(sg)[0], isinstance(sg.gm, torch.fx.GraphModule)) for sg in stage.segments()]
+    assert any(f for f, _ in kinds) and all(not eager for _, eager in kinds)   # fenced segments compiled too
+    assert rm._offload.engine.stats()["releases"] > 0
+    ref_losses, ref_norms, ref_sd = reference("gpt2")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
+    _close_sd(rm.state_dict(), ref_sd)
+
+
 def test_compiled_stage_is_cut_at_offload_fences(monkeypatch):
     """compile without recompute: the runs between fences are compiled one by one and the fences called
     eagerly, so dynamo meets no graph break (48 of them made GPT-2 1.3B's compile take minutes on the H200);
