@@ -399,6 +399,116 @@ def test_compiled_segments_with_offload_fences(monkeypatch):
     torch.testing.assert_close(torch.tensor(losses["true"]), torch.tensor(losses["false"]), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["params", "all"])
+def test_compiled_fenced_segments_train_like_plain(monkeypatch, mode):
+    """``RANNC_HF_COMPILE_FENCED_SEGMENTS=1`` path on the CPU (aot_eager): checkpointed segments holding offload
+    fences compiled, blocks released in forward and fetched again for the recompute (prefetch 1), 4 micro-batches,
+    clipping: the training is the one-process one, step for step. The H200 drift of this path (bf16, inductor)
+    does not show here; ``benchmarks/drift/repro_fenced_compile.py`` is the wider CPU check."""
+    import rannc_hf.runtime.stages as stages
+
+    monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(stages, "_COMPILE_FENCED", True)
+    model, bf = make_with_batches("gpt2", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+        num_stages=1, num_microbatches=M, precision="fp32", offload=mode, recompute="full", compile="true",
+        prefetch_blocks=1))
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss = loss_of(rm(**bf(BATCH, step)))
+        loss.backward()
+        norms.append(float(rm.clip_grad_norm_(1.0)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    stage = rm._primary.pipe.modules[0]
+    kinds = [(_fence_kinds(sg)[0], isinstance(sg.gm, torch.fx.GraphModule)) for sg in stage.segments()]
+    assert any(f for f, _ in kinds) and all(not eager for _, eager in kinds)   # fenced segments compiled too
+    assert rm._offload.engine.stats()["releases"] > 0
+    ref_losses, ref_norms, ref_sd = reference("gpt2")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
+    _close_sd(rm.state_dict(), ref_sd)
+
+
+def _emulate_async_fetch(monkeypatch):
+    """CPU stand-in for CUDA's asynchronous fetch: a fetched block holds NaN until ``_ensure`` (on CUDA: the
+    compute stream waits for the copy's event) completes the copy, so reading a block's weights without that
+    wait (a race on the GPU) shows as NaN here."""
+    from rannc_hf.offload.residency import _ResidencyMixin
+    from rannc_hf.offload.stepping import _StepMixin
+
+    fetch, ensure, refresh, release = (_ResidencyMixin._fetch, _ResidencyMixin._ensure, _StepMixin._refresh_work,
+                                       _ResidencyMixin._release)
+
+    def _fetch(self, i, prefetch):
+        g = self.blocks[i]
+        was = g.resident
+        fetch(self, i, prefetch)
+        if not was and g.resident:
+            g.work.fill_(float("nan"))
+            g.emu_pending = True
+
+    def _ensure(self, i):
+        ensure(self, i)
+        g = self.blocks[i]
+        if getattr(g, "emu_pending", False):
+            g.work.copy_(g.shadow)
+            g.emu_pending = False
+
+    def _refresh_work(self, g):
+        g.emu_pending = False
+        return refresh(self, g)
+
+    def _release(self, i):
+        self.blocks[i].emu_pending = False
+        return release(self, i)
+
+    monkeypatch.setattr(_ResidencyMixin, "_fetch", _fetch)
+    monkeypatch.setattr(_ResidencyMixin, "_ensure", _ensure)
+    monkeypatch.setattr(_ResidencyMixin, "_release", _release)
+    monkeypatch.setattr(_StepMixin, "_refresh_work", _refresh_work)
+
+
+@pytest.mark.parametrize("guarded", [True, False])
+@pytest.mark.parametrize("comp", ["false", "true"])
+def test_segment_starting_inside_a_block_waits_for_its_weights(monkeypatch, comp, guarded):
+    """A checkpointed segment that starts inside an offloaded block (its ``offload_enter`` in an earlier segment)
+    is recomputed in backward before any fence of that block runs there: the block was only prefetched, and on
+    CUDA the compute stream read its weights without waiting for the copy (the H200 drift of compiled fenced
+    segments is the suspected symptom; the same race was in the eager path). With the copies emulated as
+    asynchronous, the run is plain training step for step; unguarded (the old code), the gradients are NaN."""
+    import rannc_hf.runtime.stages as stages
+
+    _emulate_async_fetch(monkeypatch)
+    monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(stages, "_COMPILE_FENCED", True)
+    monkeypatch.setattr(stages, "_UNGUARDED_OPEN_BLOCKS", not guarded)
+    model, bf = make_with_batches("gpt2", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
+        num_stages=1, num_microbatches=M, precision="fp32", offload="all", recompute="full", compile=comp,
+        prefetch_blocks=1))
+    losses, norms = [], []
+    for step in range(STEPS):
+        loss = loss_of(rm(**bf(BATCH, step)))
+        loss.backward()
+        norms.append(float(rm.clip_grad_norm_(1.0)))
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    segs = rm._primary.pipe.modules[0].segments()
+    assert any(sg.open_blocks for sg in segs)   # the plan cuts inside blocks
+    ref_losses, ref_norms, ref_sd = reference("gpt2")
+    if not guarded:
+        assert not all(torch.isfinite(torch.tensor(norms)))
+        return
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
+    _close_sd(rm.state_dict(), ref_sd)
+
+
 def test_compiled_stage_is_cut_at_offload_fences(monkeypatch):
     """compile without recompute: the runs between fences are compiled one by one and the fences called
     eagerly, so dynamo meets no graph break (48 of them made GPT-2 1.3B's compile take minutes on the H200);

@@ -137,6 +137,19 @@ class _ResidencyMixin:
         self._last_fwd = i
         self._enter(i, self._fwd_window(i), "forward")
 
+    def ensure_resident(self, i: int) -> None:
+        """Block ``i``'s weights are read outside its own fences: a checkpointed segment that starts inside the
+        block (before its ``offload_exit``) is recomputed in backward before any fence of the block has run
+        there, and ``before_backward(i)`` only fires during that segment's backward. Make ``i`` resident and
+        make the compute stream wait for its copy (a prefetched block's copy may still be in flight)."""
+        self._check_index(i)
+        if not self.offload_params:
+            return
+        if _in_backward():
+            self._log("recompute", i)
+            self._queue_backward_end()
+        self._ensure(i)
+
     def _enter(self, i: int, window: list[int], event: str) -> None:
         """Block ``i`` runs now: blocks outside ``window`` go, ``i`` is made resident, the rest of the window
         (the next blocks in this direction) is prefetched."""

@@ -25,6 +25,7 @@ own parameter objects: ``.grad`` lands on the real parameters.
 from __future__ import annotations
 
 import contextlib
+import functools
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
@@ -250,25 +251,41 @@ class _Segment:
     """A contiguous run of a stage graph's nodes as its own ``GraphModule`` (rooted on the stage's, so it
     reads the same parameter objects), with the names of the values it takes and gives."""
 
-    def __init__(self, gm: fx.GraphModule, inputs: list[str], outputs: list[str]):
+    def __init__(self, gm: fx.GraphModule, inputs: list[str], outputs: list[str],
+                 open_blocks: tuple = ()):
         self.gm, self.inputs, self.outputs = gm, inputs, outputs
+        #: ``(engine_id, block)`` of the offloaded blocks the segment starts inside of (entered by an
+        #: ``offload_enter`` of an earlier segment, not yet exited): their weights must be made resident
+        #: before the segment runs again in backward (see :meth:`StageModule._run_split`)
+        self.open_blocks = open_blocks
 
 
 def split_segments(gm: fx.GraphModule, starts: set[str]) -> tuple[list[_Segment], Any]:
     """``gm``'s compute nodes cut before every node named in ``starts``: the segments in order, and the
     graph's output argument (fx nodes, to be filled from the values the segments produced)."""
+    from ..offload.fences import offload_enter, offload_exit
+
     nodes = list(gm.graph.nodes)
     seg_of: dict[str, int] = {}
     k = 0
     order: list[list[fx.Node]] = [[]]
+    open_now: list[tuple] = []          # offload blocks entered and not yet exited, in graph order
+    opens: list[tuple] = [()]
     for n in nodes:
         if n.op in ("placeholder", "get_attr", "output"):
             continue
         if n.name in starts and order[-1]:
             order.append([])
+            opens.append(tuple(open_now))
             k += 1
         order[-1].append(n)
         seg_of[n.name] = k
+        if n.op == "call_function" and n.target in (offload_enter, offload_exit):
+            key = (n.args[0], n.args[1])
+            if n.target is offload_enter and key not in open_now:
+                open_now.append(key)
+            elif n.target is offload_exit and key in open_now:
+                open_now.remove(key)
     out_node = next(n for n in nodes if n.op == "output")
     segments = []
     for i, run in enumerate(order):
@@ -295,13 +312,31 @@ def split_segments(gm: fx.GraphModule, starts: set[str]) -> tuple[list[_Segment]
         outputs = [n.name for n in run
                    if any(u.op == "output" or seg_of.get(u.name, -1) > i for u in n.users)]
         g.output(tuple(env[o] for o in outputs))
-        segments.append(_Segment(fx.GraphModule(gm, g, class_name=f"Segment{i}"), inputs, outputs))
+        segments.append(_Segment(fx.GraphModule(gm, g, class_name=f"Segment{i}"), inputs, outputs, opens[i]))
     return segments, out_node.args[0]
 
 
 #: ``RANNC_HF_COMPILE_FENCED_SEGMENTS=1`` compiles checkpointed code holding offload fences anyway (to study
 #: the drift that made them eager; see :meth:`StageModule.segments`)
 _COMPILE_FENCED = bool(env_flag("RANNC_HF_COMPILE_FENCED_SEGMENTS"))
+
+
+#: ``RANNC_HF_UNGUARDED_OPEN_BLOCKS=1`` restores the old behaviour (to compare): a checkpointed segment that
+#: starts inside an offloaded block is recomputed without first waiting for that block's weights
+_UNGUARDED_OPEN_BLOCKS = bool(env_flag("RANNC_HF_UNGUARDED_OPEN_BLOCKS"))
+
+
+def _run_with_blocks(gm, open_blocks, *ins):
+    """Run a checkpointed segment that starts inside offloaded blocks, those blocks' weights resident first.
+
+    Its recompute in backward reads the tail of a block whose ``offload_enter`` sits in an earlier segment
+    and whose ``before_backward`` only fires during this segment's own backward: without this the block was
+    at best prefetched, and on CUDA the compute stream read its weights without waiting for their copy."""
+    from ..offload.engine import get_engine
+
+    for eid, b in open_blocks:
+        get_engine(eid).ensure_resident(b)
+    return gm(*ins)
 
 
 def fence_starts(gm: fx.GraphModule) -> set[str]:
@@ -420,8 +455,11 @@ class StageModule(nn.Module):
         env: dict[str, Any] = dict(zip(names, args))
         for sg in segs:
             ins = [env[n] for n in sg.inputs]
-            outs = (checkpoint(sg.gm, *ins, use_reentrant=False, preserve_rng_state=True) if checkpointed
-                    else sg.gm(*ins))
+            fn = sg.gm
+            if checkpointed and sg.open_blocks and not _UNGUARDED_OPEN_BLOCKS:
+                fn = functools.partial(_run_with_blocks, sg.gm, sg.open_blocks)
+            outs = (checkpoint(fn, *ins, use_reentrant=False, preserve_rng_state=True) if checkpointed
+                    else fn(*ins))
             env.update(zip(sg.outputs, outs))
         return fx.node.map_arg(out_arg, lambda n: env[n.name])
 
