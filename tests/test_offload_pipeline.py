@@ -432,48 +432,9 @@ def test_compiled_fenced_segments_train_like_plain(monkeypatch, mode):
     _close_sd(rm.state_dict(), ref_sd)
 
 
-def _emulate_async_fetch(monkeypatch):
-    """CPU stand-in for CUDA's asynchronous fetch: a fetched block holds NaN until ``_ensure`` (on CUDA: the
-    compute stream waits for the copy's event) completes the copy, so reading a block's weights without that
-    wait (a race on the GPU) shows as NaN here."""
-    from rannc_hf.offload.residency import _ResidencyMixin
-    from rannc_hf.offload.stepping import _StepMixin
-
-    fetch, ensure, refresh, release = (_ResidencyMixin._fetch, _ResidencyMixin._ensure, _StepMixin._refresh_work,
-                                       _ResidencyMixin._release)
-
-    def _fetch(self, i, prefetch):
-        g = self.blocks[i]
-        was = g.resident
-        fetch(self, i, prefetch)
-        if not was and g.resident:
-            g.work.fill_(float("nan"))
-            g.emu_pending = True
-
-    def _ensure(self, i):
-        ensure(self, i)
-        g = self.blocks[i]
-        if getattr(g, "emu_pending", False):
-            g.work.copy_(g.shadow)
-            g.emu_pending = False
-
-    def _refresh_work(self, g):
-        g.emu_pending = False
-        return refresh(self, g)
-
-    def _release(self, i):
-        self.blocks[i].emu_pending = False
-        return release(self, i)
-
-    monkeypatch.setattr(_ResidencyMixin, "_fetch", _fetch)
-    monkeypatch.setattr(_ResidencyMixin, "_ensure", _ensure)
-    monkeypatch.setattr(_ResidencyMixin, "_release", _release)
-    monkeypatch.setattr(_StepMixin, "_refresh_work", _refresh_work)
-
-
 @pytest.mark.parametrize("guarded", [True, False])
 @pytest.mark.parametrize("comp", ["false", "true"])
-def test_segment_starting_inside_a_block_waits_for_its_weights(monkeypatch, comp, guarded):
+def test_segment_starting_inside_a_block_waits_for_its_weights(monkeypatch, request, comp, guarded):
     """A checkpointed segment that starts inside an offloaded block (its ``offload_enter`` in an earlier segment)
     is recomputed in backward before any fence of that block runs there: the block was only prefetched, and on
     CUDA the compute stream read its weights without waiting for the copy (the H200 drift of compiled fenced
@@ -481,7 +442,11 @@ def test_segment_starting_inside_a_block_waits_for_its_weights(monkeypatch, comp
     asynchronous, the run is plain training step for step; unguarded (the old code), the gradients are NaN."""
     import rannc_hf.runtime.stages as stages
 
-    _emulate_async_fetch(monkeypatch)
+    from rannc_hf.offload.emulation import emulate_async_fetch
+
+    emulation = emulate_async_fetch()
+    emulation.__enter__()
+    request.addfinalizer(lambda: emulation.__exit__(None, None, None))
     monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(stages, "_COMPILE_FENCED", True)
     monkeypatch.setattr(stages, "_UNGUARDED_OPEN_BLOCKS", not guarded)

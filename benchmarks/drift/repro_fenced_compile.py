@@ -129,43 +129,6 @@ def _patch(args):
             setattr(_ResidencyMixin, meth, wrapped)
 
 
-def _emulate_async_fetch():
-    """CPU stand-in for CUDA's asynchronous fetch: a fetched block holds NaN until ``_ensure`` (on CUDA: the
-    compute stream waiting for the copy's event) completes its copy. Any op that reads a block's weights
-    without that wait (a race on the GPU) then computes with NaN here instead of with the weights by chance."""
-    from rannc_hf.offload.residency import _ResidencyMixin
-    from rannc_hf.offload.stepping import _StepMixin
-
-    fetch, ensure, refresh, release = (_ResidencyMixin._fetch, _ResidencyMixin._ensure, _StepMixin._refresh_work,
-                                       _ResidencyMixin._release)
-
-    def _fetch(self, i, prefetch):
-        g = self.blocks[i]
-        was = g.resident
-        fetch(self, i, prefetch)
-        if not was and g.resident:
-            g.work.fill_(float("nan"))
-            g.emu_pending = True
-
-    def _ensure(self, i):
-        ensure(self, i)
-        g = self.blocks[i]
-        if getattr(g, "emu_pending", False):
-            g.work.copy_(g.shadow)
-            g.emu_pending = False
-
-    def _refresh_work(self, g):   # the step's copy of new weights into a resident block (waited for on CUDA)
-        g.emu_pending = False
-        return refresh(self, g)
-
-    def _release(self, i):
-        self.blocks[i].emu_pending = False
-        return release(self, i)
-
-    _ResidencyMixin._fetch, _ResidencyMixin._ensure = _fetch, _ensure
-    _StepMixin._refresh_work, _ResidencyMixin._release = _refresh_work, _release
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
@@ -191,7 +154,9 @@ def main():
     args = ap.parse_args()
     _patch(args)
     if args.emulate_async:
-        _emulate_async_fetch()
+        from rannc_hf.offload.emulation import emulate_async_fetch
+
+        emulate_async_fetch().__enter__()   # for the rest of the run
     print("env:", {k: v for k, v in os.environ.items() if k.startswith("RANNC_HF")}, vars(args), flush=True)
     modes = args.modes.split(",")
     res = {m: run(m, args) for m in modes}
