@@ -45,6 +45,21 @@ class _Variant:
     names: list                   # their graph FQNs
     holders: dict                 # graph FQN -> sorted pipeline ranks reading it (params and buffers)
     shared_groups: list = field(default_factory=list)   # [(pp ranks, [param indices], group)]
+    # any stage (on any rank) reads a trainable parameter: the same on every rank, so all ranks agree on running
+    # the training schedule even where this rank's stages hold no parameters (e.g. a loss-only last stage)
+    trains: bool = True
+
+
+def _reads_trainable(model: nn.Module, names) -> bool:
+    """True if any of the get_attr targets ``names`` (of all stages) is a parameter of ``model`` with
+    ``requires_grad``. Decided from the whole graph, never from one rank's stages, so every rank agrees."""
+    for name in names:
+        try:
+            if model.get_parameter(name).requires_grad:
+                return True
+        except AttributeError:
+            continue
+    return False
 
 
 def apply_memory_cap(cap_bytes: Optional[int], device: torch.device) -> Optional[float]:
@@ -172,7 +187,7 @@ class _BuildMixin:
         holders = {k: sorted(v) for k, v in holders.items()}
         names = pipe.param_names
         params = pipe.params
-        var = _Variant(g, cuts, pipe, params, names, holders)
+        var = _Variant(g, cuts, pipe, params, names, holders, trains=_reads_trainable(self.module, holders))
         # groups of pipeline ranks that share parameters (created in the same order on every rank)
         sets = sorted({tuple(v) for k, v in holders.items() if len(v) > 1})
         groups = mesh.holder_groups(sets)

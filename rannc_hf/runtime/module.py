@@ -38,7 +38,10 @@ Semantics
   is skipped; the ``backward()`` of the next synchronised call averages the accumulated ``.grad`` once.
 * **Optimizer.** The optimizer passed in is mutated in place: each param group keeps only this rank's
   parameters (same object, same hyperparameters). ``clip_grad_norm_`` computes the global norm over
-  all stages (parameters held on several ranks counted once), returns it, same on every rank.
+  all stages (parameters held on several ranks counted once), returns it, same on every rank. A rank whose
+  stages read no trainable parameter (a loss-only last stage, a run of parameter-free ops) still runs the
+  training schedule (it passes gradients back) and every collective; its optimizer keeps empty param groups,
+  so ``step()`` does nothing there. Whether to train is decided from the whole model, the same on every rank.
 * **Checkpoints.** ``state_dict()`` gathers the full model under the original keys (tied aliases
   included) on every rank with ``dist.broadcast`` (no pickling); ``load_state_dict`` takes a full state
   dict and keeps what is local. ``optimizer_state_dict()`` / ``load_optimizer_state_dict()`` key the
@@ -265,7 +268,10 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         if pipe.has_first:
             shard = self._shard(tensors, rows)
             inputs = [t.to(self.device, non_blocking=True) for t in batch_inputs(var.graph, shard)]
-        backward = torch.is_grad_enabled() and bool(var.params)
+        # every rank must take the same branch (the training schedule and the forward-only path exchange different
+        # messages): decide from the whole model, not from this rank's parameters (a stage of parameter-free ops,
+        # e.g. a loss-only last stage, still runs the schedule: it passes gradients back, and has nothing to step)
+        backward = torch.is_grad_enabled() and var.trains
         m = lay.num_microbatches
         extras: dict = {}
         if backward:
