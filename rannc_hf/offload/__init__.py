@@ -10,12 +10,14 @@
 
 Modules, one concern each:
 
-* :mod:`.store`     host buffers of one block (fp32 master, grads, staging; pinned) + host-RAM check
+* :mod:`.store`     host buffers of one block (fp32 master, grads, staging; page-locked with
+                    cudaHostRegister) + host-RAM check
 * :mod:`.engine`    :class:`OffloadEngine`: residency, prefetch, gradient streaming, step, state
 * :mod:`.fences`    :func:`offload_enter` / :func:`offload_exit`: calls the pipeline runtime puts in fx graphs
 * :mod:`.optimizer` the user's optimizer rebuilt per block over the host masters
 * :mod:`.hooks`     :func:`offload_module` for a plain ``nn.Module`` (blocks found automatically)
 * :mod:`.cost`      :func:`offload_cost`, :func:`offload_memory`, :func:`choose_mode` for the planner
+* :mod:`.emulation` :func:`~.emulation.emulate_async_fetch`: CUDA's asynchronous fetches on CPU, to find races
 """
 
 from .cost import OffloadCost, choose_mode, offload_cost, offload_memory
