@@ -163,15 +163,15 @@ def offload_rannc() -> str:
     if not d:
         return "_no results yet_"
     mb, cv, vs = d["gpt2_1.3b_microbatches"], d["gpt2_1.3b_loss_curves"], d["gpt2_2.7b_vs_deepspeed"]
-    rows = ["| model | plan | step ms (predicted) | tokens/s | GB to GPU / to host per step | engine CPU step s |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | plan | step ms (predicted) | tokens/s | GB to GPU / to host per step | PCIe GB/s to GPU / to host "
+            "(of 55) | copy time hidden | engine CPU step s |", "|---|---|---|---|---|---|---|---|"]
     for name, r in (("GPT-2 1.3B", mb["mb1"]), ("GPT-2 1.3B", mb["mb4"]), ("GPT-2 1.3B", mb.get("mb8_call20")),
                     ("GPT-2 1.3B", mb.get("mb1_call20")), ("GPT-2 2.7B", vs["rannc"])):
         if r:
             rows.append(_rannc_row(name, r))
     p = vs["deepspeed_zero3_offload"]
     rows.append(f"| GPT-2 2.7B | DeepSpeed ZeRO-3, param + optimizer offload, same call | {p['step_time_s'] * 1e3:,.0f} | "
-                f"{p['tokens_per_s']:,.0f} | | |")
+                f"{p['tokens_per_s']:,.0f} | | | | |")
     notes = [vs["note"], mb["note"]] + ([mb["note_call20"]] if "note_call20" in mb else [])
     cur, acc = d.get("gpt2_2.7b_default"), d.get("gpt2_2.7b_accum8")
     if cur:  # the current default and its peers, one call
@@ -179,13 +179,13 @@ def offload_rannc() -> str:
             rows.append(_rannc_row(name, r))
         for label, key in (("DeepSpeed ZeRO-3, param + optimizer offload, same call", "deepspeed_zero3_offload"),
                            ("FSDP2 + CPUOffloadPolicy, same call", "fsdp2_cpuoffload")):
-            rows.append(f"| GPT-2 2.7B | {label} | {cur[key]['step_time_s'] * 1e3:,.0f} | {cur[key]['tokens_per_s']:,.0f} | | |")
+            rows.append(f"| GPT-2 2.7B | {label} | {cur[key]['step_time_s'] * 1e3:,.0f} | {cur[key]['tokens_per_s']:,.0f} | | | | |")
         notes.append(cur["note"])
     if acc:
         rows.append(_rannc_row("GPT-2 2.7B", acc["rannc"]))
         q = acc["plain_uncapped_accum8"]
         rows.append(f"| GPT-2 2.7B | plain PyTorch uncapped, accumulation 8, recompute, same call | "
-                    f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | |")
+                    f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | | | |")
         notes.append(acc["note"])
     curves = ["| run (30 steps, same batches, bf16) | largest per-step loss difference vs no offload |", "|---|---|"]
     curves += [f"| {k} | {v:.4f} |" for k, v in cv["max_abs_loss_difference_vs_plain"].items()]
@@ -201,8 +201,12 @@ def offload_rannc() -> str:
 
 
 def _rannc_row(name: str, r: dict) -> str:
-    return (f"| {name} | {r['plan']} | {r['step_time_s'] * 1e3:,.0f} ({r['predicted_step_time_s'] * 1e3:,.0f}) | "
-            f"{r['tokens_per_s']:,.0f} | {r['h2d_gb_per_step']:.1f} / {r['d2h_gb_per_step']:.1f} | {r['engine_cpu_step_s']:.2f} |")
+    t = r["step_time_s"]
+    hidden = r.get("copy_hidden_fraction")
+    return (f"| {name} | {r['plan']} | {t * 1e3:,.0f} ({r['predicted_step_time_s'] * 1e3:,.0f}) | "
+            f"{r['tokens_per_s']:,.0f} | {r['h2d_gb_per_step']:.1f} / {r['d2h_gb_per_step']:.1f} | "
+            f"{r['h2d_gb_per_step'] / t:.1f} / {r['d2h_gb_per_step'] / t:.1f} | "
+            f"{'' if hidden is None else f'{hidden:.1%}'} | {r['engine_cpu_step_s']:.2f} |")
 
 
 def trainer() -> str:
