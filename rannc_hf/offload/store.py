@@ -26,6 +26,7 @@ A :class:`ParamGroup` owns, for the parameters of one block (or the resident "re
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Optional
 
@@ -81,6 +82,9 @@ def check_host_memory(needed: int, breakdown: dict, mode: str, headroom: float =
         f"parameters; use an optimizer with less state (SGD, Adafactor); or free host memory.")
 
 
+_WARNED_REGISTER = False
+
+
 def _unregister(ptr: int) -> None:
     torch.cuda.cudart().cudaHostUnregister(ptr)
 
@@ -101,6 +105,13 @@ def _empty_host(n: int, dtype: torch.dtype, pin: bool) -> torch.Tensor:
     except (AttributeError, RuntimeError):  # a torch without the binding
         rc = -1
     if rc != 0:  # e.g. a locked-memory limit: the caching allocator's pinned memory instead
+        global _WARNED_REGISTER
+        if not _WARNED_REGISTER:
+            _WARNED_REGISTER = True
+            warnings.warn(f"rannc_hf offload: cudaHostRegister failed (code {rc}); pinned host buffers come from "
+                          "torch's caching host allocator, which rounds each up to a power of two (up to 2x the "
+                          "host memory the engine's check counted). Raise the locked-memory limit (ulimit -l) "
+                          "to avoid it.", RuntimeWarning, stacklevel=3)
         return torch.empty(n, dtype=dtype, pin_memory=True)
     weakref.finalize(t, _unregister, t.data_ptr())
     return t
