@@ -31,7 +31,9 @@ import rannc_hf  # noqa: E402
 from rannc_hf.capture import capture  # noqa: E402
 from rannc_hf.planner.plan import Plan  # noqa: E402
 from rannc_hf.runtime.planning import fallback_cuts  # noqa: E402
-from rannc_hf.zoo import loss_of, make_with_batches  # noqa: E402
+from rannc_hf.zoo import make_with_batches  # noqa: E402
+
+from dist_helpers import run_steps  # noqa: E402
 
 BATCH, STEPS, LR, M = 8, 3, 1e-3, 4
 OUT = sys.argv[1]
@@ -69,14 +71,7 @@ def train(fam: str, modes, offload: str, schedule: str, dp: int = 1, precision: 
     cfg = rannc_hf.RanncConfig(num_stages=pp, dp_size=dp, num_microbatches=m, schedule=schedule,
                                precision=precision, offload=offload, collective_timeout_s=120)
     rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g, plan=plan)
-    losses, norms = [], []
-    for step in range(STEPS):
-        loss = loss_of(rm(**bf(BATCH, step)))
-        loss.backward()
-        norms.append(float(rm.clip_grad_norm_(1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
+    losses, norms = run_steps(rm, opt, bf, STEPS, BATCH)
     st = rm._offload.stats() if rm._offload is not None else {}
     info = {"losses": losses, "norms": norms, "mode": rm._offload.mode if rm._offload else "none",
             "blocks": st.get("num_blocks", 0), "fetches": st.get("fetches", 0),

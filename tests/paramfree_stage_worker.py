@@ -11,10 +11,8 @@ case writes ``<case>_r<rank>.json`` with the error and the loop goes on.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.nn as nn
@@ -71,7 +69,8 @@ def main() -> None:
     import rannc_hf
     from rannc_hf.capture import capture
     from rannc_hf.runtime.mesh import init_distributed
-    from rannc_hf.zoo import loss_of
+
+    from dist_helpers import record_case, run_steps
 
     out_dir, suite = sys.argv[1], sys.argv[2]
     init_distributed(120)
@@ -98,14 +97,7 @@ def main() -> None:
         free = [i for i, (lo, hi) in enumerate(rs) if param_free(g, lo, hi)]
         assert free, f"no parameter-free stage in {rs}"
         rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g, plan=p)
-        losses, norms = [], []
-        for step in range(STEPS):
-            loss = loss_of(rm(**bf(BATCH, step)))
-            loss.backward()
-            norms.append(float(rm.clip_grad_norm_(1.0)))
-            opt.step()
-            opt.zero_grad()
-            losses.append(float(loss))
+        losses, norms = run_steps(rm, opt, bf, STEPS, BATCH)
         sd = rm.state_dict()
         osd = rm.optimizer_state_dict()          # gathered from every rank, the parameter-free ones included
         if rank == 0:
@@ -117,18 +109,7 @@ def main() -> None:
                 "local_params": n_local, "opt_state_keys": sorted(osd["state"])}
 
     def run(name: str, **kw) -> None:
-        try:
-            info = case(name, **kw)
-            info["ok"] = True
-        except Exception as e:  # noqa: BLE001 - recorded for the test to report
-            info = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-        flag = torch.tensor([1.0 if info["ok"] else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        info["all_ranks_ok"] = bool(flag.item() > 0)
-        if rank == 0 or not info["ok"]:
-            fn = name if info["ok"] else f"{name}_r{rank}"
-            with open(os.path.join(out_dir, fn + ".json"), "w") as f:
-                json.dump(info, f)
+        record_case(out_dir, name, lambda: case(name, **kw))
 
     # TinyResNet (cnn): op 33 is the cross-entropy alone; ops 29..31 (add, relu, mean) read no parameters
     if suite == "ws2":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import traceback
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -32,6 +31,8 @@ import rannc_hf  # noqa: E402
 from rannc_hf.capture import capture  # noqa: E402
 from rannc_hf.errors import PlanMismatchError, ShapeMismatchError  # noqa: E402
 from rannc_hf.zoo import FAMILIES, loss_of, make_with_batches  # noqa: E402
+
+from dist_helpers import record_case, run_steps as _run_steps  # noqa: E402
 
 BATCH, STEPS, LR = 8, 3, 1e-3
 
@@ -85,33 +86,11 @@ def train_case(name: str, fam: str, *, stages: int, dp: int, m: int, schedule: s
 
 
 def run_steps(rm, opt, bf, steps: int = STEPS) -> tuple[list[float], list[float]]:
-    """``steps`` training steps on batches ``bf(BATCH, step)`` with clipping at 1.0: (losses, grad norms)."""
-    losses, norms = [], []
-    for step in range(steps):
-        loss = loss_of(rm(**bf(BATCH, step)))
-        loss.backward()
-        norms.append(float(rm.clip_grad_norm_(1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss))
-    return losses, norms
+    return _run_steps(rm, opt, bf, steps, BATCH)
 
 
 def run_case(name: str, fn) -> None:
-    try:
-        info = fn() or {}
-        info.setdefault("ok", True)
-    except Exception as e:  # noqa: BLE001 - recorded for the test to report
-        info = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
-    # every rank reports whether it succeeded (a failure on one rank must not pass silently)
-    flag = torch.tensor([1.0 if info.get("ok") else 0.0])
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    info["all_ranks_ok"] = bool(flag.item() > 0)
-    if rank() == 0 or not info.get("ok"):
-        if not info.get("ok"):
-            name = f"{name}_r{rank()}"
-        with open(os.path.join(OUT, name + ".json"), "w") as f:
-            json.dump(info, f)
+    record_case(OUT, name, fn)
 
 
 def equivalence(fam: str, stages: int, dp: int, m: int, schedule: str) -> None:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 import rannc_hf
 from rannc_hf.errors import OffloadError
 from rannc_hf.runtime.stages import _fence_kinds
+from dist_helpers import accumulated_reference, run_steps
 from rannc_hf.zoo import loss_of, make_with_batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -60,19 +61,7 @@ def reference(fam: str):
     if fam in _REFS:
         return _REFS[fam]
     model, bf = make_with_batches(fam, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses, norms = [], []
-    for step in range(STEPS):
-        b = bf(BATCH, step)
-        total = 0.0
-        for c in range(M):
-            loss = loss_of(model(**{k: v.chunk(M)[c] for k, v in b.items()})) / M
-            loss.backward()
-            total += float(loss.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    losses, norms = accumulated_reference(model, bf, STEPS, BATCH, M, LR)
     _REFS[fam] = (losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()})
     return _REFS[fam]
 
@@ -342,28 +331,33 @@ def test_gpu_step_blocks_auto_from_plan_headroom(monkeypatch):
             rannc_hf.RanncConfig(gpu_step_blocks=bad)
 
 
-@pytest.mark.parametrize("mode", ["optimizer", "all"])
-def test_offload_with_segment_recompute_matches_plain(mode):
-    """Offload fences inside checkpointed segments (what a plan for a big model on one GPU asks for): the
-    recomputed forward re-enters blocks during backward and the training is still the one-process one."""
+def _train_gpt2(**cfg):
+    """GPT-2 through one offloaded stage, M micro-batches, STEPS AdamW steps with clipping (the batches and
+    optimizer of :func:`reference`): (RanncModule, losses, gradient norms)."""
     model, bf = make_with_batches("gpt2", 0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
-        num_stages=1, num_microbatches=M, precision="fp32", offload=mode, recompute="full"))
-    losses, norms = [], []
-    for step in range(STEPS):
-        loss = loss_of(rm(**bf(BATCH, step)))
-        loss.backward()
-        norms.append(float(rm.clip_grad_norm_(1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
-    assert rm._offload is not None and rm._offload.mode == mode
-    assert len(rm._primary.pipe.modules[0].segments()) > 1
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=M,
+                                                                      precision="fp32", **cfg))
+    losses, norms = run_steps(rm, opt, bf, STEPS, BATCH)
+    return rm, losses, norms
+
+
+def _assert_like_plain(rm, losses, norms) -> None:
+    """Losses, gradient norms and final weights equal single-process GPT-2 training (:func:`reference`)."""
     ref_losses, ref_norms, ref_sd = reference("gpt2")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
     _close_sd(rm.state_dict(), ref_sd)
+
+
+@pytest.mark.parametrize("mode", ["optimizer", "all"])
+def test_offload_with_segment_recompute_matches_plain(mode):
+    """Offload fences inside checkpointed segments (what a plan for a big model on one GPU asks for): the
+    recomputed forward re-enters blocks during backward and the training is still the one-process one."""
+    rm, losses, norms = _train_gpt2(offload=mode, recompute="full")
+    assert rm._offload is not None and rm._offload.mode == mode
+    assert len(rm._primary.pipe.modules[0].segments()) > 1
+    _assert_like_plain(rm, losses, norms)
 
 
 def _two_offloaded_steps(**cfg):
@@ -409,69 +403,36 @@ def test_compiled_fenced_segments_train_like_plain(monkeypatch, mode):
 
     monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(stages, "_COMPILE_FENCED", True)
-    model, bf = make_with_batches("gpt2", 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
-        num_stages=1, num_microbatches=M, precision="fp32", offload=mode, recompute="full", compile="true",
-        prefetch_blocks=1))
-    losses, norms = [], []
-    for step in range(STEPS):
-        loss = loss_of(rm(**bf(BATCH, step)))
-        loss.backward()
-        norms.append(float(rm.clip_grad_norm_(1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+    rm, losses, norms = _train_gpt2(offload=mode, recompute="full", compile="true", prefetch_blocks=1)
     stage = rm._primary.pipe.modules[0]
     kinds = [(_fence_kinds(sg)[0], isinstance(sg.gm, torch.fx.GraphModule)) for sg in stage.segments()]
     assert any(f for f, _ in kinds) and all(not eager for _, eager in kinds)   # fenced segments compiled too
     assert rm._offload.engine.stats()["releases"] > 0
-    ref_losses, ref_norms, ref_sd = reference("gpt2")
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
-    _close_sd(rm.state_dict(), ref_sd)
+    _assert_like_plain(rm, losses, norms)
 
 
 @pytest.mark.parametrize("guarded", [True, False])
 @pytest.mark.parametrize("comp", ["false", "true"])
-def test_segment_starting_inside_a_block_waits_for_its_weights(monkeypatch, request, comp, guarded):
+def test_segment_starting_inside_a_block_waits_for_its_weights(monkeypatch, comp, guarded):
     """A checkpointed segment that starts inside an offloaded block (its ``offload_enter`` in an earlier segment)
     is recomputed in backward before any fence of that block runs there: the block was only prefetched, and on
     CUDA the compute stream read its weights without waiting for the copy (the H200 drift of compiled fenced
     segments is the suspected symptom; the same race was in the eager path). With the copies emulated as
     asynchronous, the run is plain training step for step; unguarded (the old code), the gradients are NaN."""
     import rannc_hf.runtime.stages as stages
-
     from rannc_hf.offload.emulation import emulate_async_fetch
 
-    emulation = emulate_async_fetch()
-    emulation.__enter__()
-    request.addfinalizer(lambda: emulation.__exit__(None, None, None))
     monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
     monkeypatch.setattr(stages, "_COMPILE_FENCED", True)
     monkeypatch.setattr(stages, "_UNGUARDED_OPEN_BLOCKS", not guarded)
-    model, bf = make_with_batches("gpt2", 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
-        num_stages=1, num_microbatches=M, precision="fp32", offload="all", recompute="full", compile=comp,
-        prefetch_blocks=1))
-    losses, norms = [], []
-    for step in range(STEPS):
-        loss = loss_of(rm(**bf(BATCH, step)))
-        loss.backward()
-        norms.append(float(rm.clip_grad_norm_(1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+    with emulate_async_fetch():
+        rm, losses, norms = _train_gpt2(offload="all", recompute="full", compile=comp, prefetch_blocks=1)
     segs = rm._primary.pipe.modules[0].segments()
     assert any(sg.open_blocks for sg in segs)   # the plan cuts inside blocks
-    ref_losses, ref_norms, ref_sd = reference("gpt2")
     if not guarded:
         assert not all(torch.isfinite(torch.tensor(norms)))
         return
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(torch.tensor(norms), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
-    _close_sd(rm.state_dict(), ref_sd)
+    _assert_like_plain(rm, losses, norms)
 
 
 def test_compiled_stage_is_cut_at_offload_fences(monkeypatch):

@@ -10,19 +10,17 @@ chunks, loss = mean of chunk losses, clip_grad_norm_(1.0).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from rannc_hf.zoo import loss_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from dist_helpers import accumulated_reference, read_case, torchrun  # noqa: E402
 from paramfree_stage_worker import make_model  # noqa: E402
 
 WORKER = os.path.join(HERE, "paramfree_stage_worker.py")
@@ -33,60 +31,24 @@ WS2 = ["cnn_pp2_losslast_1f1b", "cnn_pp2_losslast_gpipe", "forkjoin_pp2_losslast
 WS4 = ["cnn_pp4_losslast_1f1b", "cnn_pp4_freemiddle_gpipe", "cnn_pp2_dp2_losslast_1f1b"]
 
 
-def _torchrun(out: str, suite: str, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           WORKER, out, suite]
-    try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:
-        raise AssertionError(f"workers ({suite}) hung: {str(e.stderr)[-3000:] if e.stderr else ''}") from None
-    if p.returncode != 0:
-        raise AssertionError(f"workers ({suite}) failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("paramfree"))
-    _torchrun(d, "ws2", 2)
-    _torchrun(d, "ws4", 4)
+    torchrun(WORKER, d, "ws2", 2, timeout=300)
+    torchrun(WORKER, d, "ws4", 4, timeout=300)
     return d
-
-
-def _case(out: str, name: str) -> dict:
-    path = os.path.join(out, name + ".json")
-    if not os.path.exists(path):
-        errs = [f for f in os.listdir(out) if f.startswith(name + "_r") and f.endswith(".json")]
-        msgs = [json.load(open(os.path.join(out, f))) for f in errs]
-        raise AssertionError(f"case {name} failed: " + "\n".join(f"{m['error']}\n{m['trace']}" for m in msgs))
-    info = json.load(open(path))
-    assert info["ok"] and info["all_ranks_ok"], info
-    return info
 
 
 def reference(fam: str):
     model, bf = make_model(fam, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses, norms = [], []
-    for step in range(STEPS):
-        b = bf(BATCH, step)
-        total = 0.0
-        for c in range(CHUNKS):
-            loss = loss_of(model(**{k: v.chunk(CHUNKS)[c] for k, v in b.items()})) / CHUNKS
-            loss.backward()
-            total += float(loss.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    losses, norms = accumulated_reference(model, bf, STEPS, BATCH, CHUNKS, LR)
     return model, losses, norms
 
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", WS2 + WS4)
 def test_parameter_free_stage_trains_like_single_process(out, name):
-    info = _case(out, name)
+    info = read_case(out, name)
     fam = name.split("_")[0]
     model, ref_losses, ref_norms = reference(fam)
     stages = len(info["cuts"]) + 1

@@ -8,15 +8,13 @@ loss = mean of chunk losses, clip_grad_norm_(1.0).
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_helpers import accumulated_reference, read_case, torchrun
 from rannc_hf.zoo import FAMILIES, loss_of, make_with_batches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,33 +25,12 @@ RTOL, ATOL = 1e-5, 1e-6
 CONFIGS = ["pp2_dp1_gpipe", "pp2_dp1_1f1b", "pp4_dp1_gpipe", "pp4_dp1_1f1b", "pp2_dp2"]
 
 
-def _torchrun(out: str, suite: str, nproc: int) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           WORKER, out, suite]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=420)
-    if p.returncode != 0:
-        raise AssertionError(f"workers ({suite}) failed with {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-
-
 @pytest.fixture(scope="module")
 def out(tmp_path_factory):
     d = str(tmp_path_factory.mktemp("rt_dist"))
-    _torchrun(d, "ws2", 2)
-    _torchrun(d, "ws4", 4)
+    torchrun(WORKER, d, "ws2", 2)
+    torchrun(WORKER, d, "ws4", 4)
     return d
-
-
-def _case(out: str, name: str) -> dict:
-    path = os.path.join(out, name + ".json")
-    if not os.path.exists(path):
-        errs = [f for f in os.listdir(out) if f.startswith(name + "_r") and f.endswith(".json")]
-        msgs = [json.load(open(os.path.join(out, f))) for f in errs]
-        raise AssertionError(f"case {name} failed: " + "\n".join(f"{m['error']}\n{m['trace']}" for m in msgs))
-    info = json.load(open(path))
-    assert info["ok"] and info["all_ranks_ok"], info
-    return info
 
 
 _REFS: dict = {}
@@ -65,20 +42,7 @@ def reference(fam: str, steps: int = STEPS, weights=None):
     if key in _REFS:
         return _REFS[key]
     model, bf = make_with_batches(fam, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses, norms = [], []
-    for step in range(steps):
-        b = bf(BATCH, step)
-        total = 0.0
-        for c in range(CHUNKS):
-            mb = {k: v.chunk(CHUNKS)[c] for k, v in b.items()}
-            loss = loss_of(model(**mb)) / CHUNKS
-            loss.backward()
-            total += float(loss.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    losses, norms = accumulated_reference(model, bf, steps, BATCH, CHUNKS, LR)
     res = (losses, norms, {k: v.detach().clone() for k, v in model.state_dict().items()})
     _REFS[key] = res
     return res
@@ -113,7 +77,7 @@ def _name(fam: str, cfg: str) -> str:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_matches_single_process(out, family, cfg):
     name = _name(family, cfg)
-    info = _case(out, name)
+    info = read_case(out, name)
     ref_losses, ref_norms, ref_sd = reference(family)
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(torch.tensor(info["norms"]), torch.tensor(ref_norms), rtol=RTOL, atol=ATOL)
@@ -142,7 +106,7 @@ def test_tied_weights_identical_across_stages(out, family):
 
 
 def test_checkpoint_two_stages_to_four(out):
-    info = _case(out, "ckpt4")
+    info = read_case(out, "ckpt4")
     assert info["same_model"] and info["same_opt"]
     ref_losses, _, ref_sd = reference("gpt2", steps=STEPS + 1)
     assert abs(info["loss"] - ref_losses[-1]) <= ATOL + RTOL * abs(ref_losses[-1])
@@ -150,7 +114,7 @@ def test_checkpoint_two_stages_to_four(out):
 
 
 def test_fp16_overflow_skips_on_every_rank(out):
-    info = _case(out, "fp16")
+    info = read_case(out, "fp16")
     assert info["overflow"] == [False, True, False]
     assert info["changed"] == [True, False, True]         # step 1 skipped, others applied
     assert info["scale"] == [65536.0, 32768.0, 32768.0]
@@ -159,17 +123,17 @@ def test_fp16_overflow_skips_on_every_rank(out):
 
 
 def test_plan_file_saved_and_reused(out):
-    info = _case(out, "plan_file")
+    info = read_case(out, "plan_file")
     assert info["saved"] and info["cuts"] == info["cuts2"] and info["l1"] == info["l2"]
 
 
 def test_plan_file_world_size_mismatch_is_clear(out):
-    info = _case(out, "plan_mismatch")
+    info = read_case(out, "plan_mismatch")
     assert "needs 2 processes" in info["error_text"] and "4 were launched" in info["error_text"]
 
 
 def test_shapes_recapture_and_clear_error(out):
-    info = _case(out, "shapes")
+    info = read_case(out, "shapes")
     assert abs(info["l1"] - info["r1"]) < 1e-5 and abs(info["l2"] - info["r2"]) < 1e-5
     assert abs(info["l3"] - info["r1"]) < 1e-5               # eval / no_grad forward
     assert "multiple of 2" in info["err"]
@@ -177,7 +141,7 @@ def test_shapes_recapture_and_clear_error(out):
 
 
 def test_no_sync_accumulation(out):
-    _case(out, "no_sync")
+    read_case(out, "no_sync")
     model, bf = make_with_batches("forkjoin", 0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     for step, w in enumerate([1.0, 0.5, 1.0]):
@@ -192,7 +156,7 @@ def test_no_sync_accumulation(out):
 
 def test_dp_inner_rank_layout_matches_single_process(out):
     """pp=2 x dp=2 with the replicas of a stage on neighbouring ranks (the planner's dp_inner layout)."""
-    info = _case(out, "gpt2_dp_inner")
+    info = read_case(out, "gpt2_dp_inner")
     assert [tuple(r) for r in info["ranks"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     ref_losses, ref_norms, ref_sd = reference("gpt2")
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
@@ -201,14 +165,14 @@ def test_dp_inner_rank_layout_matches_single_process(out):
 
 
 def test_recompute_full_matches(out):
-    info = _case(out, "gpt2_recompute")
+    info = read_case(out, "gpt2_recompute")
     ref_losses, _, ref_sd = reference("gpt2")
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
     max_rel(load_file(os.path.join(out, "gpt2_recompute.safetensors")), ref_sd)
 
 
 def test_interleaved_1f1b(out):
-    info = _case(out, "llama_interleaved")
+    info = read_case(out, "llama_interleaved")
     assert info["schedule"] == "interleaved-1f1b" and len(info["cuts"]) >= 3   # 2 ranks x >= 2 chunks
     ref_losses, _, ref_sd = reference("llama")
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
@@ -219,7 +183,7 @@ def test_split_lm_head_across_stages(out):
     """An LM head captured as vocabulary chunks on two stages trains like the single-process model (up to
     rounding: the hidden state's gradient sums the chunks' contributions in another order, which AdamW
     amplifies on near-zero gradients, so the tolerance is the compiled pipeline's)."""
-    info = _case(out, "llama_split_head")
+    info = read_case(out, "llama_split_head")
     assert info["cuts"] == [info["want_cut"]] and info["head_holders"] == [0, 1]
     ref_losses, _, ref_sd = reference("llama")
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
@@ -229,7 +193,7 @@ def test_split_lm_head_across_stages(out):
 
 
 def test_recapture_after_release(out):
-    info = _case(out, "released")
+    info = read_case(out, "released")
     assert info["released"] > 0 and info["still"] == info["released"]     # stand-ins are removed again
     assert abs(info["l1"] - info["r1"]) < 1e-5 and abs(info["l2"] - info["r2"]) < 1e-5
     assert abs(info["l3"] - info["r1"]) < 1e-5
@@ -238,13 +202,13 @@ def test_recapture_after_release(out):
 
 
 def test_eval_logits_on_every_rank(out):
-    info = _case(out, "eval_logits")
+    info = read_case(out, "eval_logits")
     assert info["shape"][0] == BATCH and info["err"] < 1e-4
     assert info["ev_shape"][0] == 5 and info["ev_err"] < 1e-4
 
 
 def test_compile_pipeline_matches(out):
-    info = _case(out, "forkjoin_compiled")
+    info = read_case(out, "forkjoin_compiled")
     assert info["compiled"]
     ref_losses, _, ref_sd = reference("forkjoin", steps=2)
     torch.testing.assert_close(torch.tensor(info["losses"]), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
