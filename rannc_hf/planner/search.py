@@ -583,7 +583,7 @@ class Searcher:
                     cheap = self.partition_auto(a, S, v, M, sch, self.cheap_cuts(a))
                     hp = self._has_params()
                     if cheap and cheap != parts[0] and all(any(hp[lo:hi + 1]) for lo, hi in cheap):
-                        parts.append(cheap)   # (a stage without parameters, e.g. the loss alone, is not run)
+                        parts.append(cheap)   # not with a parameter-free stage: a loss alone idles its GPU
                 elif p == "even":
                     parts = [self.partition_even(S * v)]
                 else:
