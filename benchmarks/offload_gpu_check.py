@@ -19,7 +19,7 @@ from rannc_hf import zoo  # noqa: E402
 from rannc_hf.offload import offload_module  # noqa: E402
 
 
-def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, step_stream=False,
+def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, stream_blocks=0,
           device_grads=False):
     torch.manual_seed(0)
     model, bf = zoo.make_with_batches(family, 0)
@@ -32,7 +32,7 @@ def train(family, mode, dtype=None, recompute=False, fused=False, async_step=Non
     else:
         h = offload_module(model, opt, mode, device="cuda", prefetch_blocks=1, compute_dtype=dtype,
                            timing=True, cpu_fused=fused, async_step=async_step,
-                           device_step_blocks=dev_blocks, step_stream=step_stream, device_grads=device_grads)
+                           device_step_blocks=dev_blocks, stream_step_blocks=stream_blocks, device_grads=device_grads)
     losses = []
     for s in range(3):
         for m in range(2):
@@ -128,17 +128,17 @@ for fam in ("gpt2", "bert", "cnn"):
                   flush=True)
 ref = train("gpt2", None)
 for mode in ("optimizer", "all"):  # async pipeline with the fused CPU kernel (clip via grad_scale), and sync path
-    for fused, asy, k, side, dg in ((True, None, 0, False, False), (False, False, 0, False, False),
-                                    (True, None, 1, False, False), (True, None, 2, True, False),
-                                    (True, None, 2, False, True), (True, None, 2, True, True)):
-        got = train("gpt2", mode, recompute=True, fused=fused, async_step=asy, dev_blocks=k, step_stream=side,
+    for fused, asy, k, ns, dg in ((True, None, 0, 0, False), (False, False, 0, 0, False),
+                                  (True, None, 1, 0, False), (True, None, 2, 1, False), (True, None, 0, 3, False),
+                                  (True, None, 2, 0, True), (True, None, 1, 2, True)):
+        got = train("gpt2", mode, recompute=True, fused=fused, async_step=asy, dev_blocks=k, stream_blocks=ns,
                     device_grads=dg)
         dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
         dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
         good = dl < 1e-3 and dp < 1e-3
         ok &= good
-        print(f"gpt2 {mode} fused={fused} async={got[2].engine.async_step} gpu-step={k} side-stream="
-              f"{got[2].engine.step_stream} device-grads={got[2].engine.device_grads}: loss diff {dl:.2e} param diff {dp:.2e} "
+        print(f"gpt2 {mode} fused={fused} async={got[2].engine.async_step} gpu-step={k} streamed="
+              f"{got[2].engine.stream_step_blocks} device-grads={got[2].engine.device_grads}: loss diff {dl:.2e} param diff {dp:.2e} "
               f"{'OK' if good else 'FAIL'}", flush=True)
 got = train("gpt2", "all", dtype=torch.bfloat16)
 print("bf16 all losses", [round(x, 3) for x in got[0]], "ref", [round(x, 3) for x in train("gpt2", None)[0]])

@@ -31,7 +31,7 @@ ENV_PREFIX = "RANNC_HF_"
 NON_CONFIG_ENV = frozenset({CONFIG_ENV, "RANNC_HF_CACHE", "RANNC_HF_RESULTS",
                             "RANNC_HF_FAST_PATH", "RANNC_HF_COMPILE_BACKEND",   # runtime switches
                             "RANNC_HF_COMPILE_FENCED_SEGMENTS", "RANNC_HF_UNGUARDED_OPEN_BLOCKS",   # experiment switches (env_flag)
-                            "RANNC_HF_OFFLOAD_STEP_STREAM", "RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE",
+                            "RANNC_HF_OFFLOAD_STREAM_STEP", "RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE",
                             "RANNC_HF_OFFLOAD_DEVICE_GRADS",
                             "RANNC_HF_TEST_KILL_AT_STEP", "RANNC_HF_TEST_KILL_RANK"})   # test hooks (rannc_hf.reliability.testing)
 
@@ -49,6 +49,33 @@ def env_flag(name: str, environ: Optional[dict] = None) -> Optional[bool]:
     Switches are listed in ``NON_CONFIG_ENV`` so that ``RanncConfig.from_env`` does not take them for keys."""
     v = (os.environ if environ is None else environ).get(name)
     return None if v is None else v.lower() in ("1", "true", "yes")
+
+
+def env_int(name: str, default: Optional[int] = None, environ: Optional[dict] = None) -> Optional[int]:
+    """A non-negative integer switch from the environment (``default`` when unset); a bad value is an error
+    naming the variable. Listed in ``NON_CONFIG_ENV`` like :func:`env_flag`'s switches."""
+    v = (os.environ if environ is None else environ).get(name)
+    if v is None or v.strip() == "":
+        return default
+    try:
+        iv = int(v)
+    except ValueError:
+        iv = -1
+    if iv < 0:
+        raise ConfigError(f"environment variable {name}={v!r}: expected a non-negative integer (or unset it)")
+    return iv
+
+
+def _auto_or_count(name: str, value: Any) -> Union[str, int]:
+    if str(value).lower() == "auto":
+        return "auto"
+    try:
+        k = int(value) if not isinstance(value, bool) else -1
+    except (TypeError, ValueError):
+        k = -1
+    if k < 0:
+        raise ConfigError(f"config key '{name}': expected 'auto' or an integer >= 0, got {value!r}")
+    return k
 
 
 def _choice(name: str, value: Any, choices: tuple) -> str:
@@ -178,6 +205,10 @@ class RanncConfig(_DictLoadable):
     gpu_step_blocks: Union[str, int] = field(default="auto", metadata={
         "help": "offload (optimizer/all, CUDA): leading blocks whose optimizer state stays on the GPU and which "
                 "step there while the CPU steps the rest; auto: as many as the plan's memory headroom allows"})
+    stream_step_blocks: Union[str, int] = field(default="auto", metadata={
+        "help": "offload (optimizer/all, CUDA): of the blocks the CPU would step, how many step on the GPU with "
+                "their optimizer state streamed over PCIe, so the link and the CPU share the step after backward; "
+                "auto: the count that balances the two by the device profile's rates"})
     split_head: Union[str, bool] = field(default="auto", metadata={
         "help": "a 128k+ vocabulary LM head on several GPUs: auto (split into vocabulary chunks across stages when "
                 "the planner finds it faster) | true (split whenever possible) | false (keep whole; needed for "
@@ -201,17 +232,8 @@ class RanncConfig(_DictLoadable):
         if pb is None:
             raise ConfigError("config key 'prefetch_blocks': expected a positive integer")
         self.prefetch_blocks = pb
-        if str(self.gpu_step_blocks).lower() == "auto":
-            self.gpu_step_blocks = "auto"
-        else:
-            try:
-                k = int(self.gpu_step_blocks)
-            except (TypeError, ValueError):
-                k = -1
-            if k < 0:
-                raise ConfigError(f"config key 'gpu_step_blocks': expected 'auto' or an integer >= 0, got "
-                                  f"{self.gpu_step_blocks!r}")
-            self.gpu_step_blocks = k
+        self.gpu_step_blocks = _auto_or_count("gpu_step_blocks", self.gpu_step_blocks)
+        self.stream_step_blocks = _auto_or_count("stream_step_blocks", self.stream_step_blocks)
         parse_bytes(self.gpu_memory, "config key 'gpu_memory'")
         for k in ("plan_file", "profile_cache"):
             v = getattr(self, k)

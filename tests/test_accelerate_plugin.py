@@ -95,7 +95,7 @@ def test_plugin_from_env(tmp_path):
     assert RanncPlugin.env_is_set({"RANNC_HF_CONFIG": path}) and not RanncPlugin.env_is_set({"PATH": "/"})
     # the engine's experiment switches are not config keys
     switches = {"RANNC_HF_OFFLOAD_DEVICE_GRADS": "1", "RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE": "0",
-                "RANNC_HF_OFFLOAD_STEP_STREAM": "1", "RANNC_HF_COMPILE_FENCED_SEGMENTS": "1"}
+                "RANNC_HF_OFFLOAD_STREAM_STEP": "3", "RANNC_HF_COMPILE_FENCED_SEGMENTS": "1"}
     assert RanncPlugin.from_env({"RANNC_HF_CONFIG": path, **switches}).set_fields() == {"num_stages": 2,
                                                                                        "schedule": "gpipe"}
 

@@ -115,16 +115,19 @@ def test_param_groups_and_lr_scheduler_follow_user_optimizer():
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
-def test_state_dict_roundtrip_and_resume():
-    """Model + optimizer state dicts look like plain PyTorch's and resume training identically."""
+@pytest.mark.parametrize("engine_kw", [{}, dict(async_step=True, device_step_blocks=1, stream_step_blocks=2)],
+                         ids=["sync", "gpu-and-streamed-steps"])
+def test_state_dict_roundtrip_and_resume(engine_kw):
+    """Model + optimizer state dicts look like plain PyTorch's and resume training identically (also with
+    blocks whose optimizer state lives on the device or streams through it)."""
     model, batch_fn = zoo.make_with_batches("gpt2", 0)
     opt = _adamw(model.parameters())
     plain_keys = set(model.state_dict())
-    h = offload_module(model, opt, "all", device="cpu", prefetch_blocks=1)
+    h = offload_module(model, opt, "all", device="cpu", prefetch_blocks=1, **engine_kw)
     zoo.loss_of(model(**batch_fn(4, 1))).backward()
     opt.step()
     opt.zero_grad()
-    sd = model.state_dict()
+    sd = {k: v.clone() for k, v in model.state_dict().items()}   # a checkpoint: masters are live views
     osd = copy.deepcopy(opt.state_dict())  # live state tensors would be shared by both optimizers
     assert set(sd) == plain_keys and all(v.dtype == torch.float32 for v in sd.values() if v.is_floating_point())
     assert len(osd["state"]) == len(list(model.parameters())) and "exp_avg" in osd["state"][0]
@@ -133,7 +136,7 @@ def test_state_dict_roundtrip_and_resume():
     plain, _ = zoo.make_with_batches("gpt2", 0)
     plain.load_state_dict({k: v.clone() for k, v in sd.items()})
     popt = _adamw(plain.parameters())
-    popt.load_state_dict(osd)
+    popt.load_state_dict(copy.deepcopy(osd))
     b = batch_fn(4, 2)
     for m, o in ((plain, popt), (model, opt)):
         zoo.loss_of(m(**b)).backward()
@@ -142,11 +145,19 @@ def test_state_dict_roundtrip_and_resume():
     for k, v in plain.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
 
-    # loading back into the offloaded model restores masters and working copies
+    # loading back into the offloaded model restores masters, working copies and optimizer state
     model.load_state_dict(sd)
-    opt.load_state_dict(osd)
+    opt.load_state_dict(copy.deepcopy(osd))   # torch's load shares same-device tensors with the dict
     for k, v in sd.items():
         torch.testing.assert_close(model.state_dict()[k], v)
+    plain.load_state_dict(sd)
+    popt.load_state_dict(copy.deepcopy(osd))
+    for m, o in ((plain, popt), (model, opt)):
+        zoo.loss_of(m(**batch_fn(4, 3))).backward()
+        o.step()
+        o.zero_grad()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-5, atol=1e-6)
     h.remove()
     assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
 
@@ -186,11 +197,11 @@ def test_host_memory_refusal(monkeypatch):
     assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
 
 
-def _train_async(family, mode, opt_fn, fused, device_blocks=0, device_grads=False):
+def _train_async(family, mode, opt_fn, fused, device_blocks=0, device_grads=False, stream_blocks=0):
     model, batch_fn = zoo.make_with_batches(family, 0)
     opt = opt_fn(model.parameters())
     h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True, cpu_fused=fused,
-                       device_step_blocks=device_blocks, device_grads=device_grads)
+                       device_step_blocks=device_blocks, device_grads=device_grads, stream_step_blocks=stream_blocks)
     assert h.engine.async_step
     losses = []
     for s in range(STEPS):
@@ -206,10 +217,11 @@ def _train_async(family, mode, opt_fn, fused, device_blocks=0, device_grads=Fals
 
 
 @pytest.mark.parametrize("mode", ["optimizer", "all"])
-@pytest.mark.parametrize("opt_name,device_blocks,device_grads", [
-    ("adamw_fused", 0, False), ("sgd", 0, False), ("adamw_fused", 1, False), ("sgd", 1, False),
-    ("adamw_fused", 1, True), ("sgd", 2, True)])
-def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads):
+@pytest.mark.parametrize("opt_name,device_blocks,device_grads,stream_blocks", [
+    ("adamw_fused", 0, False, 0), ("sgd", 0, False, 0), ("adamw_fused", 1, False, 0), ("sgd", 1, False, 0),
+    ("adamw_fused", 1, True, 0), ("sgd", 2, True, 0), ("adamw_fused", 0, False, 2), ("adamw_fused", 1, True, 1),
+    ("sgd", 1, False, 1)])
+def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads, stream_blocks):
     """Background pipeline (per-block norms, clip coefficient inside the step, blocks stepped on a
     worker thread while the next forward waits block by block) trains like plain PyTorch."""
     if opt_name == "adamw_fused":
@@ -231,12 +243,24 @@ def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads):
         opt.zero_grad()
     ref = (losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()})
     got = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks,
-                       device_grads=device_grads)
+                       device_grads=device_grads, stream_blocks=stream_blocks)
     eng = got[2].engine
+    # streamed blocks: spread over the CPU-side blocks, their optimizer state in flat host buffers between steps
+    streamed = [g for g in eng.blocks if g.stream_step]
+    assert len(streamed) == stream_blocks and not any(g.device_step for g in streamed)
+    for g in streamed:
+        inner = eng._inner[g.index]
+        assert g.sstate, "a streamed block keeps its state in flat host buffers"
+        for hp in g.host_params:
+            for k, v in inner.state[hp].items():
+                if v.dim() > 0:
+                    buf = g.sstate[k]
+                    assert buf.data_ptr() <= v.data_ptr() < buf.data_ptr() + buf.nbytes
     # device_grads: the GPU-stepped blocks' gradients never went to the host (the CPU stands in for the GPU)
     assert [g.keep_grads for g in eng.blocks] == [device_grads and i < device_blocks for i in range(len(eng.blocks))]
     if device_grads:
-        host = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks)[2]
+        host = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks,
+                            stream_blocks=stream_blocks)[2]
         kept = eng.stats()["kept_grad_bytes"]
         assert kept >= sum(g.numel for g in eng.blocks[:device_blocks]) * 4 * STEPS   # every step, all block params
         assert eng.stats()["d2h_bytes"] + kept == host.engine.stats()["d2h_bytes"]

@@ -238,15 +238,16 @@ def test_cost_model():
     assert choose_mode(1e9, 80e9) == "none" and choose_mode(1e9, 1e6) is None
 
 
-def test_cost_model_prices_the_hybrid_step_and_params_copies_as_serial():
-    """``params`` mode's GPU step moves master + gradient in and master + shadow out on the compute stream,
-    one after the other; ``gpu_step_fraction`` of an ``all`` stage is priced the same way, concurrently
-    with the CPU stepping the rest (the engine's hybrid step)."""
+def test_cost_model_prices_the_gpu_step_pipe_and_streamed_state():
+    """GPU steps (``params`` mode's, the GPU-stepped share of an ``all`` stage, the streamed share) move master +
+    gradient (+ streamed state) in on one stream and master + shadow (+ state) out on another: the link runs both
+    ways at once, concurrently with the CPU stepping the rest (the engine's hybrid step)."""
     n = 1.3e9
     kw = dict(param_bytes=n * 4, grad_bytes=n * 2, optim_bytes=n * 8, fwd_time=0.064, bwd_time=0.128,
-              link_gbps=55.0, cpu_adam_params_per_s=2e9, num_blocks=24, prefetch_blocks=2, recompute=True)
+              link_gbps=55.0, duplex_gbps=75.0, cpu_adam_params_per_s=2e9, num_blocks=24, prefetch_blocks=2,
+              recompute=True)
     params = offload_cost(mode="params", **kw)
-    assert params.optimizer_time == pytest.approx(n * (8 + 4 + 2) / 55e9 + n / 50e9)
+    assert params.optimizer_time == pytest.approx(n * 14 / 75e9 + n / 50e9)   # both ways at once: duplex-bound
     cpu_only = offload_cost(mode="all", **kw)
     assert cpu_only.optimizer_time == pytest.approx(n / 2e9)
     whole = offload_cost(mode="all", gpu_step_fraction=1.0, **kw)
@@ -255,9 +256,20 @@ def test_cost_model_prices_the_hybrid_step_and_params_copies_as_serial():
     assert half.optimizer_time == pytest.approx(max(params.optimizer_time / 2, n / 2 / 2e9))
     assert half.h2d_bytes == pytest.approx(cpu_only.h2d_bytes + 0.5 * n * 8)
     assert offload_cost(mode="all", gpu_step_fraction=-1, **kw).optimizer_time == cpu_only.optimizer_time
+    # streamed: master, gradient and 8 B of AdamW state in; master, bf16 shadow and state out
+    streamed = offload_cost(mode="all", stream_step_fraction=1.0, **kw)
+    assert streamed.h2d_bytes == pytest.approx(cpu_only.h2d_bytes + 16 * n)
+    assert streamed.d2h_bytes == pytest.approx(cpu_only.d2h_bytes + 14 * n)
+    assert streamed.optimizer_time == pytest.approx(30 * n / 75e9 + n / 50e9)
+    # the chooser balances the CPU against the link: better than either alone
+    from rannc_hf.offload.cost import choose_stream_step_blocks
+    k = choose_stream_step_blocks([n / 24] * 24, 0.0, device_grads=False, compute_itemsize=2, state_bytes_per_param=8,
+                                  link_bps=55e9, duplex_bps=75e9, cpu_adam_params_per_s=2e9)
+    mixed = offload_cost(mode="all", stream_step_fraction=k / 24, **kw)
+    assert 0 < k < 24 and mixed.optimizer_time < min(cpu_only.optimizer_time, streamed.optimizer_time) * 0.7
     rest = 1e8   # embeddings: stepped on the CPU first, outside the GPU-stepped layers
     with_rest = offload_cost(mode="params", rest_params=rest, **kw)
-    assert with_rest.optimizer_time == pytest.approx((n - rest) * 14 / 55e9 + (n - rest) / 50e9 + rest / 2e9)
+    assert with_rest.optimizer_time == pytest.approx((n - rest) * 14 / 75e9 + (n - rest) / 50e9 + rest / 2e9)
 
 
 def test_planner_finds_the_layers_the_engine_offloads():

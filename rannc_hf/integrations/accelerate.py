@@ -118,6 +118,7 @@ class RanncPlugin(_DictLoadable):
     dp_size: Optional[int] = _f("dp_size")
     prefetch_blocks: Optional[int] = _f("prefetch_blocks")
     gpu_step_blocks: Optional[Union[str, int]] = _f("gpu_step_blocks")
+    stream_step_blocks: Optional[Union[str, int]] = _f("stream_step_blocks")
     split_head: Optional[Union[str, bool]] = _f("split_head")
     collective_timeout_s: Optional[float] = _f("collective_timeout_s")
 

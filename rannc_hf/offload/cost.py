@@ -14,7 +14,7 @@ Conventions: ``param_bytes`` is the fp32 master size (4 bytes per parameter); ``
 size of the gradients as they leave the GPU (compute dtype, 2 bytes per parameter for bf16);
 ``optim_bytes`` the optimizer state (8 bytes per parameter for Adam/AdamW). ``link_gbps`` is the
 host<->GPU bandwidth in **gigabytes** per second, one direction (55 for pinned PCIe Gen5 on an H200);
-``duplex_gbps`` the sum of both directions at once (101 there). Times are seconds per micro-batch
+``duplex_gbps`` the sum of both directions at once (75 there, measured). Times are seconds per micro-batch
 (``fwd_time``, ``bwd_time``, without recompute) on the GPU with all weights resident.
 
 Model (what the engine does, see ``engine.py``):
@@ -77,7 +77,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  gpu_optim_params_per_s: float = 50e9, no_offload_optim_time: float = 0.0,
                  gpu_step_fraction: float = 0.0, rest_params: float = 0.0, device_accumulate: bool = False,
                  host_fold_params_per_s: float = 4.0e9, device_grads: bool = False,
-                 block_host_time: float = 0.0, engine_blocks: Optional[int] = None) -> OffloadCost:
+                 block_host_time: float = 0.0, engine_blocks: Optional[int] = None,
+                 stream_step_fraction: float = 0.0) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -93,7 +94,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         prefetch_blocks: blocks fetched ahead (the engine keeps ``prefetch_blocks + 1`` resident).
         microbatches: micro-batches per optimizer step (gradient accumulation).
         compute_itemsize: bytes per element of the GPU working copies (2 for bf16, 4 for fp32).
-        duplex_gbps: bandwidth with both directions busy; default ``1.85 * link_gbps``.
+        duplex_gbps: bandwidth with both directions busy; default ``1.4 * link_gbps`` (an H200: 75 GB/s against 53-55 one way).
         recompute: activation recompute (the block's forward runs again in backward; weights are
             fetched once for both).
         gpu_optim_params_per_s: GPU optimizer throughput for ``params`` mode's streamed step.
@@ -118,6 +119,9 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
             more than a few large ones (H200 host: 2.8 ms).
         engine_blocks: the engine's blocks (transformer layers) for ``block_host_time``, when ``num_blocks``
             counts finer pieces (the planner's coarsened blocks); default ``num_blocks``.
+        stream_step_fraction: ``optimizer``/``all``: the share of the CPU-side layers whose step runs on the GPU
+            with their optimizer state streamed in and out (the engine's ``stream_step_blocks``, see
+            :func:`choose_stream_step_blocks`).
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -126,7 +130,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     bw = float(link_gbps) * 1e9
-    duplex = (duplex_gbps * 1e9) if duplex_gbps else 1.85 * bw
+    duplex = (duplex_gbps * 1e9) if duplex_gbps else 1.4 * bw
     nb = max(1, int(num_blocks))
     mb = max(1, int(microbatches))
     n_params = param_bytes / 4.0
@@ -178,20 +182,20 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         exposed += max(0.0, folds - (sending - 1) * bwd_eff)
 
     # --- optimizer step ---
-    # GPU step (``params``, and the GPU-stepped share of the others), block by block on the compute stream
-    # (engine._device_step_async): fp32 master + gradient in, Adam on the GPU, master (+ compute-dtype
-    # shadow) out, in one stream, so the copies are serial with each other and with the math (H200,
-    # GPT-2 1.3B in ``params``: 14.4 GB in and 9.9 GB out per step, 599-633 ms/step; this model: 620 ms)
-    stream_in = on_gpu * (4.0 if device_grads else 8.0)
-    stream_out = on_gpu * (4.0 + (compute_itemsize if compute_itemsize != 4 else 0))
+    # GPU steps (``params``, the GPU-stepped share and the streamed share of the others), block by block off
+    # the compute stream (engine._device_step_async): inputs on one stream, results back on another
+    streamed = 0.0 if mode == "params" else (layers - on_gpu) * min(1.0, max(0.0, float(stream_step_fraction)))
+    state_pp = optim_bytes / n_params if n_params > 0 else 8.0
+    stream_in, stream_out, t_gpu = gpu_step_pipe(on_gpu, streamed, device_grads=device_grads,
+                                                 compute_itemsize=compute_itemsize, state_bytes_per_param=state_pp,
+                                                 link_bps=bw, duplex_bps=duplex,
+                                                 gpu_optim_params_per_s=gpu_optim_params_per_s)
     h2d += stream_in
     d2h += stream_out
-    t_link = (stream_in + stream_out) / bw
-    link_busy += t_link
-    t_gpu = t_link + on_gpu / gpu_optim_params_per_s
+    link_busy += (stream_in + stream_out) / duplex
     t_opt = t_gpu
     if mode in ("optimizer", "all"):  # the CPU steps the other blocks on the worker meanwhile
-        on_cpu = layers - on_gpu
+        on_cpu = layers - on_gpu - streamed
         t_cpu = on_cpu / cpu_adam_params_per_s
         if mode == "optimizer":  # refresh working copies, overlapped block by block with the CPU step
             cpu_w = w_bytes * on_cpu / n_params
@@ -204,6 +208,63 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     hidden = 1.0 if link_busy <= 0 else max(0.0, min(1.0, 1.0 - exposed / link_busy))
     step = compute + exposed + t_opt
     return OffloadCost(mode, h2d, d2h, link_busy, exposed, t_opt, step - compute - no_offload_optim_time, step, hidden)
+
+
+def spread(items: list, n: int) -> list:
+    """``n`` of ``items`` spread evenly over the list (order kept).
+
+        >>> spread(list(range(8)), 3)
+        [2, 5, 7]
+    """
+    k = len(items)
+    n = max(0, min(int(n), k))
+    return [x for i, x in enumerate(items) if (i + 1) * n // k > i * n // k] if k else []
+
+
+def gpu_step_pipe(on_gpu: float, streamed: float, *, device_grads: bool, compute_itemsize: int,
+                  state_bytes_per_param: float, link_bps: float, duplex_bps: float,
+                  gpu_optim_params_per_s: float = 50e9) -> tuple[float, float, float]:
+    """(bytes in, bytes out, seconds) of the GPU steps that follow backward: ``on_gpu`` parameters whose state
+    stays on the GPU (fp32 master in, plus the gradient unless ``device_grads``; master and compute-dtype
+    shadow out) and ``streamed`` parameters whose state crosses both ways too. Inputs and results travel on
+    separate streams, so the link runs both directions at once.
+
+        >>> [round(x / 1e9, 1) for x in gpu_step_pipe(1e9, 1e9, device_grads=False, compute_itemsize=2,
+        ...                                           state_bytes_per_param=8, link_bps=55e9, duplex_bps=101e9)[:2]]
+        [24.0, 20.0]
+    """
+    shadow = compute_itemsize if compute_itemsize != 4 else 0
+    bytes_in = on_gpu * (4.0 if device_grads else 8.0) + streamed * (8.0 + state_bytes_per_param)
+    bytes_out = (on_gpu + streamed) * (4.0 + shadow) + streamed * state_bytes_per_param
+    t = max(bytes_in / link_bps, bytes_out / link_bps, (bytes_in + bytes_out) / duplex_bps)
+    return bytes_in, bytes_out, t + (on_gpu + streamed) / gpu_optim_params_per_s
+
+
+def choose_stream_step_blocks(cpu_block_numels: Sequence[float], on_gpu_params: float, *, device_grads: bool,
+                              compute_itemsize: int, state_bytes_per_param: float, link_bps: float,
+                              duplex_bps: float, cpu_adam_params_per_s: float,
+                              gpu_optim_params_per_s: float = 50e9) -> int:
+    """How many of the CPU-side blocks (``cpu_block_numels``, forward order) to step on the GPU with their state
+    streamed (the engine spreads them evenly): the count that makes the step after backward shortest, the CPU
+    stepping the others while the link carries the GPU steps (``on_gpu_params`` of GPU-stepped blocks first).
+
+        >>> choose_stream_step_blocks([78.6e6] * 16, 1.26e9, device_grads=False, compute_itemsize=2,
+        ...                           state_bytes_per_param=8, link_bps=55e9, duplex_bps=101e9,
+        ...                           cpu_adam_params_per_s=2.0e9)
+        7
+    """
+    best, best_t = 0, None
+    blocks = list(cpu_block_numels)
+    total = float(sum(blocks))
+    for n in range(len(blocks) + 1):
+        st = float(sum(spread(blocks, n)))
+        t_gpu = gpu_step_pipe(on_gpu_params, st, device_grads=device_grads, compute_itemsize=compute_itemsize,
+                              state_bytes_per_param=state_bytes_per_param, link_bps=link_bps, duplex_bps=duplex_bps,
+                              gpu_optim_params_per_s=gpu_optim_params_per_s)[2]
+        t = max(t_gpu, (total - st) / cpu_adam_params_per_s)
+        if best_t is None or t < best_t - 1e-12:
+            best, best_t = n, t
+    return best
 
 
 def offload_memory(num_params: float, mode: str, *, compute_itemsize: int = 2, optim_bytes_per_param: float = 8.0,

@@ -59,13 +59,14 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from ..config import env_flag
+from ..config import env_flag, env_int
 from ..errors import OffloadError
 from .engine_state import _StateMixin
 from .gradients import _GradientMixin
 from .optimizer import build_inner_optimizer, check_supported, state_bytes_per_param, user_group_index
 from .residency import _ResidencyMixin
 from .stepping import _StepMixin
+from .cost import spread
 from .store import ParamGroup, check_host_memory, host_need
 
 MODES = ("optimizer", "params", "all")
@@ -110,8 +111,12 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             (speed); on a CPU device the user's kernel choice is kept, so results match bit for bit.
         param_order: the order gradient norms are summed in (``model.parameters()`` order makes
             clipping match ``torch.nn.utils.clip_grad_norm_`` bit for bit); default: the optimizer's.
-        step_stream: GPU-stepped blocks step on a side stream after backward (the next forward waits per
-            block) instead of on the compute stream; default ``$RANNC_HF_OFFLOAD_STEP_STREAM`` or off.
+        stream_step_blocks: of the blocks the CPU would step, how many step on the GPU instead, their fp32
+            optimizer state streamed in from pinned host buffers and back with the master (16 bytes per
+            parameter in, 14 out with bf16 compute): PCIe and host memory bandwidth then share the step that
+            follows backward. Spread evenly over those blocks in forward order. Default
+            ``$RANNC_HF_OFFLOAD_STREAM_STEP`` or 0; :func:`~rannc_hf.offload.cost.choose_stream_step_blocks` picks
+            a count from the rates.
         async_step: background host pipeline (``None``: on CUDA with a CPU step). Each block's
             gradients are folded into its fp32 buffer (one flat add) and its norm taken on a worker
             thread while backward goes on; clipping then needs only the per-block norms and its
@@ -137,7 +142,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                  check_memory: bool = True, trace: bool = False, timing: bool = False,
                  cpu_fused: Optional[bool] = None, param_order: Optional[Iterable[nn.Parameter]] = None,
                  async_step: Optional[bool] = None, device_step_blocks: int = 0,
-                 cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None,
+                 cpu_threads: Optional[int] = None, stream_step_blocks: Optional[int] = None,
                  device_accumulate: bool = False, device_grads: Optional[bool] = None,
                  prepare: Optional[Callable[[int], None]] = None):
         if mode not in MODES:
@@ -174,11 +179,9 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         # state on the device and step there (master + gradient streamed in, master back), while the
         # worker steps the other blocks on the CPU at the same time: PCIe and host memory both work
         self.device_step_blocks = int(device_step_blocks) if self.async_step else 0
-        # experimental (off by default, not yet measured on a GPU): run those GPU steps on their own stream,
-        # overlapping the next forward, instead of on the compute stream (``RANNC_HF_OFFLOAD_STEP_STREAM=1``)
-        if step_stream is None:
-            step_stream = env_flag("RANNC_HF_OFFLOAD_STEP_STREAM")
-        self.step_stream = bool(step_stream) and self.cuda and self.device_step_blocks > 0
+        if stream_step_blocks is None:
+            stream_step_blocks = env_int("RANNC_HF_OFFLOAD_STREAM_STEP", 0)
+        self.stream_step_blocks = int(stream_step_blocks) if self.async_step else 0
         self.device_accumulate = bool(device_accumulate)
         self.device_grads = device_grads_default() if device_grads is None else bool(device_grads)
         self._pass_mb = 1          # micro-batches of the pass under way (begin_pass)
@@ -206,6 +209,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self.num_blocks = len(self.blocks)
         for g in self.groups:  # async pipeline bookkeeping
             g.device_step = g.index < self.device_step_blocks and g is not self.rest
+            g.stream_step = False
+            g.sstate = {}   # streamed optimizer state: key -> flat pinned host buffer
             g.keep_grads = g is not self.rest and self._keeps_grads(g.index)
             g.n_req = sum(1 for p in g.params if p.requires_grad)
             g.round, g.round_set = [], set()
@@ -218,7 +223,16 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad)
                        for g in self.groups for p in g.params if p.requires_grad]
 
-        self._step_stream = torch.cuda.Stream(self.device) if self.step_stream else None
+        cpu_side = [g for g in self.blocks if not g.device_step]
+        for g in spread(cpu_side, self.stream_step_blocks):
+            g.stream_step = True
+        self.stream_step_blocks = sum(g.stream_step for g in self.blocks)
+        # GPU steps (device-stepped and streamed blocks) run off the compute stream: inputs on one stream,
+        # the step and the results' trip back on another, through a two-slot device ring (stepping.py)
+        self._step_in = torch.cuda.Stream(self.device) if self.cuda else None
+        self._step_out = torch.cuda.Stream(self.device) if self.cuda else None
+        self._ring = None
+        self._ring_pos = 0
         if self.cuda:
             self.h2d_stream = torch.cuda.Stream(self.device)
             self.d2h_stream = torch.cuda.Stream(self.device)
@@ -309,7 +323,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         for g in self.groups:
             host_of = {id(p): hp for p, hp in zip(g.params, g.host_params)}
             inner = build_inner_optimizer(optimizer, host_of, g.params,
-                                          step_on_cpu=self.step_on_cpu and not getattr(g, "device_step", False),
+                                          step_on_cpu=self.step_on_cpu and not (getattr(g, "device_step", False)
+                                                                                 or getattr(g, "stream_step", False)),
                                           cpu_fused=self.cpu_fused)
             self._inner.append(inner)
             self._inner_groups.append(user_group_index(optimizer, g.params) if inner is not None else [])

@@ -258,7 +258,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
                    prefetch_blocks: Optional[int] = None, patch_optimizer: bool = True, check_memory: bool = True,
                    trace: bool = False, timing: bool = False, cpu_fused: Optional[bool] = None,
                    async_step: Optional[bool] = None, device_step_blocks: int = 0,
-                   cpu_threads: Optional[int] = None, step_stream: Optional[bool] = None,
+                   cpu_threads: Optional[int] = None, stream_step_blocks: Optional[int] = None,
                    device_grads: Optional[bool] = None,
                    materialize: Optional[Callable[[nn.Module], None]] = None) -> OffloadHandle:
     """Offload ``model``'s blocks per ``config_or_mode`` and return an :class:`OffloadHandle`.
@@ -274,7 +274,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
         device: compute device (default ``cuda`` when available, else ``cpu``).
         prefetch_blocks: blocks fetched ahead (default: the config's, or 2).
         check_memory: refuse with :class:`OffloadError` if host RAM is too small.
-        trace, timing, cpu_fused, async_step, device_step_blocks, cpu_threads, step_stream, device_grads: see
+        trace, timing, cpu_fused, async_step, device_step_blocks, cpu_threads, stream_step_blocks, device_grads: see
             :class:`~rannc_hf.offload.engine.OffloadEngine`.
         materialize: for a model built on the meta device (``with torch.device("meta"): ...``): its
             parameters get host storage one block at a time, just before the engine copies that block into
@@ -325,7 +325,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
     engine = OffloadEngine(block_params, device=dev, mode=mode, compute_dtype=dtype, prefetch_blocks=pf,
                            optimizer=optimizer, rest=rest, check_memory=check_memory, trace=trace, timing=timing,
                            cpu_fused=cpu_fused, param_order=list(model.parameters()), async_step=async_step,
-                           device_step_blocks=device_step_blocks, cpu_threads=cpu_threads, step_stream=step_stream,
+                           device_step_blocks=device_step_blocks, cpu_threads=cpu_threads, stream_step_blocks=stream_step_blocks,
                            device_grads=device_grads, prepare=_materializer(model, blocks, materialize))
     handle = OffloadHandle(model, optimizer, engine, mode, blocks)
     eid = engine.id

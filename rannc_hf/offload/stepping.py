@@ -10,13 +10,32 @@ the next forward runs, or for the first K blocks on the device), then the new wo
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
 
 from ..errors import OffloadError
 from .optimizer import sync_hyperparams
-from .store import ParamGroup
+from .store import ParamGroup, _empty_host
+
+
+def _on(stream):
+    """``torch.cuda.stream(stream)``, or nothing on a CPU device (``stream`` None)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+
+def _record(stream):
+    if stream is None:
+        return None
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    return ev
+
+
+def _streamable(v, hp) -> bool:
+    """State a streamed step moves with its block: an fp32 tensor of the parameter's shape."""
+    return torch.is_tensor(v) and v.dtype == torch.float32 and v.shape == hp.shape and v.dim() > 0
 
 
 class _StepMixin:
@@ -70,7 +89,8 @@ class _StepMixin:
             bwd_done = torch.cuda.Event()
             bwd_done.record(torch.cuda.current_stream(self.device))
         t0 = time.perf_counter()
-        order = [self.rest] + [g for g in self.blocks if not g.device_step] + [g for g in self.blocks if g.device_step]
+        on_gpu = [g for g in self.blocks if g.device_step or g.stream_step]   # forward order: the GPU pipe's
+        order = [self.rest] + [g for g in self.blocks if not (g.device_step or g.stream_step)] + on_gpu
         for g in order:
             gi = g.index
             inner = self._inner[gi]
@@ -81,62 +101,144 @@ class _StepMixin:
             if g is self.rest:
                 self._step_group(g, inner, has, scale, bwd_done)
                 self._wait_group_step_now(g)
-            elif g.device_step:
+            elif g.device_step or g.stream_step:
                 self._device_step_async(g, inner, has, scale, bwd_done)
             else:
                 g.step_fut = self._pool().submit(self._step_group, g, inner, has, scale, bwd_done)
+        self._release_ring()
         self._stats["step_time_s"] += time.perf_counter() - t0  # the blocks' time is added by the worker
         self._stats["steps"] += 1
         self.optimizer._opt_called = True
 
     def _device_step_async(self, g: ParamGroup, inner, has: list, scale, bwd_done=None) -> None:
-        """Step ``g`` on the device (state resident there): master and gradient in, new master and
-        compute-dtype shadow back, working copy cast on the device; on the compute stream (or the side
-        step stream, after the backward: ``step_stream``), no host wait."""
-        side = self._step_stream
-        if side is None:
-            return self._device_step_body(g, inner, has, scale)
-        if bwd_done is not None:
-            side.wait_event(bwd_done)
-        with torch.cuda.stream(side):
-            self._device_step_body(g, inner, has, scale)
-
-    def _device_step_body(self, g: ParamGroup, inner, has: list, scale) -> None:
+        """Step ``g`` on the device, off the compute stream: its fp32 master (+ gradient unless kept on the
+        device, + optimizer state for a streamed block) come in on the step-input stream into a slot of a
+        two-slot device ring, the step and the copies back (master, compute-dtype shadow, streamed state) run
+        on the step-output stream; ``g.step_event`` marks the end, which the next fetch or forward of ``g``
+        waits for on the GPU (no host wait). Two slots let block ``i+1``'s inputs cross while block ``i``'s
+        results go back (PCIe is full duplex). On a CPU device the same runs synchronously."""
         dev = self.device
-        m = g.master.to(dev, non_blocking=True)
-        if g.keep_grads:   # the gradients never left the device
-            gr = g.dev_grad if g.dev_grad is not None else torch.zeros(g.numel, dtype=torch.float32, device=dev)
-            if self._step_stream is not None:
-                gr.record_stream(self._step_stream)
-        else:
-            gr = g.grad.to(dev, non_blocking=True)
-        for j, hp in enumerate(g.host_params):
-            hp.data = g.view(m, j)
-            hp.grad = g.view(gr, j) if has[j] else None
-        if scale is not None:
-            grads = [hp.grad for hp in g.host_params if hp.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, float(scale))
-        inner.step()
-        for j, hp in enumerate(g.host_params):
-            hp.grad = None
-        if self.cuda:
+        keys = self._staged_state(g) if g.stream_step else []
+        n = g.numel
+        slot = self._ring_slot(n * (1 + (0 if g.keep_grads else 1) + len(keys)))
+        sin, sout = self._step_in, self._step_out
+        with _on(sin):
+            if bwd_done is not None:
+                sin.wait_event(bwd_done)
+            if slot[1] is not None:
+                sin.wait_event(slot[1])        # the slot's previous block has gone back
+            buf = slot[0]
+            m = buf[:n]
+            m.copy_(g.master, non_blocking=True)
+            off = n
+            if not g.keep_grads:
+                gr = buf[off:off + n]
+                gr.copy_(g.grad, non_blocking=True)
+                off += n
+            dstate = {}
+            for k in keys:
+                dstate[k] = buf[off:off + n]
+                dstate[k].copy_(g.sstate[k], non_blocking=True)
+                off += n
+            ev_in = _record(sin)
+        with _on(sout):
+            if ev_in is not None:
+                sout.wait_event(ev_in)
+            if bwd_done is not None:
+                sout.wait_event(bwd_done)
+            if g.keep_grads:   # the gradients never left the device
+                gr = g.dev_grad if g.dev_grad is not None else torch.zeros(n, dtype=torch.float32, device=dev)
+                if sout is not None:
+                    gr.record_stream(sout)
+            for j, hp in enumerate(g.host_params):
+                hp.data = g.view(m, j)
+                hp.grad = g.view(gr, j) if has[j] else None
+                st = inner.state.get(hp)
+                for k in keys:
+                    if st is not None and k in st:
+                        st[k] = g.view(dstate[k], j)
+            if scale is not None:
+                grads = [hp.grad for hp in g.host_params if hp.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, float(scale))
+            inner.step()
+            for hp in g.host_params:
+                hp.grad = None
+            if g.stream_step:
+                self._state_back(g, inner, dstate)
             g.master.copy_(m, non_blocking=True)
             if g.shadow is not g.master:
                 g.shadow.copy_(m.to(g.shadow.dtype), non_blocking=True)
             if g.resident:
                 g.work.copy_(m)
-            ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(dev))
-            g.step_event = ev
-            self._stats["d2h_bytes"] += g.master.nbytes + (g.shadow.nbytes if g.shadow is not g.master else 0)
-        else:
-            g.refresh_shadow()
-            if g.resident:
-                g.work.copy_(g.shadow)
+            ev = _record(sout)
+        slot[1] = ev
+        g.step_event = ev
         for j, hp in enumerate(g.host_params):
             hp.data = g.view(g.master, j)
-        self._stats["h2d_bytes"] += g.master.nbytes + (0 if g.keep_grads else g.grad.nbytes)
+        st_bytes = sum(g.sstate[k].nbytes for k in g.sstate) if g.stream_step else 0
+        self._stats["h2d_bytes"] += g.master.nbytes + (0 if g.keep_grads else g.grad.nbytes) + st_bytes
+        self._stats["d2h_bytes"] += g.master.nbytes + (g.shadow.nbytes if g.shadow is not g.master else 0) + st_bytes
+
+    def _ring_slot(self, numel: int) -> list:
+        """The next ``[device buffer, event when free]`` of the two-slot ring (grown when too small; released
+        at the end of the step, so it only takes memory between backward and the next forward's start)."""
+        ring = self._ring
+        if ring is None:
+            ring = self._ring = [[None, None], [None, None]]
+            self._ring_pos = 0
+        slot = ring[self._ring_pos % 2]
+        self._ring_pos += 1
+        if slot[0] is None or slot[0].numel() < numel:
+            if slot[0] is not None and slot[1] is not None:
+                slot[1].synchronize()
+            with _on(self._step_in):
+                slot[0] = torch.empty(numel, dtype=torch.float32, device=self.device)
+            if self._step_out is not None:
+                slot[0].record_stream(self._step_out)
+        return slot
+
+    def _release_ring(self) -> None:
+        self._ring = None   # the allocator reuses the slots once both step streams are past them
+
+    def _staged_state(self, g: ParamGroup) -> list:
+        """Keys of ``g``'s streamed optimizer state (fp32 tensors shaped like their parameter), each held in one
+        flat pinned host buffer ``g.sstate[key]`` whose per-parameter views the inner optimizer's state points
+        at between steps. State the optimizer holds elsewhere (loaded from a checkpoint, first made by a step)
+        is copied in; other state (step counts, factored moments) stays where it is."""
+        inner = self._inner[g.index]
+        for j, hp in enumerate(g.host_params):
+            st = inner.state.get(hp) if inner is not None else None
+            for k, v in (st or {}).items():
+                if not _streamable(v, hp):
+                    continue
+                host = g.sstate.get(k)
+                if host is None:
+                    host = g.sstate[k] = _empty_host(g.numel, torch.float32, g.pin)
+                    host.zero_()
+                hv = g.view(host, j)
+                if v.data_ptr() != hv.data_ptr():
+                    hv.copy_(v)
+                    st[k] = hv
+        return list(g.sstate)
+
+    def _state_back(self, g: ParamGroup, inner, dstate: dict) -> None:
+        """After a streamed step (on the output stream): the state back to its host buffers, the inner
+        optimizer's state pointed at them again (state this step made is given a host buffer too)."""
+        for k, d in dstate.items():
+            g.sstate[k].copy_(d, non_blocking=True)
+        for j, hp in enumerate(g.host_params):
+            st = inner.state.get(hp)
+            for k, v in (st or {}).items():
+                if k in dstate and v.data_ptr() == g.view(dstate[k], j).data_ptr():
+                    st[k] = g.view(g.sstate[k], j)
+                elif _streamable(v, hp) and v.device != g.master.device:   # made by this (first) step
+                    host = g.sstate.get(k)
+                    if host is None:
+                        host = g.sstate[k] = _empty_host(g.numel, torch.float32, g.pin)
+                        host.zero_()
+                    g.view(host, j).copy_(v, non_blocking=True)
+                    st[k] = g.view(host, j)
 
     def _wait_group_step_now(self, g: ParamGroup) -> None:
         if self.cuda and g.step_event is not None:

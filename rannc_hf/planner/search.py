@@ -498,6 +498,30 @@ class Searcher:
         state = 8.0 + (4.0 if self.device_grads else 0.0)
         return choose_gpu_step_blocks([n_par / layers] * layers, headroom, state) / layers
 
+    def _stream_step_fraction(self, off: str, n_par: float, layers: int, gpu_share: float, ci: int) -> float:
+        """The share of a stage's CPU-side layers the engine will step on the GPU with their state streamed
+        (``stream_step_blocks``: auto's rule, :func:`~rannc_hf.offload.cost.choose_stream_step_blocks`, or the
+        configured count); 0 on a CPU profile."""
+        from ..config import env_int
+
+        forced = env_int("RANNC_HF_OFFLOAD_STREAM_STEP")
+        want = forced if forced is not None else self.config.stream_step_blocks
+        if off not in ("optimizer", "all") or self.profile.name == "cpu" or layers < 1:
+            return 0.0
+        k = int(round(gpu_share * layers))
+        if k >= layers:
+            return 0.0
+        if want != "auto":
+            return min(int(want), layers - k) / (layers - k)
+        from ..offload.cost import choose_stream_step_blocks
+
+        prof = self.profile
+        per = n_par / layers
+        n = choose_stream_step_blocks([per] * (layers - k), per * k, device_grads=self.device_grads,
+                                      compute_itemsize=ci, state_bytes_per_param=8.0, link_bps=prof.h2d_bw,
+                                      duplex_bps=prof.duplex_bw, cpu_adam_params_per_s=prof.cpu_adam_params_per_s)
+        return n / (layers - k)
+
     def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
                         ci: int, headroom: float = 0.0, rest: float = 0.0,
                         layers: Optional[int] = None) -> tuple[float, float]:
@@ -513,13 +537,14 @@ class Searcher:
             dev_acc = prof.name != "cpu" and use_device_accumulation(M, n_par, headroom)  # as the runtime decides
             if dev_acc:
                 headroom -= 4.0 * n_par
+            share = self._gpu_step_fraction(off, n_par - rest, layers or nblocks, headroom)
             oc = offload_cost(param_bytes=n_par * 4.0, grad_bytes=n_par * ci, optim_bytes=n_par * 8.0,
                               fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
                               cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
                               prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
-                              duplex_gbps=prof.duplex_bw / 1e9, recompute=rc,
-                              gpu_step_fraction=self._gpu_step_fraction(off, n_par - rest, layers or nblocks,
-                                                                        headroom),
+                              duplex_gbps=prof.duplex_bw / 1e9, recompute=rc, gpu_step_fraction=share,
+                              stream_step_fraction=self._stream_step_fraction(off, n_par - rest, layers or nblocks,
+                                                                              share, ci),
                               rest_params=rest, device_accumulate=dev_acc,
                               host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
                               block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks)

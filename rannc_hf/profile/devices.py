@@ -89,7 +89,9 @@ class DeviceProfile:
 def _h200() -> DeviceProfile:
     return DeviceProfile(
         name="h200", flops={"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}, mem_bw=4.8e12, memory=141 * 10**9,
-        h2d_bw=55e9, d2h_bw=55e9, duplex_bw=101e9, intra_node_bw=450e9, inter_node_bw=50e9,
+        # pinned copies of 315 MB, sixth 2026-11-30 session (benchmarks/h200/rates.py): 53 GB/s in, 55 out, 75 both
+        # ways at once
+        h2d_bw=55e9, d2h_bw=55e9, duplex_bw=75e9, intra_node_bw=450e9, inter_node_bw=50e9,
         # the fused CPU AdamW kernel alone runs 4.0e9 params/s on 16 cores (DESIGN.md section 7); inside the
         # engine, beside the gradient folds and the shadow casts, GPT-2 1.3B's embedding group stepped 103M
         # parameters in 61 ms, and with this rate the cost model gives the engine-alone GPT-2 2.7B run

@@ -49,10 +49,10 @@ import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
-from ..config import env_flag
+from ..config import env_flag, env_int
 from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
-from ..offload.cost import choose_gpu_step_blocks, use_device_accumulation
+from ..offload.cost import choose_gpu_step_blocks, choose_stream_step_blocks, use_device_accumulation
 from ..offload.engine import device_grads_default
 from ..offload.hooks import masters_into_state_dict, reject_closure
 from ..offload.optimizer import state_bytes_per_param
@@ -526,6 +526,29 @@ def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float],
     return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom, state)
 
 
+def _stream_step_blocks(module, blocks: list, mode: str, k: int, device_grads: bool) -> int:
+    """``config.stream_step_blocks`` (``$RANNC_HF_OFFLOAD_STREAM_STEP`` overrides it), ``auto`` resolved by
+    :func:`~rannc_hf.offload.cost.choose_stream_step_blocks` from the local device profile's rates over the
+    blocks the CPU would step (all but the ``k`` GPU-stepped ones). 0 without a CUDA device or a CPU step."""
+    if module.device.type != "cuda" or mode not in ("optimizer", "all"):
+        return 0
+    forced = env_int("RANNC_HF_OFFLOAD_STREAM_STEP")
+    want = forced if forced is not None else module.config.stream_step_blocks
+    cpu_side = [sum(p.numel() for p in ps) for ps in blocks[k:]]
+    if want != "auto":
+        return min(int(want), len(cpu_side))
+    from ..profile.devices import get_profile
+
+    prof = get_profile("auto")
+    opt = module.optimizer
+    state = state_bytes_per_param(opt) if opt is not None else 8.0
+    itemsize = torch.empty(0, dtype=_compute_dtype(module.config.precision, module.device)).element_size()
+    return choose_stream_step_blocks(cpu_side, sum(p.numel() for ps in blocks[:k] for p in ps),
+                                     device_grads=device_grads, compute_itemsize=itemsize,
+                                     state_bytes_per_param=state, link_bps=prof.h2d_bw, duplex_bps=prof.duplex_bw,
+                                     cpu_adam_params_per_s=prof.cpu_adam_params_per_s)
+
+
 def _masters_hook(so: StageOffload, model: nn.Module):
     """A state-dict hook for the user's model: offloaded parameters read as their fp32 host masters.
 
@@ -585,10 +608,11 @@ def attach(module) -> Optional[StageOffload]:
     on_device = sum(p.numel() for ps in blocks[:k] for p in ps) if cuda else 0   # GPU-stepped (async on CUDA only)
     check_node_memory(host_bytes(n_params, engine_mode, dtype, cuda, opt, on_device, on_device if dev_grads else 0),
                       mode, module.device)
+    streamed = _stream_step_blocks(module, blocks, engine_mode, k, dev_grads)
     engine = OffloadEngine(blocks, device=module.device, mode=engine_mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
                            check_memory=False, param_order=params, device_step_blocks=k,
-                           device_accumulate=dev_acc, device_grads=dev_grads)
+                           device_accumulate=dev_acc, device_grads=dev_grads, stream_step_blocks=streamed)
     so = StageOffload(module, engine, mode, modes)
     so._prefixes = prefixes
     so._blocks_per_stage = per_stage
@@ -599,7 +623,8 @@ def attach(module) -> Optional[StageOffload]:
     if opt is not None:
         so.patch_optimizer(opt)
     module.module._register_state_dict_hook(_masters_hook(so, module.module))
-    log.info("rannc_hf: offload %s (engine mode %s) on pipeline rank %d: %d blocks (%d stepped on the GPU), "
-             "%d resident parameters, micro-batch gradients summed on the %s", mode, engine_mode, module.pp_rank,
-             len(blocks), engine.device_step_blocks, len(rest), "GPU" if engine.device_accumulate else "host")
+    log.info("rannc_hf: offload %s (engine mode %s) on pipeline rank %d: %d blocks (%d stepped on the GPU, %d on "
+             "the GPU with their state streamed), %d resident parameters, micro-batch gradients summed on the %s",
+             mode, engine_mode, module.pp_rank, len(blocks), engine.device_step_blocks, engine.stream_step_blocks,
+             len(rest), "GPU" if engine.device_accumulate else "host")
     return so
