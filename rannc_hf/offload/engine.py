@@ -213,7 +213,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             g.sstate = {}   # streamed optimizer state: key -> flat pinned host buffer
             g.keep_grads = g is not self.rest and self._keeps_grads(g.index)
             g.n_req = sum(1 for p in g.params if p.requires_grad)
-            g.round, g.round_set = [], set()
+            g.round, g.round_set, g.round_direct = [], set(), set()
+            g.arrived = set()   # parameters with a gradient since zero_grad (main thread's view)
             g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
             g.dev_norms, g.dev_norms_ok = [], True
         self._where: dict[int, tuple[ParamGroup, int]] = {}

@@ -114,7 +114,9 @@ class _GradientMixin:
                     g.fold_fut = None
             s = self.d2h_stream
             s.wait_stream(torch.cuda.current_stream(self.device))
-            if not g.has_grad[j]:  # first arrival since zero_grad: the host grad will be this one, upcast
+            first = j not in g.arrived   # first arrival since zero_grad: the host grad will be this one
+            g.arrived.add(j)
+            if first:
                 g.dev_norms.append(torch.linalg.vector_norm(grad, 2, dtype=torch.float32))
             else:
                 g.dev_norms_ok = False
@@ -122,7 +124,12 @@ class _GradientMixin:
                 if self.timing and not g.round:
                     g.round_start_event = torch.cuda.Event(enable_timing=True)
                     g.round_start_event.record(s)
-                g.view(g.staging, j).copy_(grad, non_blocking=True)
+                if first:   # upcast on the GPU, straight into the fp32 host buffer: no fold on the host
+                    g.view(g.grad, j).copy_(grad.to(torch.float32), non_blocking=True)
+                    self._stats["d2h_bytes"] += grad.numel() * (4 - grad.element_size())
+                    g.round_direct.add(j)
+                else:
+                    g.view(g.staging, j).copy_(grad, non_blocking=True)
             grad.record_stream(s)
             g.round.append(j)
             g.round_set.add(j)
@@ -158,8 +165,8 @@ class _GradientMixin:
 
     def _submit_round(self, g: ParamGroup) -> None:
         """Hand the gradients of ``g`` copied since its last fold to the worker (one event, one fold)."""
-        js = g.round
-        g.round, g.round_set = [], set()
+        js, direct = g.round, g.round_direct
+        g.round, g.round_set, g.round_direct = [], set(), set()
         if not js:
             return
         s = self.d2h_stream
@@ -172,35 +179,37 @@ class _GradientMixin:
         if self.timing and g.round_start_event is not None:  # a block's D2H copies, timed as one
             self._copy_events.append((g.round_start_event, ev))
             g.round_start_event = None
-        fut = self._pool().submit(self._fold_task, g, js, ev, dn)
+        fut = self._pool().submit(self._fold_task, g, js, ev, dn, direct)
         g.fold_fut = fut
         self._fold_futs.append(fut)
 
-    def _fold_task(self, g: ParamGroup, js: list[int], ev, dev_norm=None) -> None:
-        """Fold one block's staged gradients into its fp32 buffer: one flat copy (first micro-batch:
-        its norm is ``dev_norm``, taken on the GPU from the same values) or a chunked add through an
-        fp32 temporary (mixed-dtype ``add_`` is several times slower on the CPU)."""
+    def _fold_task(self, g: ParamGroup, js: list[int], ev, dev_norm=None, direct: frozenset = frozenset()) -> None:
+        """Fold one block's staged gradients into its fp32 buffer once their copies landed. First arrivals
+        (``direct``) were upcast on the GPU and copied straight into it: nothing to do but record them (the
+        block's norm is ``dev_norm``, taken on the GPU from the same values); later ones are added through a
+        chunked fp32 temporary (mixed-dtype ``add_`` is several times slower on the CPU)."""
         tw = time.perf_counter()
         ev.synchronize()
         t0 = time.perf_counter()
         n = len(g.params)
-        if len(js) == n and (all(g.has_grad) or not any(g.has_grad)):
-            if all(g.has_grad):
-                chunk = 1 << 20
-                tmp = torch.empty(min(chunk, g.numel), dtype=torch.float32)
-                for o in range(0, g.numel, chunk):
-                    d = g.grad[o:o + chunk]
-                    t = tmp[:d.numel()]
-                    t.copy_(g.staging[o:o + chunk])
-                    d.add_(t)
-                g.gnorm = None
-            else:
-                g.grad.copy_(g.staging)
-                g.gnorm = dev_norm
+        if len(js) == n and all(j in direct for j in js):
             g.has_grad = [True] * n
+            g.gnorm = dev_norm
+        elif len(js) == n and all(g.has_grad) and not direct:   # a later micro-batch: one flat add
+            chunk = 1 << 20
+            tmp = torch.empty(min(chunk, g.numel), dtype=torch.float32)
+            for o in range(0, g.numel, chunk):
+                d = g.grad[o:o + chunk]
+                t = tmp[:d.numel()]
+                t.copy_(g.staging[o:o + chunk])
+                d.add_(t)
+            g.gnorm = None
         else:
             for j in js:
-                g.accumulate_grad(j, g.view(g.staging, j))
+                if j in direct:
+                    g.has_grad[j] = True
+                else:
+                    g.accumulate_grad(j, g.view(g.staging, j))
             g.gnorm = None
         t1 = time.perf_counter()
         self._stats["grad_reduce_time_s"] += t1 - t0
@@ -297,6 +306,7 @@ class _GradientMixin:
         self._got_grads = False
         for g in self.groups:
             g.has_grad = [False] * len(g.params)
+            g.arrived = set()
             g.gnorm = None
             g.dev_grad = None
             g.dev_norms, g.dev_norms_ok = [], True
@@ -330,8 +340,10 @@ class _GradientMixin:
         g, j = self._where[id(p)]
         if value is None:
             g.has_grad[j] = False
+            g.arrived.discard(j)
         else:
             self._got_grads = True
+            g.arrived.add(j)
             dst = self._grad_view(g, j)
             if value.data_ptr() != dst.data_ptr():
                 dst.copy_(value.detach().reshape(dst.shape))
