@@ -205,10 +205,11 @@ class RanncConfig(_DictLoadable):
     gpu_step_blocks: Union[str, int] = field(default="auto", metadata={
         "help": "offload (optimizer/all, CUDA): leading blocks whose optimizer state stays on the GPU and which "
                 "step there while the CPU steps the rest; auto: as many as the plan's memory headroom allows"})
-    stream_step_blocks: Union[str, int] = field(default="auto", metadata={
+    stream_step_blocks: Union[str, int] = field(default=0, metadata={
         "help": "offload (optimizer/all, CUDA): of the blocks the CPU would step, how many step on the GPU with "
                 "their optimizer state streamed over PCIe, so the link and the CPU share the step after backward; "
-                "auto: the count that balances the two by the device profile's rates"})
+                "auto: the count that balances the two by the device profile's rates. Default 0: on an H200 host "
+                "the copies and the CPU step share host memory bandwidth, and streaming ran slower (docs/offload.md)"})
     split_head: Union[str, bool] = field(default="auto", metadata={
         "help": "a 128k+ vocabulary LM head on several GPUs: auto (split into vocabulary chunks across stages when "
                 "the planner finds it faster) | true (split whenever possible) | false (keep whole; needed for "

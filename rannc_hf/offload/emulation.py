@@ -38,7 +38,7 @@ def emulate_async_fetch():
         ensure(self, i)
         g = self.blocks[i]
         if getattr(g, "emu_pending", False):
-            g.work.copy_(g.shadow)
+            g.fill_work()
             g.emu_pending = False
 
     def _refresh_work(self, g):   # the step's copy of new weights into a resident block (waited for on CUDA)

@@ -32,6 +32,8 @@ class _StateMixin:
         """Set parameter ``p`` (master, shadow and, if resident, working copy) to ``value``."""
         self.synchronize()
         g, j = self._where[id(p)]
+        if g.shadow_event is not None:   # a cast still on its way back into the shadow
+            g.shadow_event.synchronize()
         g.view(g.master, j).copy_(value.detach().reshape(g.shapes[j]))
         if g.shadow is not g.master:
             g.view(g.shadow, j).copy_(g.view(g.master, j))

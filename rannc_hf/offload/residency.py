@@ -49,7 +49,7 @@ class _ResidencyMixin:
                     e0 = torch.cuda.Event(enable_timing=True)
                     e0.record(s)
                 g.work.untyped_storage().resize_(g.work_bytes)
-                g.work.copy_(g.shadow, non_blocking=True)
+                moved_in, moved_out = g.fill_work(non_blocking=True, writeback_stream=self.d2h_stream)
                 ev = torch.cuda.Event(enable_timing=self.timing)
                 ev.record(s)
                 if self.timing:
@@ -60,9 +60,11 @@ class _ResidencyMixin:
             t0 = time.perf_counter()
             g.fetch()
             self._stats["copy_time_s"] += time.perf_counter() - t0
+            moved_in, moved_out = g.numel * g.shadow.element_size(), 0
         self._resident.append(i)
         st = self._stats
-        st["h2d_bytes"] += g.work_bytes
+        st["h2d_bytes"] += moved_in
+        st["d2h_bytes"] += moved_out
         st["fetches"] += 1
         st["prefetches" if prefetch else "demand_fetches"] += 1
         st["resident_peak_blocks"] = max(st["resident_peak_blocks"], len(self._resident))

@@ -263,20 +263,19 @@ class _StepMixin:
                 del inner.grad_scale
             for hp in g.host_params:
                 hp.grad = None
-        g.refresh_shadow()
+        g.mark_shadow_stale()
         ev = None
         if g.resident:
-            self._stats["h2d_bytes"] += g.work_bytes
             if self.cuda:
                 s = self.h2d_stream
                 with torch.cuda.stream(s):
                     if bwd_done is not None:
                         s.wait_event(bwd_done)
-                    g.work.copy_(g.shadow, non_blocking=True)
+                    self._stats["h2d_bytes"] += g.fill_work(non_blocking=True)[0]
                     ev = torch.cuda.Event()
                     ev.record(s)
             else:
-                g.work.copy_(g.shadow)
+                self._stats["h2d_bytes"] += g.fill_work()[0]
         g.step_event = ev
         t1 = time.perf_counter()
         if g is not self.rest:
@@ -299,16 +298,15 @@ class _StepMixin:
         self._stats["d2h_bytes"] += g.master.nbytes
 
     def _refresh_work(self, g: ParamGroup):
-        self._stats["h2d_bytes"] += g.work_bytes
         if not self.cuda:
             t0 = time.perf_counter()
-            g.work.copy_(g.shadow)
+            self._stats["h2d_bytes"] += g.fill_work()[0]
             self._stats["copy_time_s"] += time.perf_counter() - t0
             return None
         s = self.h2d_stream
         s.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(s):
-            g.work.copy_(g.shadow, non_blocking=True)
+            self._stats["h2d_bytes"] += g.fill_work(non_blocking=True)[0]
             ev = torch.cuda.Event()
             ev.record(s)
         return ev
