@@ -187,6 +187,10 @@ def offload_rannc() -> str:
         rows.append(f"| GPT-2 2.7B | plain PyTorch uncapped, accumulation 8, recompute, same call | "
                     f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | | | |")
         notes.append(acc["note"])
+    for key in ("streamed_step_call2", "gpt2_2.7b_alone_call3", "gpt2_2.7b_alone_call4"):   # sixth session
+        if d.get(key):
+            rows += _session_rows(d[key])
+            notes.append(d[key]["note"])
     curves = ["| run (30 steps, same batches, bf16) | largest per-step loss difference vs no offload |", "|---|---|"]
     curves += [f"| {k} | {v:.4f} |" for k, v in cv["max_abs_loss_difference_vs_plain"].items()]
     out = "\n".join(rows) + "\n\n" + "\n\n".join(notes) + "\n\n" + "\n".join(curves) + f"\n\n{cv['note']}"
@@ -198,6 +202,25 @@ def offload_rannc() -> str:
                 f"{sum(big['step_times_s'][1:]) / max(1, len(big['step_times_s']) - 1):.2f} | {big['tokens_per_s']:.0f} | "
                 f"{big['gpu_peak_gib']:.1f} | {big['host_rss_peak_gib']:.1f} |\n\n{big['note']}")
     return out + "\n\n" + _env_line(d)
+
+
+_PEERS = {"deepspeed_zero3_offload": "DeepSpeed ZeRO-3, param + optimizer offload, same call",
+          "fsdp2_cpuoffload": "FSDP2 + CPUOffloadPolicy, same call",
+          "plain_uncapped_accum8": "plain PyTorch uncapped, accumulation 8, no recompute, same call"}
+
+
+def _session_rows(block: dict) -> list[str]:
+    """Table rows of one call's block: our runs (those with a plan) and the peers beside them."""
+    rows = []
+    for key, r in block.items():
+        if not isinstance(r, dict) or "step_time_s" not in r:
+            continue
+        name = "GPT-2 1.3B" if "1.3b" in key else "GPT-2 2.7B"
+        if "plan" in r:
+            rows.append(_rannc_row(name, r))
+        elif key in _PEERS:
+            rows.append(f"| {name} | {_PEERS[key]} | {r['step_time_s'] * 1e3:,.0f} | {r['tokens_per_s']:,.0f} | | | | |")
+    return rows
 
 
 def _rannc_row(name: str, r: dict) -> str:
