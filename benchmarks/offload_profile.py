@@ -43,7 +43,7 @@ def _sync():
 
 
 def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
-          microbatches=None):
+          microbatches=None, gpu_step_blocks="auto"):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
     model, cfg = build_model(tiny, size)
     g = torch.Generator().manual_seed(0)
@@ -65,7 +65,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
                             offload="none" if variant == "plain" else ("all" if tiny else offload),
                             gpu_memory=None if (tiny or variant == "plain") else cap,
                             compile="false" if (tiny or variant == "rannc-eager") else "auto",
-                            num_microbatches=microbatches)
+                            num_microbatches=microbatches, gpu_step_blocks=gpu_step_blocks)
         m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
         dev = m.device
         eng = m._offload.engine if m._offload is not None else None
@@ -113,12 +113,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="samples per optimizer step (seq 1024)")
     ap.add_argument("--microbatches", type=int, default=None, help="RanncModule micro-batches (default: the plan's)")
     ap.add_argument("--offload", default="auto", help="RanncModule offload mode (default: the plan's)")
+    ap.add_argument("--gpu-step-blocks", default="auto", help="RanncModule gpu_step_blocks (default: auto)")
     args = ap.parse_args(argv)
     batch, seq = (2, 64) if args.tiny else (args.batch, 1024)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
-                                 args.microbatches)
+                                 args.microbatches, args.gpu_step_blocks)
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()

@@ -333,3 +333,22 @@ def test_cost_model_host_time_per_block_shows_only_behind_short_blocks():
     assert extra == pytest.approx(8 * 24 * (2.8e-3 - (0.0116 + 0.0213) / 24), rel=1e-6)
     assert offload_cost(block_host_time=2.8e-3, engine_blocks=24, **big).step_time == pytest.approx(
         offload_cost(**big).step_time)
+
+
+def test_stale_shadow_is_filled_from_the_fp32_master():
+    """After a CPU step the engine leaves a GPU block's bf16 shadow stale: the next fill sends the fp32 master
+    (4 bytes per parameter) and casts on the device; a fresh shadow crosses in bf16 (2 bytes)."""
+    from rannc_hf.offload.store import ParamGroup
+
+    ps = [nn.Parameter(torch.randn(3, 5)), nn.Parameter(torch.randn(7))]
+    g = ParamGroup(0, ps, torch.device("cpu"), torch.bfloat16, offload=True)
+    g.mark_shadow_stale()          # on a CPU device the shadow is recast at once
+    assert not g.shadow_stale
+    g.master.mul_(3.0)
+    g.shadow_stale = True          # as mark_shadow_stale leaves a CUDA block
+    assert g.fill_work() == (4 * g.numel, 0)
+    torch.testing.assert_close(g.work, g.master.to(torch.bfloat16), rtol=0, atol=0)
+    assert g.shadow_stale          # no write-back stream: the shadow stays stale, the next fill casts again
+    g.refresh_shadow()
+    assert not g.shadow_stale and g.fill_work() == (2 * g.numel, 0)
+    torch.testing.assert_close(g.work, g.master.to(torch.bfloat16), rtol=0, atol=0)
