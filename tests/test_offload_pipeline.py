@@ -329,6 +329,26 @@ def test_gpu_step_blocks_auto_from_plan_headroom(monkeypatch):
     for bad in ("many", -1):
         with pytest.raises(ConfigError, match="gpu_step_blocks"):
             rannc_hf.RanncConfig(gpu_step_blocks=bad)
+        with pytest.raises(ConfigError, match="stream_step_blocks"):
+            rannc_hf.RanncConfig(stream_step_blocks=bad)
+    # streamed blocks come from the CPU-side ones: the configured count (default 0), capped; the environment
+    # overrides it; auto balances the CPU against the link by the (stubbed) H200 profile; none on a CPU device
+    from rannc_hf.runtime.offload_stage import _stream_step_blocks
+    monkeypatch.delenv("RANNC_HF_OFFLOAD_STREAM_STEP", raising=False)
+    opt_of = {"optimizer": torch.optim.AdamW([p for ps in blocks for p in ps])}
+    streamed = (lambda m, k: _stream_step_blocks(SimpleNamespace(**vars(m), **opt_of), blocks, "all", k, False))
+    assert streamed(module(), 2) == 0
+    assert streamed(module(stream_step_blocks=3), 2) == 3 and streamed(module(stream_step_blocks=99), 2) == 6
+    assert streamed(module("cpu", stream_step_blocks=3), 2) == 0
+    monkeypatch.setenv("RANNC_HF_OFFLOAD_STREAM_STEP", "1")
+    assert streamed(module(stream_step_blocks=3), 2) == 1
+    monkeypatch.setenv("RANNC_HF_OFFLOAD_STREAM_STEP", "x")
+    with pytest.raises(ConfigError, match="RANNC_HF_OFFLOAD_STREAM_STEP"):
+        streamed(module(), 2)
+    monkeypatch.delenv("RANNC_HF_OFFLOAD_STREAM_STEP")
+    import rannc_hf.profile.devices as devices
+    monkeypatch.setattr(devices, "local_device_name", lambda: "h200")
+    assert 0 < streamed(module(stream_step_blocks="auto"), 2) < 6
 
 
 def _train_gpt2(**cfg):
