@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import rannc_hf
+from dist_helpers import accumulated_reference
 from rannc_hf.zoo import loss_of, make_with_batches
 
 BATCH, STEPS, LR = 4, 2, 1e-3
@@ -17,19 +18,7 @@ BATCH, STEPS, LR = 4, 2, 1e-3
 
 def _reference(fam: str, m: int, steps: int = STEPS):
     model, bf = make_with_batches(fam, 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    losses = []
-    for step in range(steps):
-        b = bf(BATCH, step)
-        total = 0.0
-        for c in range(m):
-            loss = loss_of(model(**{k: v.chunk(m)[c] for k, v in b.items()})) / m
-            loss.backward()
-            total += float(loss)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(total)
+    losses, _ = accumulated_reference(model, bf, steps, BATCH, m, LR)
     return losses, model.state_dict()
 
 

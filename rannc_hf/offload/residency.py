@@ -58,9 +58,8 @@ class _ResidencyMixin:
             g.ready_event = ev
         else:
             t0 = time.perf_counter()
-            g.fetch()
+            moved_in, moved_out = g.fetch()
             self._stats["copy_time_s"] += time.perf_counter() - t0
-            moved_in, moved_out = g.numel * g.shadow.element_size(), 0
         self._resident.append(i)
         st = self._stats
         st["h2d_bytes"] += moved_in

@@ -38,6 +38,15 @@ def _streamable(v, hp) -> bool:
     return torch.is_tensor(v) and v.dtype == torch.float32 and v.shape == hp.shape and v.dim() > 0
 
 
+def _state_buffer(g: ParamGroup, key: str) -> torch.Tensor:
+    """The flat pinned host buffer of a streamed block's state ``key`` (zeros, made on first use)."""
+    host = g.sstate.get(key)
+    if host is None:
+        host = g.sstate[key] = _empty_host(g.numel, torch.float32, g.pin)
+        host.zero_()
+    return host
+
+
 class _StepMixin:
     """The optimizer step of :class:`~rannc_hf.offload.engine.OffloadEngine`."""
 
@@ -212,11 +221,7 @@ class _StepMixin:
             for k, v in (st or {}).items():
                 if not _streamable(v, hp):
                     continue
-                host = g.sstate.get(k)
-                if host is None:
-                    host = g.sstate[k] = _empty_host(g.numel, torch.float32, g.pin)
-                    host.zero_()
-                hv = g.view(host, j)
+                hv = g.view(_state_buffer(g, k), j)
                 if v.data_ptr() != hv.data_ptr():
                     hv.copy_(v)
                     st[k] = hv
@@ -233,12 +238,9 @@ class _StepMixin:
                 if k in dstate and v.data_ptr() == g.view(dstate[k], j).data_ptr():
                     st[k] = g.view(g.sstate[k], j)
                 elif _streamable(v, hp) and v.device != g.master.device:   # made by this (first) step
-                    host = g.sstate.get(k)
-                    if host is None:
-                        host = g.sstate[k] = _empty_host(g.numel, torch.float32, g.pin)
-                        host.zero_()
-                    g.view(host, j).copy_(v, non_blocking=True)
-                    st[k] = g.view(host, j)
+                    hv = g.view(_state_buffer(g, k), j)
+                    hv.copy_(v, non_blocking=True)
+                    st[k] = hv
 
     def _wait_group_step_now(self, g: ParamGroup) -> None:
         if self.cuda and g.step_event is not None:

@@ -18,8 +18,8 @@ A :class:`ParamGroup` owns, for the parameters of one block (or the resident "re
     (128, torch.Size([2, 3]), True)
     >>> g.release(); ps[0].untyped_storage().nbytes()
     0
-    >>> g.fetch(); float(ps[0].sum())
-    6.0
+    >>> g.fetch(), float(ps[0].sum())
+    ((512, 0), 6.0)
 
 ``check_host_memory`` refuses a store that would not fit in host RAM before anything is allocated.
 """
@@ -227,12 +227,14 @@ class ParamGroup:
             self.resident = False
             self.ready_event = None
 
-    def fetch(self, non_blocking: bool = False) -> None:
-        """Allocate the working copy again and fill it from ``shadow``."""
-        if not self.resident:
-            self.work.untyped_storage().resize_(self.work_bytes)
-            self.fill_work(non_blocking)
-            self.resident = True
+    def fetch(self, non_blocking: bool = False) -> tuple[int, int]:
+        """Allocate the working copy again and fill it from ``shadow``; (bytes in, bytes out) as :meth:`fill_work`."""
+        if self.resident:
+            return 0, 0
+        self.work.untyped_storage().resize_(self.work_bytes)
+        moved = self.fill_work(non_blocking)
+        self.resident = True
+        return moved
 
     def accumulate_grad(self, j: int, src: torch.Tensor) -> None:
         """Add ``src`` into parameter ``j``'s host gradient (a copy for its first gradient since zero_grad)."""
