@@ -210,6 +210,12 @@ class RanncConfig(_DictLoadable):
                 "their optimizer state streamed over PCIe, so the link and the CPU share the step after backward; "
                 "auto: the count that balances the two by the device profile's rates. Default 0: on an H200 host "
                 "the copies and the CPU step share host memory bandwidth, and streaming ran slower (docs/offload.md)"})
+    step_in_backward: bool = field(default=False, metadata={
+        "help": "offload (optimizer/all, CUDA): step each offloaded block as soon as its last gradient of the step "
+                "arrives in backward, so the CPU step overlaps the rest of backward. Then gradients cannot be "
+                "clipped (or scaled, read, all-reduced) before the step: clip_grad_norm_ is refused, and every "
+                "training call must be followed by optimizer.step(); stages with data-parallel replicas step "
+                "after backward as usual"})
     split_head: Union[str, bool] = field(default="auto", metadata={
         "help": "a 128k+ vocabulary LM head on several GPUs: auto (split into vocabulary chunks across stages when "
                 "the planner finds it faster) | true (split whenever possible) | false (keep whole; needed for "
@@ -227,6 +233,8 @@ class RanncConfig(_DictLoadable):
         self.precision = _choice("precision", self.precision, PRECISIONS)
         self.compile = _choice("compile", str(self.compile).lower(), COMPILE)
         self.split_head = _choice("split_head", str(self.split_head).lower(), SPLIT_HEAD)
+        self.step_in_backward = _choice("step_in_backward", str(self.step_in_backward).lower(),
+                                        ("true", "false")) == "true"
         self.mem_margin = _float("mem_margin", self.mem_margin, 0.0, 0.9)
         self.collective_timeout_s = _float("collective_timeout_s", self.collective_timeout_s, 1.0, 1e7)
         pb = _opt_pos_int("prefetch_blocks", self.prefetch_blocks)

@@ -49,9 +49,10 @@ def read_case(out: str, name: str) -> dict:
     return info
 
 
-def accumulated_reference(model, batches, steps: int, batch: int, chunks: int, lr: float):
+def accumulated_reference(model, batches, steps: int, batch: int, chunks: int, lr: float, clip: float | None = 1.0):
     """Train ``model`` in one process: AdamW(lr), per step the batch split into ``chunks`` contiguous chunks,
-    loss = mean of chunk losses, clip_grad_norm_(1.0). Returns (losses, gradient norms); ``model`` is trained."""
+    loss = mean of chunk losses, clip_grad_norm_(clip) (None: no clipping, the norm still reported).
+    Returns (losses, gradient norms); ``model`` is trained."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     losses, norms = [], []
     for step in range(steps):
@@ -61,7 +62,10 @@ def accumulated_reference(model, batches, steps: int, batch: int, chunks: int, l
             loss = loss_of(model(**{k: v.chunk(chunks)[c] for k, v in b.items()})) / chunks
             loss.backward()
             total += float(loss.detach())
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)))
+        if clip is None:
+            norms.append(float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])))
+        else:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip)))
         opt.step()
         opt.zero_grad()
         losses.append(total)

@@ -328,3 +328,52 @@ def test_meta_model_materialised_block_by_block_trains_like_plain():
     for k, v in ref.state_dict().items():
         torch.testing.assert_close(got[k].float(), v.float(), rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
     h.remove()
+
+
+def _train_steps(model, batch_fn, opt, steps=STEPS, on_step=None):
+    losses = []
+    for s in range(steps):
+        loss = zoo.loss_of(model(**batch_fn(BATCH, 100 * s)))
+        loss.backward()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(s)
+        opt.step()
+        opt.zero_grad()
+    return losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "cnn"])
+@pytest.mark.parametrize("mode,device_blocks", [("all", 0), ("all", 2), ("optimizer", 1)])
+def test_step_in_backward_matches_plain(family, mode, device_blocks):
+    """step_in_backward: each block steps as its last gradient arrives in backward (CPU-stepped blocks on the
+    worker, GPU-stepped ones from gradients that never left the device); training equals plain PyTorch."""
+    def opt_fn(ps):
+        return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)
+
+    model, batch_fn = zoo.make_with_batches(family, 0)
+    ref = _train_steps(model, batch_fn, opt_fn(model.parameters()))
+    model, batch_fn = zoo.make_with_batches(family, 0)
+    opt = opt_fn(model.parameters())
+    h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True,
+                       device_step_blocks=device_blocks, step_in_backward=True)
+    eng = h.engine
+    stepped = []
+
+    def during(s):   # between backward and step: the blocks already stepped, gradients are off limits
+        stepped.append(sum(g.early for g in eng.blocks))
+        with pytest.raises(OffloadError, match="already stepped during backward"):
+            h.clip_grad_norm_(1.0)
+
+    got = _train_steps(model, batch_fn, opt, on_step=during)
+    assert stepped == [len(eng.blocks)] * STEPS
+    assert eng.stats()["early_block_steps"] == len(eng.blocks) * STEPS and eng.stats()["steps"] == STEPS
+    torch.testing.assert_close(torch.tensor(got[0]), torch.tensor(ref[0]), rtol=1e-5, atol=1e-6)
+    for k in ref[1]:
+        torch.testing.assert_close(got[1][k], ref[1][k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    # a second backward without optimizer.step() in between is refused, with the way out in the message
+    loss = zoo.loss_of(model(**batch_fn(BATCH, 7)))
+    loss.backward()
+    with pytest.raises(OffloadError, match="after it already stepped"):
+        zoo.loss_of(model(**batch_fn(BATCH, 8))).backward()
+    h.remove()

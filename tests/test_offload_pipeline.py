@@ -537,3 +537,45 @@ def test_node_host_check_leaves_out_what_stays_on_the_gpu():
     kept = host_bytes(1000, "all", torch.bfloat16, True, opt, on_device=600, kept=600)
     assert (kept["fp32 gradients"], kept["gradient staging"], kept["optimizer state"]) == (1600, 800, 3200)
     assert host_bytes(1000, "params", torch.float32, False, opt)["optimizer state"] == 0
+
+
+@pytest.mark.parametrize("family,mode,microbatches", [("gpt2", "all", M), ("bert", "optimizer", 1)])
+def test_step_in_backward_through_the_runtime(monkeypatch, family, mode, microbatches):
+    """config step_in_backward: every offloaded block steps inside the call's backward (its micro-batches summed
+    in the device buffer first); training equals plain PyTorch without clipping, and what cannot work any more
+    is refused with the way out: clipping after it, a scaled loss, a second call without optimizer.step()."""
+    import functools
+
+    from rannc_hf.offload.engine import OffloadEngine
+    from rannc_hf.runtime import offload_stage
+
+    # the CPU stands in for CUDA: the async pipeline the step in backward runs on
+    monkeypatch.setattr(offload_stage, "OffloadEngine", functools.partial(OffloadEngine, async_step=True))
+    monkeypatch.setenv("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", "1")
+    model, bf = make_with_batches(family, 0)
+    ref_losses, _ = accumulated_reference(model, bf, STEPS, BATCH, microbatches, LR, clip=None)
+    ref_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model, bf = make_with_batches(family, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    cfg = rannc_hf.RanncConfig(num_stages=1, num_microbatches=microbatches, precision="fp32", offload=mode,
+                               step_in_backward=True)
+    rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=graph_for(family, BATCH // microbatches))
+    losses = []
+    for step in range(STEPS):
+        loss = loss_of(rm(**bf(BATCH, step)))
+        loss.backward()
+        if step == 0:
+            with pytest.raises(OffloadError, match="already stepped during backward.*step_in_backward=False"):
+                rm.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    eng = rm._offload.engine
+    assert eng.stats()["early_block_steps"] == eng.num_blocks * STEPS
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=RTOL, atol=ATOL)
+    _close_sd(rm.state_dict(), ref_sd)
+    loss = loss_of(rm(**bf(BATCH, 9)))
+    with pytest.raises(OffloadError, match="gradient other than 1"):
+        (loss * 0.5).backward()
+    with pytest.raises(OffloadError, match="optimizer.step\\(\\) was not called"):
+        rm(**bf(BATCH, 10))

@@ -119,6 +119,7 @@ class RanncPlugin(_DictLoadable):
     prefetch_blocks: Optional[int] = _f("prefetch_blocks")
     gpu_step_blocks: Optional[Union[str, int]] = _f("gpu_step_blocks")
     stream_step_blocks: Optional[Union[str, int]] = _f("stream_step_blocks")
+    step_in_backward: Optional[bool] = _f("step_in_backward")
     split_head: Optional[Union[str, bool]] = _f("split_head")
     collective_timeout_s: Optional[float] = _f("collective_timeout_s")
 

@@ -131,6 +131,13 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             buffer (4 bytes per parameter until ``zero_grad``) that their step reads in place: no gradient
             crosses PCIe for them either way. Default ``$RANNC_HF_OFFLOAD_DEVICE_GRADS`` or off (not yet
             timed on a GPU).
+        step_in_backward: step each block as soon as its last gradient of the step arrives in backward (on the
+            worker for CPU-stepped blocks, off the compute stream for GPU-stepped ones, whose gradients then never
+            leave the device), instead of after backward: the CPU step overlaps the rest of backward, like torch's
+            optimizer-in-backward. Every backward (or pass of :meth:`begin_pass`) is then an optimizer step:
+            call ``step()`` after each; clipping, scaling or reading gradients between them is refused with
+            :class:`~rannc_hf.errors.OffloadError`. Needs the async pipeline; with several micro-batches per
+            pass, ``device_accumulate`` too (otherwise the pass steps after backward as usual).
         prepare: called with each group's index (block ``i``, then ``len(blocks)`` for the rest) just before
             the engine copies that group's parameters into its host store: :func:`offload_module` gives
             meta-device parameters their values there, one block at a time.
@@ -144,7 +151,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                  async_step: Optional[bool] = None, device_step_blocks: int = 0,
                  cpu_threads: Optional[int] = None, stream_step_blocks: Optional[int] = None,
                  device_accumulate: bool = False, device_grads: Optional[bool] = None,
-                 prepare: Optional[Callable[[int], None]] = None):
+                 step_in_backward: bool = False, prepare: Optional[Callable[[int], None]] = None):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -187,6 +194,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self.device_accumulate = bool(device_accumulate)
         self.device_grads = device_grads_default() if device_grads is None else bool(device_grads)
         self._pass_mb = 1          # micro-batches of the pass under way (begin_pass)
+        self.step_in_backward = bool(step_in_backward) and self.async_step
+        self._early = self.step_in_backward   # this pass steps blocks during backward (begin_pass decides)
 
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:
@@ -219,6 +228,9 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             g.arrived = set()   # parameters with a gradient since zero_grad (main thread's view)
             g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
             g.dev_norms, g.dev_norms_ok = [], True
+            g.early = False          # stepped during this step's backward (step_in_backward), step() not yet called
+            g.pass_seen = [0] * len(g.params)
+            g.pass_final = 0
         self._where: dict[int, tuple[ParamGroup, int]] = {}
         for g in self.groups:
             for j, p in enumerate(g.params):
@@ -250,7 +262,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._stall_events: list = []
         self._stats = dict(h2d_bytes=0, d2h_bytes=0, fetches=0, demand_fetches=0, prefetches=0, releases=0,
                            resident_peak_blocks=0, resident_peak_bytes=0, copy_time_s=0.0, stall_time_s=0.0,
-                           step_time_s=0.0, grad_reduce_time_s=0.0, steps=0, kept_grad_bytes=0)
+                           step_time_s=0.0, grad_reduce_time_s=0.0, steps=0, kept_grad_bytes=0,
+                           early_block_steps=0)
         for b in self.blocks:  # start released: blocks arrive when first needed
             if b.offload:
                 b.release()

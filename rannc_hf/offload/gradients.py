@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..errors import OffloadError
 from .store import ParamGroup
 
 
@@ -23,19 +24,33 @@ class _GradientMixin:
     """Gradient streaming, norms and clipping of :class:`~rannc_hf.offload.engine.OffloadEngine`."""
 
     # -- micro-batches of one pass (the pipeline runtime): sum on the device, one trip to the host ------
-    def begin_pass(self, num_microbatches: int) -> None:
+    def begin_pass(self, num_microbatches: int, step_in_backward: Optional[bool] = None) -> None:
         """A pipeline pass of ``num_microbatches`` backward passes starts. With :attr:`device_accumulate`
         (CUDA), each parameter's gradients of the first ``m - 1`` micro-batches are summed in an fp32 device
         buffer and only the sum leaves with the last: one copy to the host per pass and no host folds
         (GPT-2 1.3B, 4 micro-batches: the host folds took 1.0 s of a step). :meth:`end_pass` sends what
-        is left (a parameter some micro-batch did not use)."""
+        is left (a parameter some micro-batch did not use).
+
+        ``step_in_backward``: this pass ends with an optimizer step, so each block may step as soon as its
+        last gradient of the pass arrives (default: the engine's :attr:`step_in_backward`); the runtime passes
+        False when something still has to touch the gradients (all-reduce, earlier calls' gradients)."""
+        early = [g for g in self.groups if g.early]
+        if early:
+            raise OffloadError(
+                f"step_in_backward: the last backward already stepped {len(early)} offloaded block(s), but "
+                f"optimizer.step() was not called after it; call optimizer.step() after every training call "
+                f"(run evaluation under torch.no_grad()), or set step_in_backward=False")
         self._pass_mb = max(1, int(num_microbatches))
+        want = self.step_in_backward if step_in_backward is None else bool(step_in_backward)
+        self._early = want and self.async_step and (self._pass_mb == 1 or self.device_accumulate)
         self._forget_pass()
 
     def _forget_pass(self) -> None:
         for g in self.groups:
             g.arrivals = [0] * len(g.params)
             g.dev_acc = None
+            g.pass_seen = [0] * len(g.params)
+            g.pass_final = 0
 
     def end_pass(self) -> None:
         """Send the device sums of parameters that got fewer gradients than the pass had micro-batches."""
@@ -46,6 +61,7 @@ class _GradientMixin:
                         self._send(g, j, g.view(g.dev_acc, j).to(g.params[j].dtype))
         self._forget_pass()
         self._pass_mb = 1
+        self._early = self.step_in_backward
 
     def _accumulated(self, g: ParamGroup, j: int, grad: torch.Tensor) -> Optional[torch.Tensor]:
         """None while parameter ``j`` of ``g`` waits for later micro-batches (``grad`` added to its device
@@ -69,18 +85,33 @@ class _GradientMixin:
             return
         p.grad = None
         g, j = self._where[id(p)]
-        if g.keep_grads:
-            return self._keep(g, j, grad)
-        grad = self._accumulated(g, j, grad)
-        if grad is not None:
-            self._send(g, j, grad)
+        early = self._early and g is not self.rest and not g.stream_step
+        if early and g.early:
+            raise OffloadError(
+                f"step_in_backward: block {g.index} got a gradient after it already stepped in this step's backward; "
+                f"call optimizer.step() after every backward (accumulate with num_microbatches), or set "
+                f"step_in_backward=False")
+        if g.keep_grads or (early and g.device_step):   # stepped in backward: the gradient need not leave
+            self._keep(g, j, grad)
+        else:
+            grad = self._accumulated(g, j, grad)
+            if grad is not None:
+                self._send(g, j, grad)
+        if early:
+            n = g.pass_seen[j] = g.pass_seen[j] + 1
+            if n == self._pass_mb:
+                g.pass_final += 1
+                if g.pass_final == g.n_req:
+                    self._step_in_backward(g)
 
     def _keep(self, g: ParamGroup, j: int, grad: torch.Tensor) -> None:
-        """A GPU-stepped block's gradient stays on the device (``device_grads``): summed into its fp32 buffer,
-        which the step reads in place; nothing crosses PCIe."""
+        """A GPU-stepped block's gradient stays on the device (``device_grads``, or a step in backward): summed
+        into its fp32 buffer, which the step reads in place; nothing crosses PCIe."""
         self._got_grads = True
         self._stats["kept_grad_bytes"] += grad.numel() * grad.element_size()
-        v = self._grad_view(g, j)
+        if g.dev_grad is None:
+            g.dev_grad = torch.zeros(g.numel, dtype=torch.float32, device=self.device)
+        v = g.view(g.dev_grad, j)
         if g.has_grad[j]:
             v.add_(grad)
         else:
@@ -181,7 +212,7 @@ class _GradientMixin:
             g.round_start_event = None
         fut = self._pool().submit(self._fold_task, g, js, ev, dn, direct)
         g.fold_fut = fut
-        self._fold_futs.append(fut)
+        self._fold_futs.append((g, fut))
 
     def _fold_task(self, g: ParamGroup, js: list[int], ev, dev_norm=None, direct: frozenset = frozenset()) -> None:
         """Fold one block's staged gradients into its fp32 buffer once their copies landed. First arrivals
@@ -245,8 +276,9 @@ class _GradientMixin:
             if g.round:
                 self._submit_round(g)
         futs, self._fold_futs = self._fold_futs, []
-        for f in futs:
-            f.result()
+        for g, f in futs:
+            if not g.early:   # an early block's step follows on the worker: waiting would wait for steps before it
+                f.result()
 
     def _wait_group_step(self, g: ParamGroup, host: bool = False) -> None:
         """Block until the background step of ``g`` is done and make the compute stream (and the fetch
@@ -301,6 +333,9 @@ class _GradientMixin:
     def zero_grad(self) -> None:
         """Forget accumulated gradients (the host buffers are overwritten by the next ones)."""
         self.drain(force=True)
+        for g in self.groups:   # steps in backward still reading their gradients on the worker
+            if g.early and g.step_fut is not None:
+                g.step_fut.result()
         self._forget_pass()
         self._scale = None
         self._got_grads = False
@@ -313,12 +348,26 @@ class _GradientMixin:
             for p in g.params:
                 p.grad = None
 
+    def stepped_in_backward(self) -> int:
+        """Blocks that stepped during the last backward (``step_in_backward``) and wait for ``step()`` to finish."""
+        return sum(g.early for g in self.groups)
+
+    def _refuse_if_stepped(self, what: str) -> None:
+        """Gradients a step in backward consumed cannot be clipped, scaled or read before ``step()``."""
+        n = self.stepped_in_backward()
+        if n:
+            raise OffloadError(
+                f"{what}: {n} offloaded block(s) already stepped during backward (step_in_backward=True), so their "
+                f"gradients cannot be clipped, scaled or read any more; call optimizer.step() right after "
+                f"backward, or set step_in_backward=False to clip (or otherwise use) the gradients first")
+
     def may_have_grads(self) -> bool:
         """False when no gradient arrived (or was set) since ``zero_grad``; never waits for the worker."""
         return self._got_grads
 
     def host_grads(self) -> list[torch.Tensor]:
         """fp32 host gradients of every parameter that received one since the last ``zero_grad``."""
+        self._refuse_if_stepped('reading gradients')
         self.synchronize()
         self.drain(force=True)
         self._materialize_scale()
@@ -326,6 +375,7 @@ class _GradientMixin:
 
     def grad_of(self, p: nn.Parameter) -> Optional[torch.Tensor]:
         """The fp32 host gradient of ``p`` accumulated since ``zero_grad`` (a view of the host buffer), or None."""
+        self._refuse_if_stepped('reading a gradient')
         self.synchronize()
         self.drain(force=True)
         self._materialize_scale()
@@ -334,6 +384,7 @@ class _GradientMixin:
 
     def set_grad_(self, p: nn.Parameter, value: Optional[torch.Tensor]) -> None:
         """Overwrite (``value``) or clear (``None``) the host gradient of ``p`` (pipeline runtimes: all-reduced grads)."""
+        self._refuse_if_stepped('setting a gradient')
         self.synchronize()
         self.drain(force=True)
         self._materialize_scale()
@@ -358,6 +409,7 @@ class _GradientMixin:
         return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
 
     def scale_grads_(self, factor: float | torch.Tensor) -> None:
+        self._refuse_if_stepped('scaling gradients')
         grads = self.host_grads()
         if grads:
             torch._foreach_mul_(grads, factor)
@@ -371,6 +423,7 @@ class _GradientMixin:
         folded during backward, and the coefficient is applied inside the next step (fused Adam's
         ``grad_scale``, or a multiply per block in the worker), not in a separate pass here.
         """
+        self._refuse_if_stepped('clip_grad_norm_')
         if not self.async_step or float(norm_type) != 2.0:
             grads = self.host_grads()
             if not grads:
@@ -393,6 +446,7 @@ class _GradientMixin:
         """The 2-norm of every host gradient, from the per-block norms the async pipeline took while
         backward ran; blocks whose norm is unknown (gradients accumulated over micro-batches) are
         normed now on a thread pool. Without the pipeline: one pass over the host gradients."""
+        self._refuse_if_stepped('the gradient norm')
         if not self.async_step:
             grads = self.host_grads()
             return torch.nn.utils.get_total_norm(grads, 2.0) if grads else torch.tensor(0.0)
@@ -412,6 +466,7 @@ class _GradientMixin:
         """Multiply every gradient by ``coef`` (a clipping coefficient): with the async pipeline inside
         the next step (fused Adam's ``grad_scale``, or per block on the worker), or when a gradient is
         next read; otherwise now."""
+        self._refuse_if_stepped('scaling gradients')
         coef = coef.detach().to("cpu", torch.float32)
         if not self.async_step:
             return self.scale_grads_(coef)

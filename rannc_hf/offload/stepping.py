@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from typing import Optional
 
 import torch
 
@@ -90,7 +91,8 @@ class _StepMixin:
         """
         self.drain(force=True)
         for g in self.groups:  # a step still running from before (no forward in between)
-            self._wait_group_step(g)
+            if not g.early:
+                self._wait_group_step(g)
         scale = self._scale
         self._scale = None
         bwd_done = None
@@ -103,7 +105,8 @@ class _StepMixin:
         for g in order:
             gi = g.index
             inner = self._inner[gi]
-            if inner is None:
+            if inner is None or g.early:   # stepped during backward already (step_in_backward)
+                g.early = False
                 continue
             sync_hyperparams(self.optimizer, inner, self._inner_groups[gi])
             has = list(g.has_grad)
@@ -119,17 +122,46 @@ class _StepMixin:
         self._stats["steps"] += 1
         self.optimizer._opt_called = True
 
-    def _device_step_async(self, g: ParamGroup, inner, has: list, scale, bwd_done=None) -> None:
+    def _step_in_backward(self, g: ParamGroup) -> None:
+        """Block ``g`` got its last gradient of the pass (``step_in_backward``): step it now, while backward goes
+        on. A GPU-stepped block's gradients stayed on the device (``_on_grad``) and its step runs off the compute
+        stream; a CPU-stepped block's step is queued on the worker behind its fold. An offloaded block's working
+        copy is not refreshed (backward's end releases it; its next fetch waits for this step)."""
+        inner = self._inner[g.index]
+        if inner is None:
+            return
+        sync_hyperparams(self.optimizer, inner, self._inner_groups[g.index])
+        done = _record(torch.cuda.current_stream(self.device)) if self.cuda else None   # the block's backward
+        refresh = not g.offload
+        if g.device_step:
+            self._device_step_async(g, inner, list(g.has_grad), None, done, kept=True, refresh=refresh)
+            g.dev_grad = None      # consumed (the step's stream holds it): like torch's optimizer-in-backward
+            g.has_grad = [False] * len(g.params)
+            g.arrived = set()
+        else:
+            if self.cuda and g.round:
+                self._submit_round(g)
+            has = [p.requires_grad for p in g.params]   # every one got its gradient (not g.has_grad: the fold
+            g.step_fut = self._pool().submit(self._step_group, g, inner, has, None, done, refresh)   # may lag)
+        g.early = True
+        self._stats["early_block_steps"] += 1
+
+    def _device_step_async(self, g: ParamGroup, inner, has: list, scale, bwd_done=None, *,
+                           kept: Optional[bool] = None, refresh: bool = True) -> None:
         """Step ``g`` on the device, off the compute stream: its fp32 master (+ gradient unless kept on the
         device, + optimizer state for a streamed block) come in on the step-input stream into a slot of a
         two-slot device ring, the step and the copies back (master, compute-dtype shadow, streamed state) run
         on the step-output stream; ``g.step_event`` marks the end, which the next fetch or forward of ``g``
         waits for on the GPU (no host wait). Two slots let block ``i+1``'s inputs cross while block ``i``'s
-        results go back (PCIe is full duplex). On a CPU device the same runs synchronously."""
+        results go back (PCIe is full duplex). On a CPU device the same runs synchronously.
+
+        ``kept``: the gradients are in ``g.dev_grad`` (default: ``g.keep_grads``); ``refresh``: copy the new
+        weights into a resident working copy."""
         dev = self.device
+        kept = g.keep_grads if kept is None else kept
         keys = self._staged_state(g) if g.stream_step else []
         n = g.numel
-        slot = self._ring_slot(n * (1 + (0 if g.keep_grads else 1) + len(keys)))
+        slot = self._ring_slot(n * (1 + (0 if kept else 1) + len(keys)))
         sin, sout = self._step_in, self._step_out
         with _on(sin):
             if bwd_done is not None:
@@ -140,7 +172,7 @@ class _StepMixin:
             m = buf[:n]
             m.copy_(g.master, non_blocking=True)
             off = n
-            if not g.keep_grads:
+            if not kept:
                 gr = buf[off:off + n]
                 gr.copy_(g.grad, non_blocking=True)
                 off += n
@@ -155,7 +187,7 @@ class _StepMixin:
                 sout.wait_event(ev_in)
             if bwd_done is not None:
                 sout.wait_event(bwd_done)
-            if g.keep_grads:   # the gradients never left the device
+            if kept:   # the gradients never left the device
                 gr = g.dev_grad if g.dev_grad is not None else torch.zeros(n, dtype=torch.float32, device=dev)
                 if sout is not None:
                     gr.record_stream(sout)
@@ -178,7 +210,7 @@ class _StepMixin:
             g.master.copy_(m, non_blocking=True)
             if g.shadow is not g.master:
                 g.shadow.copy_(m.to(g.shadow.dtype), non_blocking=True)
-            if g.resident:
+            if g.resident and refresh:
                 g.work.copy_(m)
             ev = _record(sout)
         slot[1] = ev
@@ -186,7 +218,7 @@ class _StepMixin:
         for j, hp in enumerate(g.host_params):
             hp.data = g.view(g.master, j)
         st_bytes = sum(g.sstate[k].nbytes for k in g.sstate) if g.stream_step else 0
-        self._stats["h2d_bytes"] += g.master.nbytes + (0 if g.keep_grads else g.grad.nbytes) + st_bytes
+        self._stats["h2d_bytes"] += g.master.nbytes + (0 if kept else g.grad.nbytes) + st_bytes
         self._stats["d2h_bytes"] += g.master.nbytes + (g.shadow.nbytes if g.shadow is not g.master else 0) + st_bytes
 
     def _ring_slot(self, numel: int) -> list:
@@ -247,7 +279,9 @@ class _StepMixin:
             torch.cuda.current_stream(self.device).wait_event(g.step_event)
         g.step_event = None
 
-    def _step_group(self, g: ParamGroup, inner, has: list, scale, bwd_done) -> None:
+    def _step_group(self, g: ParamGroup, inner, has: list, scale, bwd_done, refresh: bool = True) -> None:
+        """Step ``g`` over its host masters (on the worker, or the main thread for ``rest``); ``has``: which
+        parameters have a gradient; ``refresh``: fill a resident working copy with the new weights."""
         t0 = time.perf_counter()
         for j, hp in enumerate(g.host_params):
             hp.grad = g.view(g.grad, j) if has[j] else None
@@ -267,7 +301,7 @@ class _StepMixin:
                 hp.grad = None
         g.mark_shadow_stale()
         ev = None
-        if g.resident:
+        if g.resident and refresh:
             if self.cuda:
                 s = self.h2d_stream
                 with torch.cuda.stream(s):

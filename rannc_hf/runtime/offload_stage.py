@@ -284,7 +284,12 @@ class StageOffload:
 
         ``on_host``: this call keeps its gradients on the host (see :meth:`keeps_grads_on_host`)."""
         eng = self.engine
-        eng.begin_pass(num_microbatches)
+        mesh = self.owner.mesh
+        # the step may run inside backward only when nothing touches these gradients before it: no earlier
+        # call's gradients to add, no replicas to average with, no device round trip
+        early = (eng.step_in_backward and on_host and not eng.may_have_grads()
+                 and (mesh is None or mesh.dp_size == 1))
+        eng.begin_pass(num_microbatches, step_in_backward=early)
         if self._pending is not None:       # the last call's backward never came: forget its gradients
             self._restore_base()
         self._pending = None
@@ -355,6 +360,12 @@ class StageOffload:
         eng = self.engine
         go = grad_output.detach()
         one = bool(go.numel() == 1 and float(go) == 1.0)
+        if not one and eng.stepped_in_backward():
+            raise OffloadError(
+                "step_in_backward: loss.backward() with a gradient other than 1 (a scaled loss, e.g. loss / "
+                "accumulation steps), but the offloaded blocks already stepped inside this call's backward with the "
+                "loss as returned; call backward() on the loss unchanged (accumulate with num_microbatches), or set "
+                "step_in_backward=False")
         base = self._base or {}
         params = [p for p in self.owner.local_parameters() if eng.owns(p)] if (base or not one) else []
         for p in params:                    # none when this call's gradients are already final (no wait)
@@ -612,7 +623,8 @@ def attach(module) -> Optional[StageOffload]:
     engine = OffloadEngine(blocks, device=module.device, mode=engine_mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
                            check_memory=False, param_order=params, device_step_blocks=k,
-                           device_accumulate=dev_acc, device_grads=dev_grads, stream_step_blocks=streamed)
+                           device_accumulate=dev_acc, device_grads=dev_grads, stream_step_blocks=streamed,
+                           step_in_backward=module.config.step_in_backward)
     so = StageOffload(module, engine, mode, modes)
     so._prefixes = prefixes
     so._blocks_per_stage = per_stage
