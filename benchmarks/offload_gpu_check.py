@@ -5,6 +5,7 @@ engine's host buffers and `params` run as `all` with every block GPU-stepped). P
 
     python benchmarks/offload_gpu_check.py
     python benchmarks/offload_gpu_check.py --rannc-only [--cpu]    # only the RanncModule cases
+    python benchmarks/offload_gpu_check.py --in-backward-only       # only step_in_backward (no clipping)
 """
 
 import itertools
@@ -107,6 +108,74 @@ def rannc_cases(device) -> bool:
     return good_all
 
 
+def train_in_backward(family, mode, dev_blocks=0, rannc=False):
+    """No clipping, one backward per step; ``mode`` None: the plain model. With ``rannc``: RanncModule, 2
+    micro-batches summed on the GPU, step_in_backward=True; else offload_module(step_in_backward=True), recompute on."""
+    import rannc_hf
+
+    torch.manual_seed(0)
+    model, bf = zoo.make_with_batches(family, 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    h = None
+    if mode is None:
+        model.cuda()
+    elif rannc:
+        os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"] = "1"
+        cfg = rannc_hf.RanncConfig(num_stages=1, num_microbatches=2, precision="fp32", offload=mode, compile="false",
+                                   recompute="none", step_in_backward=True, gpu_step_blocks=dev_blocks)
+        model = rannc_hf.RanncModule(model, opt, config=cfg, device="cuda")
+        os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE")
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        h = offload_module(model, opt, mode, device="cuda", prefetch_blocks=1, device_step_blocks=dev_blocks,
+                           step_in_backward=True)
+    losses = []
+    for s in range(4):
+        b = {k: v.cuda() for k, v in bf(8, 100 * s).items()}
+        if mode is None and rannc:
+            total = 0.0
+            for c in range(2):
+                loss = zoo.loss_of(model(**{k: v.chunk(2)[c] for k, v in b.items()})) / 2
+                loss.backward()
+                total += loss.item()
+            losses.append(total)
+        else:
+            loss = zoo.loss_of(model(**b))
+            loss.backward()
+            losses.append(float(loss))
+        opt.step()
+        opt.zero_grad()
+    eng = h.engine if h is not None else (model._offload.engine if mode is not None else None)
+    early = eng.stats()["early_block_steps"] if eng is not None else 0
+    return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, early
+
+
+def in_backward_cases() -> bool:
+    good_all = True
+    for fam, rannc in (("gpt2", False), ("bert", False), ("gpt2", True), ("bert", True)):
+        ref = train_in_backward(fam, None, rannc=rannc)
+        for mode, k in (("all", 0), ("all", 2), ("optimizer", 1)):
+            name = f"step_in_backward {'RanncModule' if rannc else 'offload_module'} {fam} {mode} gpu-step={k}"
+            try:
+                got = train_in_backward(fam, mode, k, rannc)
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"{name}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
+                good_all = False
+                continue
+            dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
+            dp = max((ref[1][key] - got[1][key]).abs().max().item() for key in ref[1])
+            good = dl < 1e-3 and dp < 1e-3 and got[2] > 0
+            good_all &= good
+            print(f"{name}: loss diff {dl:.2e} param diff {dp:.2e} early block steps {got[2]} {'OK' if good else 'FAIL'}",
+                  flush=True)
+    return good_all
+
+
+if "--in-backward-only" in sys.argv:
+    ok = in_backward_cases()
+    print("ALL OK" if ok else "SOME FAILED")
+    sys.exit(0 if ok else 1)
+
 if "--rannc-only" in sys.argv:
     ok = rannc_cases("cpu" if "--cpu" in sys.argv else "cuda")
     print("ALL OK" if ok else "SOME FAILED")
@@ -143,4 +212,5 @@ for mode in ("optimizer", "all"):  # async pipeline with the fused CPU kernel (c
 got = train("gpt2", "all", dtype=torch.bfloat16)
 print("bf16 all losses", [round(x, 3) for x in got[0]], "ref", [round(x, 3) for x in train("gpt2", None)[0]])
 ok &= rannc_cases("cuda")
+ok &= in_backward_cases()
 print("ALL OK" if ok else "SOME FAILED")

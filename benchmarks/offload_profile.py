@@ -14,6 +14,7 @@ way, copy time, stalls, hidden fraction, CPU step time) and a ``torch.profiler``
     python benchmarks/offload_profile.py plain --no-profile --steps 30   # no offload, uncapped: the loss
                                                           # curve to compare an offloaded run's with
     python benchmarks/offload_profile.py rannc --model 2.7b --batch 64 --microbatches 8   # 64k tokens per step
+    python benchmarks/offload_profile.py rannc --model 2.7b --step-in-backward   # blocks step inside backward
     python benchmarks/offload_profile.py rannc --tiny     # CPU smoke test
 """
 
@@ -43,7 +44,7 @@ def _sync():
 
 
 def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
-          microbatches=None, gpu_step_blocks="auto"):
+          microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
     model, cfg = build_model(tiny, size)
     g = torch.Generator().manual_seed(0)
@@ -65,7 +66,8 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
                             offload="none" if variant == "plain" else ("all" if tiny else offload),
                             gpu_memory=None if (tiny or variant == "plain") else cap,
                             compile="false" if (tiny or variant == "rannc-eager") else "auto",
-                            num_microbatches=microbatches, gpu_step_blocks=gpu_step_blocks)
+                            num_microbatches=microbatches, gpu_step_blocks=gpu_step_blocks,
+                            step_in_backward=step_in_backward)
         m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
         dev = m.device
         eng = m._offload.engine if m._offload is not None else None
@@ -92,7 +94,8 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
         counter[0] += 1
         loss = fwd(input_ids=ids, labels=ids).loss
         loss.backward()
-        clip(1.0)
+        if clip_norm is not None:
+            clip(clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
@@ -114,12 +117,16 @@ def main(argv=None) -> int:
     ap.add_argument("--microbatches", type=int, default=None, help="RanncModule micro-batches (default: the plan's)")
     ap.add_argument("--offload", default="auto", help="RanncModule offload mode (default: the plan's)")
     ap.add_argument("--gpu-step-blocks", default="auto", help="RanncModule gpu_step_blocks (default: auto)")
+    ap.add_argument("--step-in-backward", action="store_true",
+                    help="RanncModule step_in_backward (implies --no-clip: the step runs before clipping could)")
+    ap.add_argument("--no-clip", action="store_true", help="no clip_grad_norm_(1.0) (DeepSpeed's anchor does not clip)")
     args = ap.parse_args(argv)
+    clip_norm = None if (args.no_clip or args.step_in_backward) else 1.0
     batch, seq = (2, 64) if args.tiny else (args.batch, 1024)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
-                                 args.microbatches, args.gpu_step_blocks)
+                                 args.microbatches, args.gpu_step_blocks, args.step_in_backward, clip_norm)
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()
@@ -134,12 +141,16 @@ def main(argv=None) -> int:
         _sync()
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
-    if eng is not None:
+    if eng is not None:   # the last step's background CPU work counts too
+        t = time.perf_counter()
         eng.synchronize()
+        _sync()
+        times[-1] += time.perf_counter() - t
     steady = times[args.warmup:]
     st = eng.stats() if eng is not None else {}
     n = max(1, st.get("steps", 1))
-    res = {"variant": args.variant, "lr": 2e-4, "build_s": build_s, "step_times_s": times, "step_time_s": sum(steady) / len(steady),
+    res = {"variant": args.variant, "lr": 2e-4, "clip_grad_norm": clip_norm, "step_in_backward": args.step_in_backward,
+           "build_s": build_s, "step_times_s": times, "step_time_s": sum(steady) / len(steady),
            "tokens_per_s": batch * seq * len(steady) / sum(steady), "predicted_step_time_s": predicted,
            "losses": losses,
            "engine_per_step": {k: (v / n if isinstance(v, (int, float)) and k not in ("hidden_fraction", "num_blocks",

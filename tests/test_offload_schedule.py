@@ -352,3 +352,26 @@ def test_stale_shadow_is_filled_from_the_fp32_master():
     g.refresh_shadow()
     assert not g.shadow_stale and g.fill_work() == (2 * g.numel, 0)
     torch.testing.assert_close(g.work, g.master.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_cost_model_prices_the_step_in_backward():
+    """step_in_backward: the CPU step of the last layers hides behind the rest of backward, the rest group's step
+    and the next forward's GPU-stepped layers; only what is left is exposed. GPU-stepped layers' gradients no
+    longer cross PCIe, and their step pipe fills backward's idle link time."""
+    from rannc_hf.offload.cost import offload_cost
+
+    kw = dict(param_bytes=32e8 * 4, grad_bytes=32e8 * 2, optim_bytes=32e8 * 8, fwd_time=0.16, bwd_time=0.32,
+              link_gbps=50.0, duplex_gbps=75.0, cpu_adam_params_per_s=2e9, mode="all", num_blocks=32,
+              recompute=True, gpu_step_fraction=0.5)
+    after = offload_cost(**kw)
+    inside = offload_cost(**kw, step_in_backward=True)
+    t_cpu = 16e8 / 2e9                                     # 0.8 s for the 16 CPU-stepped layers
+    window = (0.32 + 0.16) * (1 - 1 / 32) + 0.16 * 0.5     # backward after the first layer + 16 layers' forward
+    assert inside.optimizer_time == pytest.approx(t_cpu - window, rel=1e-6)
+    assert after.optimizer_time == pytest.approx(t_cpu, rel=1e-6)
+    assert inside.d2h_bytes == pytest.approx(after.d2h_bytes - 16e8 * 2, rel=1e-6)   # the GPU-stepped bf16 gradients
+    assert inside.h2d_bytes == pytest.approx(after.h2d_bytes - 16e8 * 4, rel=1e-6)   # and their fp32 trip back in
+    assert inside.step_time < after.step_time
+    # several micro-batches without summing them on the GPU: the engine steps after backward, and so does the model
+    assert offload_cost(**kw, microbatches=4, step_in_backward=True).step_time == pytest.approx(
+        offload_cost(**kw, microbatches=4).step_time)

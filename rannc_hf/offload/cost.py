@@ -78,7 +78,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  gpu_step_fraction: float = 0.0, rest_params: float = 0.0, device_accumulate: bool = False,
                  host_fold_params_per_s: float = 4.0e9, device_grads: bool = False,
                  block_host_time: float = 0.0, engine_blocks: Optional[int] = None,
-                 stream_step_fraction: float = 0.0) -> OffloadCost:
+                 stream_step_fraction: float = 0.0, step_in_backward: bool = False) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -122,6 +122,11 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         stream_step_fraction: ``optimizer``/``all``: the share of the CPU-side layers whose step runs on the GPU
             with their optimizer state streamed in and out (the engine's ``stream_step_blocks``, see
             :func:`choose_stream_step_blocks`).
+        step_in_backward: ``optimizer``/``all``: each block steps as its last gradient arrives in backward (the
+            engine's ``step_in_backward``; needs one micro-batch or ``device_accumulate``). GPU-stepped layers'
+            gradients stay on the GPU and their step pipe shares backward's idle link time; the CPU steps the
+            last layers (whose gradients come first) while backward and the next forward's GPU-stepped layers
+            run, so only what is left of it by the time that forward reaches them is exposed.
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -144,11 +149,21 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     rest = min(n_params, max(0.0, float(rest_params)))
     layers = n_params - rest
     on_gpu = layers if mode == "params" else layers * min(1.0, max(0.0, float(gpu_step_fraction)))
+    early = bool(step_in_backward) and mode in ("optimizer", "all") and (mb == 1 or device_accumulate)
+    device_grads = device_grads or early
     if device_grads and n_params > 0:   # only the CPU-stepped share's gradients travel
         grad_bytes = grad_bytes * (1.0 - on_gpu / n_params)
     per_block_g = grad_bytes / nb
     fwd_b, bwd_b = fwd_time / nb, bwd_eff / nb
     kept = min(nb, prefetch_blocks + 1)
+
+    def backward_link(block_g: float) -> float:
+        """Seconds the link is busy during one micro-batch's backward (weight fetches in, gradients out)."""
+        b_d2h = block_g / bw
+        if mode in ("params", "all"):
+            n_fetch = nb - kept
+            return n_fetch * max(per_block_w / bw, b_d2h, (per_block_w + block_g) / duplex) + kept * b_d2h
+        return nb * b_d2h
 
     def microbatch_traffic(block_g: float) -> tuple[float, float, float, float]:
         """(h2d, d2h, link busy, exposed) of one micro-batch whose blocks each send ``block_g`` gradient bytes."""
@@ -186,13 +201,19 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     # the compute stream (engine._device_step_async): inputs on one stream, results back on another
     streamed = 0.0 if mode == "params" else (layers - on_gpu) * min(1.0, max(0.0, float(stream_step_fraction)))
     state_pp = optim_bytes / n_params if n_params > 0 else 8.0
-    stream_in, stream_out, t_gpu = gpu_step_pipe(on_gpu, streamed, device_grads=device_grads,
-                                                 compute_itemsize=compute_itemsize, state_bytes_per_param=state_pp,
-                                                 link_bps=bw, duplex_bps=duplex,
-                                                 gpu_optim_params_per_s=gpu_optim_params_per_s)
+
+    def pipe(on_g: float, st: float) -> tuple[float, float, float]:
+        return gpu_step_pipe(on_g, st, device_grads=device_grads, compute_itemsize=compute_itemsize,
+                             state_bytes_per_param=state_pp, link_bps=bw, duplex_bps=duplex,
+                             gpu_optim_params_per_s=gpu_optim_params_per_s)
+
+    stream_in, stream_out, t_gpu = pipe(on_gpu, streamed)
     h2d += stream_in
     d2h += stream_out
     link_busy += (stream_in + stream_out) / duplex
+    t_rest = rest / cpu_adam_params_per_s   # the resident group, on the main thread after backward
+    if early:   # GPU steps inside backward's idle link time (streamed blocks still step after it)
+        t_gpu = max(0.0, pipe(on_gpu, 0.0)[2] - max(0.0, bwd_eff - backward_link(per_block_g))) + pipe(0.0, streamed)[2]
     t_opt = t_gpu
     if mode in ("optimizer", "all"):  # the CPU steps the other blocks on the worker meanwhile
         on_cpu = layers - on_gpu - streamed
@@ -202,8 +223,10 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
             h2d += cpu_w
             link_busy += cpu_w / bw
             t_cpu = max(t_cpu, cpu_w / bw) + per_block_w / bw
+        if early and layers > 0:   # from the last layer's gradients until the next forward reaches the first CPU layer
+            t_cpu = max(0.0, t_cpu - (bwd_eff * (1.0 - 1.0 / nb) + t_rest + fwd_time * on_gpu / layers))
         t_opt = max(t_gpu, t_cpu)
-    t_opt += rest / cpu_adam_params_per_s   # the resident group first, on the main thread
+    t_opt += t_rest
     h2d += rest * compute_itemsize           # and its new working copy
     hidden = 1.0 if link_busy <= 0 else max(0.0, min(1.0, 1.0 - exposed / link_busy))
     step = compute + exposed + t_opt

@@ -547,7 +547,8 @@ class Searcher:
                                                                               share, ci),
                               rest_params=rest, device_accumulate=dev_acc,
                               host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
-                              block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks)
+                              block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks,
+                              step_in_backward=self.config.step_in_backward)
             return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw
