@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
 
 
-def _train(tmp, rannc_mode):
+def _train(tmp, rannc_mode, max_grad_norm=1.0, **rannc_kw):
     import torch
     from transformers import Trainer, TrainingArguments
     from trainer_common import ListDataset, tiny_model
@@ -22,7 +22,7 @@ def _train(tmp, rannc_mode):
     torch.manual_seed(0)
     model = tiny_model("gpt2")
     kw = dict(output_dir=str(tmp), per_device_train_batch_size=4, max_steps=4, logging_steps=1, learning_rate=1e-3,
-              lr_scheduler_type="constant", max_grad_norm=1.0, report_to=[], save_strategy="no", disable_tqdm=True,
+              lr_scheduler_type="constant", max_grad_norm=max_grad_norm, report_to=[], save_strategy="no", disable_tqdm=True,
               use_cpu=True, seed=0, dataloader_drop_last=True)
     data = ListDataset("gpt2", 16)
     if rannc_mode is None:
@@ -30,7 +30,7 @@ def _train(tmp, rannc_mode):
         trainer.model_accepts_loss_kwargs = False  # mean losses, as RanncModule computes them
     else:
         cfg = rannc_hf.RanncConfig(num_stages=1, num_microbatches=1, precision="fp32", offload=rannc_mode,
-                                   compile="false")
+                                   compile="false", **rannc_kw)
         trainer = rannc_hf.RanncTrainer(model=model, args=rannc_hf.RanncTrainingArguments(rannc_config=cfg, **kw),
                                         train_dataset=data)
     trainer.train()
@@ -61,3 +61,25 @@ def test_trainer_with_offload_matches_plain_trainer(tmp_path, mode):
     for k in ref_sd:
         torch.testing.assert_close(sd[k], ref_sd[k], rtol=1e-5, atol=1e-5, msg=k)
     assert waits["n"] == 0, f"{waits['n']} per-parameter engine reads during training (each one a wait on CUDA)"
+
+
+def test_trainer_with_step_in_backward_matches_plain_trainer(tmp_path, monkeypatch):
+    """rannc config step_in_backward: the offloaded blocks step inside backward (the CPU stands in for CUDA's
+    async pipeline); without clipping the Trainer trains as the plain one. With clipping or Trainer-side
+    accumulation it is refused up front, saying what to change."""
+    import functools
+
+    import torch
+    from rannc_hf.offload.engine import OffloadEngine
+    from rannc_hf.runtime import offload_stage
+
+    monkeypatch.setattr(offload_stage, "OffloadEngine", functools.partial(OffloadEngine, async_step=True))
+    ref_losses, ref_sd, _ = _train(tmp_path / "plain", None, max_grad_norm=0.0)
+    losses, sd, trainer = _train(tmp_path / "rannc", "all", max_grad_norm=0.0, step_in_backward=True)
+    eng = trainer.rannc_module._offload.engine
+    assert eng.stats()["early_block_steps"] == eng.num_blocks * 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=1e-5)
+    for k in ref_sd:
+        torch.testing.assert_close(sd[k], ref_sd[k], rtol=1e-5, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="max_grad_norm=0 \\(now 1.0\\)"):
+        _train(tmp_path / "clip", "all", max_grad_norm=1.0, step_in_backward=True)

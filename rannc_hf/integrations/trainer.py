@@ -129,6 +129,12 @@ class RanncTrainer(Trainer):
             args = RanncTrainingArguments(output_dir="tmp_trainer")
         cfg_src = rannc_config if rannc_config is not None else getattr(args, "rannc_config", None)
         self.rannc_config: RanncConfig = resolve_rannc_config(cfg_src, bf16=args.bf16, fp16=args.fp16)
+        if self.rannc_config.step_in_backward and (args.max_grad_norm or args.gradient_accumulation_steps > 1):
+            raise ValueError(
+                f"rannc config step_in_backward=true steps offloaded blocks inside backward, before any clipping or "
+                f"accumulation could touch their gradients; set max_grad_norm=0 (now {args.max_grad_norm}) and "
+                f"gradient_accumulation_steps=1 (now {args.gradient_accumulation_steps}; use the config's "
+                f"num_microbatches to accumulate), or set step_in_backward=false")
         self._rannc_module = None
         self._rannc_stats: Optional[RanncStatsCallback] = None
         super().__init__(model, args, *a, **kw)
@@ -303,6 +309,8 @@ class RanncTrainer(Trainer):
         return self._ensure_module().clip_grad_norm_(self.args.max_grad_norm)
 
     def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.rannc_config.step_in_backward:
+            return None   # the gradients were consumed by the step inside backward
         if grad_norm is None:
             grad_norm = self._ensure_module().clip_grad_norm_(float("inf"))
         return grad_norm
