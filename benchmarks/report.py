@@ -187,7 +187,8 @@ def offload_rannc() -> str:
         rows.append(f"| GPT-2 2.7B | plain PyTorch uncapped, accumulation 8, recompute, same call | "
                     f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | | | |")
         notes.append(acc["note"])
-    for key in ("streamed_step_call2", "gpt2_2.7b_alone_call3", "gpt2_2.7b_alone_call4"):   # sixth session
+    for key in ("streamed_step_call2", "gpt2_2.7b_alone_call3", "gpt2_2.7b_alone_call4",   # sixth session
+                "step_in_backward_call1"):                                                  # seventh
         if d.get(key):
             rows += _session_rows(d[key])
             notes.append(d[key]["note"])
