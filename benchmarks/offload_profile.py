@@ -130,13 +130,15 @@ def main(argv=None) -> int:
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()
-    times, losses = [], []
+    times, losses, starts = [], [], []
     for i in range(args.warmup + args.steps):
         if i == args.warmup and eng is not None:
             eng.synchronize()
             eng.reset_stats()
+            eng.wlog.clear()
         _sync()
         t = time.perf_counter()
+        starts.append(t)
         loss = step()
         _sync()
         times.append(time.perf_counter() - t)
@@ -157,6 +159,10 @@ def main(argv=None) -> int:
                                                                                       "resident_peak_blocks", "steps")
                                    else v) for k, v in st.items()},
            "environment": common.environment()}
+    if eng is not None and eng.wlog:   # the worker's tasks (fold/step, block, queued-at, start, end), s from timed step 1
+        t_ref = starts[args.warmup]
+        res["timed_step_starts_s"] = [x - t_ref for x in starts[args.warmup:]]
+        res["worker_log"] = [(k, b, round(q - t_ref, 5), round(a - t_ref, 5), round(z - t_ref, 5)) for k, b, q, a, z in eng.wlog]
     if eng is not None:
         res["blocks"] = {"gpu_stepped": eng.device_step_blocks, "streamed": eng.stream_step_blocks,
                          "cpu_stepped": eng.num_blocks - eng.device_step_blocks - eng.stream_step_blocks,

@@ -182,7 +182,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         # threads of the CPU step (default: torch's; ``RANNC_HF_OFFLOAD_CPU_THREADS`` for sweeps: the step is
         # memory-bound and shares the cores with the main thread and the copies)
         self.cpu_threads = cpu_threads if cpu_threads is not None else env_int("RANNC_HF_OFFLOAD_CPU_THREADS")
-        self.wlog: list = []      # (task, block, start, end) perf_counter times of worker tasks (timing=True)
+        self.wlog: list = []      # (task, block, queued, start, end) perf_counter times: worker tasks, marks (timing=True)
         self._norm_pool = None
         # hybrid step (async pipeline only): the first ``device_step_blocks`` blocks keep their optimizer
         # state on the device and step there (master + gradient streamed in, master back), while the

@@ -217,6 +217,9 @@ class _ResidencyMixin:
         for j in list(self._resident):
             self._release(j)
         self._log("backward_end", -1)
+        if self.timing:
+            t = time.perf_counter()
+            self.wlog.append(("backward_end", -1, t, t, t))
         self.drain(force=False)
 
     def release_all(self) -> None:

@@ -89,6 +89,9 @@ class _StepMixin:
         ``before_forward(i)`` (and any fetch of block ``i``) waits for block ``i``'s step, so the next
         forward runs while later blocks still step; reading masters or state waits for all of them.
         """
+        if self.timing:
+            t = time.perf_counter()
+            self.wlog.append(("step_call", -1, t, t, t))
         self.drain(force=True)
         for g in self.groups:  # a step still running from before (no forward in between)
             if not g.early:
@@ -131,6 +134,9 @@ class _StepMixin:
         if inner is None:
             return
         sync_hyperparams(self.optimizer, inner, self._inner_groups[g.index])
+        if self.timing:
+            t = time.perf_counter()
+            self.wlog.append(("in_backward", g.index, t, t, t))
         done = _record(torch.cuda.current_stream(self.device)) if self.cuda else None   # the block's backward
         refresh = not g.offload
         if g.device_step:
