@@ -188,7 +188,7 @@ def offload_rannc() -> str:
                     f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | | | |")
         notes.append(acc["note"])
     for key in ("streamed_step_call2", "gpt2_2.7b_alone_call3", "gpt2_2.7b_alone_call4",   # sixth session
-                "step_in_backward_call1"):                                                  # seventh
+                "step_in_backward_call1", "step_in_backward_call2"):                        # seventh
         if d.get(key):
             rows += _session_rows(d[key])
             notes.append(d[key]["note"])
@@ -207,7 +207,8 @@ def offload_rannc() -> str:
 
 _PEERS = {"deepspeed_zero3_offload": "DeepSpeed ZeRO-3, param + optimizer offload, same call",
           "fsdp2_cpuoffload": "FSDP2 + CPUOffloadPolicy, same call",
-          "plain_uncapped_accum8": "plain PyTorch uncapped, accumulation 8, no recompute, same call"}
+          "plain_uncapped_accum8": "plain PyTorch uncapped, accumulation 8, no recompute, same call",
+          "plain_uncapped_recompute": "plain PyTorch uncapped, recompute full, accumulation 1, same call"}
 
 
 def _session_rows(block: dict) -> list[str]:
