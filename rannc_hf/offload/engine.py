@@ -248,6 +248,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._step_out = torch.cuda.Stream(self.device) if self.cuda else None
         self._ring = None
         self._ring_pos = 0
+        self._grad_pool: list = []   # (fp32 device buffer, event of its last step): gradients stepped in backward
         if self.cuda:
             self.h2d_stream = torch.cuda.Stream(self.device)
             self.d2h_stream = torch.cuda.Stream(self.device)

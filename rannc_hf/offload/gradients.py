@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import OffloadError
-from .store import ParamGroup
+from .store import ParamGroup, copy_cast_
 
 
 class _GradientMixin:
@@ -110,7 +110,10 @@ class _GradientMixin:
         self._got_grads = True
         self._stats["kept_grad_bytes"] += grad.numel() * grad.element_size()
         if g.dev_grad is None:
-            g.dev_grad = torch.zeros(g.numel, dtype=torch.float32, device=self.device)
+            if g.keep_grads:
+                g.dev_grad = torch.zeros(g.numel, dtype=torch.float32, device=self.device)
+            else:   # stepped in backward: a buffer another block's finished step gave back (has_grad guards reads)
+                g.dev_grad = self._take_grad_buffer(g.numel)
         v = g.view(g.dev_grad, j)
         if g.has_grad[j]:
             v.add_(grad)
@@ -118,6 +121,21 @@ class _GradientMixin:
             v.copy_(grad)
         g.has_grad[j] = True
         g.gnorm = None
+
+    def _take_grad_buffer(self, numel: int) -> torch.Tensor:
+        """An fp32 device buffer of ``numel`` for a block stepped in backward: one whose last step is done (the pool
+        is refilled by :meth:`_give_grad_buffer` and emptied at the end of ``step()``), else a new one. Reusing them
+        keeps the caching allocator from churning 300 MB blocks near a memory cap."""
+        pool = self._grad_pool
+        for i, (buf, ev) in enumerate(pool):
+            if buf.numel() >= numel and (ev is None or ev.query()):
+                del pool[i]
+                return buf[:numel]
+        return torch.empty(numel, dtype=torch.float32, device=self.device)
+
+    def _give_grad_buffer(self, buf: torch.Tensor, ev) -> None:
+        base = buf._base if buf._base is not None else buf
+        self._grad_pool.append((base, ev))
 
     def _grad_view(self, g: ParamGroup, j: int) -> torch.Tensor:
         """Parameter ``j``'s gradient buffer: on the device for a block that keeps its gradients there."""
@@ -156,7 +174,7 @@ class _GradientMixin:
                     g.round_start_event = torch.cuda.Event(enable_timing=True)
                     g.round_start_event.record(s)
                 if first:   # upcast on the GPU, straight into the fp32 host buffer: no fold on the host
-                    g.view(g.grad, j).copy_(grad.to(torch.float32), non_blocking=True)
+                    copy_cast_(g.view(g.grad, j), grad, non_blocking=True)
                     self._stats["d2h_bytes"] += grad.numel() * (4 - grad.element_size())
                     g.round_direct.add(j)
                 else:

@@ -141,7 +141,8 @@ class _StepMixin:
         refresh = not g.offload
         if g.device_step:
             self._device_step_async(g, inner, list(g.has_grad), None, done, kept=True, refresh=refresh)
-            g.dev_grad = None      # consumed (the step's stream holds it): like torch's optimizer-in-backward
+            self._give_grad_buffer(g.dev_grad, g.step_event)
+            g.dev_grad = None      # consumed: like torch's optimizer-in-backward
             g.has_grad = [False] * len(g.params)
             g.arrived = set()
         else:
@@ -247,6 +248,7 @@ class _StepMixin:
 
     def _release_ring(self) -> None:
         self._ring = None   # the allocator reuses the slots once both step streams are past them
+        self._grad_pool = []
 
     def _staged_state(self, g: ParamGroup) -> list:
         """Keys of ``g``'s streamed optimizer state (fp32 tensors shaped like their parameter), each held in one
