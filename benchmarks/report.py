@@ -188,7 +188,8 @@ def offload_rannc() -> str:
                     f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | | | |")
         notes.append(acc["note"])
     for key in ("streamed_step_call2", "gpt2_2.7b_alone_call3", "gpt2_2.7b_alone_call4",   # sixth session
-                "step_in_backward_call1", "step_in_backward_call2"):                        # seventh
+                "step_in_backward_call1", "step_in_backward_call2",                         # seventh
+                "step_in_backward_call3", "step_in_backward_call4"):
         if d.get(key):
             rows += _session_rows(d[key])
             notes.append(d[key]["note"])
