@@ -214,8 +214,8 @@ class RanncConfig(_DictLoadable):
         "help": "offload (optimizer/all, CUDA): step each offloaded block as soon as its last gradient of the step "
                 "arrives in backward, so the CPU step overlaps the rest of backward. Then gradients cannot be "
                 "clipped (or scaled, read, all-reduced) before the step: clip_grad_norm_ is refused, and every "
-                "training call must be followed by optimizer.step(); stages with data-parallel replicas step "
-                "after backward as usual"})
+                "training call must be followed by optimizer.step(); stages with data-parallel replicas (or "
+                "weights tied across stages) step after backward as usual"})
     split_head: Union[str, bool] = field(default="auto", metadata={
         "help": "a 128k+ vocabulary LM head on several GPUs: auto (split into vocabulary chunks across stages when "
                 "the planner finds it faster) | true (split whenever possible) | false (keep whole; needed for "

@@ -133,7 +133,7 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
     t.add_argument("--adam_beta2", type=float, default=0.95 if kind == "gpt" else 0.999)
     t.add_argument("--warmup_steps", type=int, default=None, help="default: 5%% of --max_steps")
     t.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "linear", "constant"])
-    t.add_argument("--max_grad_norm", type=float, default=1.0)
+    t.add_argument("--max_grad_norm", type=float, default=1.0, help="clip by the global gradient norm; 0: no clipping")
     t.add_argument("--seed", type=int, default=42)
 
     r = p.add_argument_group("run")

@@ -75,7 +75,14 @@ def train(args) -> dict:
     from rannc_hf.data.plots import plot_loss_curve
     from rannc_hf.integrations.stats import RanncStatsCallback
 
-    accelerator = RanncAccelerator(rannc_plugin=_rannc_plugin(args),
+    plugin = _rannc_plugin(args)
+    if plugin.to_config().step_in_backward and (args.max_grad_norm > 0 or args.gradient_accumulation_steps > 1):
+        raise ValueError(f"the rannc config sets step_in_backward: true (offloaded blocks step inside backward, before "
+                         f"clipping or accumulation could touch their gradients); pass --max_grad_norm 0 (now "
+                         f"{args.max_grad_norm}) and --gradient_accumulation_steps 1 (now "
+                         f"{args.gradient_accumulation_steps}; accumulate with the config's num_microbatches), or "
+                         f"set step_in_backward: false")
+    accelerator = RanncAccelerator(rannc_plugin=plugin,
                                    gradient_accumulation_steps=args.gradient_accumulation_steps,
                                    log_with=None if args.report_to == "none" else args.report_to,
                                    project_dir=args.output_dir)
@@ -157,7 +164,7 @@ def train(args) -> dict:
                 loss = model(**batch).loss
                 accelerator.backward(loss)
                 stats.observe_batch(batch)
-                if accelerator.sync_gradients:
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
                 scheduler.step()

@@ -31,7 +31,7 @@ import rannc_hf  # noqa: E402
 from rannc_hf.capture import capture  # noqa: E402
 from rannc_hf.planner.plan import Plan  # noqa: E402
 from rannc_hf.runtime.planning import fallback_cuts  # noqa: E402
-from rannc_hf.zoo import make_with_batches  # noqa: E402
+from rannc_hf.zoo import loss_of, make_with_batches  # noqa: E402
 
 from dist_helpers import run_steps  # noqa: E402
 
@@ -55,7 +55,8 @@ def graph_for(fam: str):
     return _graphs[fam]
 
 
-def train(fam: str, modes, offload: str, schedule: str, dp: int = 1, precision: str = "fp32"):
+def train(fam: str, modes, offload: str, schedule: str, dp: int = 1, precision: str = "fp32",
+          step_in_backward: bool = False):
     model, bf = make_with_batches(fam, 0)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     g = graph_for(fam)
@@ -69,14 +70,25 @@ def train(fam: str, modes, offload: str, schedule: str, dp: int = 1, precision: 
     for s, mode in zip(plan.stages, modes or ["none"] * pp * v):
         s.offload = mode
     cfg = rannc_hf.RanncConfig(num_stages=pp, dp_size=dp, num_microbatches=m, schedule=schedule,
-                               precision=precision, offload=offload, collective_timeout_s=120)
+                               precision=precision, offload=offload, collective_timeout_s=120,
+                               step_in_backward=step_in_backward)
     rm = rannc_hf.RanncModule(model, opt, config=cfg, graph=g, plan=plan)
-    losses, norms = run_steps(rm, opt, bf, STEPS, BATCH)
+    if step_in_backward:   # no clipping: the blocks step inside backward (where the runtime allows it)
+        losses, norms = [], []
+        for step in range(STEPS):
+            loss = loss_of(rm(**bf(BATCH, step)))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(float(loss.detach()))
+    else:
+        losses, norms = run_steps(rm, opt, bf, STEPS, BATCH)
     st = rm._offload.stats() if rm._offload is not None else {}
     info = {"losses": losses, "norms": norms, "mode": rm._offload.mode if rm._offload else "none",
             "blocks": st.get("num_blocks", 0), "fetches": st.get("fetches", 0),
             "resident_peak_blocks": st.get("resident_peak_blocks", 0),
-            "stage_offload": [s.offload for s in rm.plan.stages]}
+            "stage_offload": [s.offload for s in rm.plan.stages],
+            "early_block_steps": st.get("early_block_steps", 0)}
     return rm, info
 
 
@@ -122,6 +134,19 @@ def main() -> None:
     case("gpt2", "bf16_opt_both", None, "optimizer", "1f1b", precision="bf16")
     case("gpt2", "bf16_none", None, "none", "1f1b", precision="bf16")
     case("gpt2", "interleaved_all", ["all", "none", "optimizer", "all"], "auto", "interleaved-1f1b")
+    # step_in_backward, the CPU standing in for CUDA's async pipeline, micro-batches summed in the device buffer:
+    # each stage's blocks step inside its backward; replicas (dp=2) must average first, so they step after it
+    import functools
+
+    from rannc_hf.offload.engine import OffloadEngine
+    from rannc_hf.runtime import offload_stage
+
+    offload_stage.OffloadEngine = functools.partial(OffloadEngine, async_step=True)
+    os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"] = "1"
+    case("cnn", "sib_pp2", ["all", "optimizer"], "auto", "1f1b", step_in_backward=True)   # no weights tied across stages
+    case("gpt2", "sib_dp2", None, "all", "gpipe", dp=2, step_in_backward=True)
+    offload_stage.OffloadEngine = OffloadEngine
+    del os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"]
 
 
 if __name__ == "__main__":

@@ -31,3 +31,17 @@ def test_diverged_loss_stops_with_a_clear_error(tmp_path):
     assert proc.returncode != 0
     assert "training diverged: the loss is nan at step 5" in proc.stderr, proc.stderr[-3000:]
     assert "lower --learning_rate" in proc.stderr
+
+
+def test_step_in_backward_with_clipping_is_refused_before_training(tmp_path):
+    """A rannc config with step_in_backward and the recipe's default clipping: refused up front, saying which flags
+    to pass, before any data or model is built."""
+    from common import parse_args
+    from loop import train
+
+    cfg = tmp_path / "rannc.yaml"
+    cfg.write_text("offload: all\nstep_in_backward: true\n")
+    args = parse_args("gpt", ["--rannc_config", str(cfg), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"--max_grad_norm 0 \(now 1.0\)"):
+        train(args)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

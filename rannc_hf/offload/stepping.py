@@ -121,6 +121,7 @@ class _StepMixin:
             else:
                 g.step_fut = self._pool().submit(self._step_group, g, inner, has, scale, bwd_done)
         self._release_ring()
+        self._forget_pass()   # a backward after this one starts a new count (offload_module has no passes)
         self._stats["step_time_s"] += time.perf_counter() - t0  # the blocks' time is added by the worker
         self._stats["steps"] += 1
         self.optimizer._opt_called = True
