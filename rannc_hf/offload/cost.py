@@ -233,8 +233,11 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     d2h += stream_out
     link_busy += (stream_in + stream_out) / duplex
     t_rest = rest / cpu_adam_params_per_s   # the resident group, on the main thread after backward
-    if early:   # GPU steps inside backward's idle link time (streamed blocks still step after it)
-        t_gpu = max(0.0, pipe(on_gpu, 0.0)[2] - max(0.0, bwd_eff - backward_link(per_block_g))) + pipe(0.0, streamed)[2]
+    if early:   # GPU steps inside backward's idle link time (streamed blocks still step after it): the GPU-stepped
+        # layers are the first ones, so their gradients, and their steps, come in the last on_gpu/layers of backward
+        share = on_gpu / layers if layers > 0 else 0.0
+        slack = max(0.0, bwd_eff - backward_link(per_block_g)) * share
+        t_gpu = max(0.0, pipe(on_gpu, 0.0)[2] - slack) + pipe(0.0, streamed)[2]
     t_opt = t_gpu
     if mode in ("optimizer", "all"):  # the CPU steps the other blocks on the worker meanwhile
         on_cpu = layers - on_gpu - streamed
