@@ -379,3 +379,19 @@ def test_cost_model_prices_the_step_in_backward():
     # several micro-batches without summing them on the GPU: the engine steps after backward, and so does the model
     assert offload_cost(**kw, microbatches=4, step_in_backward=True).step_time == pytest.approx(
         offload_cost(**kw, microbatches=4).step_time)
+
+
+@pytest.mark.parametrize("numel", [1, 7, 21, 22])
+def test_converting_copy_in_pieces(monkeypatch, numel):
+    """copy_cast_ converts piece by piece (a bounded temporary); every element lands, for sizes below, at and
+    across piece boundaries, in both dtypes' directions."""
+    from rannc_hf.offload import store
+
+    monkeypatch.setattr(store, "CAST_CHUNK", 7)
+    src = torch.randn(numel, dtype=torch.float32).reshape(-1, 1)
+    half = torch.empty(numel, dtype=torch.bfloat16)
+    store.copy_cast_(half, src)
+    assert torch.equal(half, src.reshape(-1).to(torch.bfloat16))
+    back = torch.empty(numel, 1, dtype=torch.float32)
+    store.copy_cast_(back, half)
+    assert torch.equal(back.reshape(-1), half.float())
