@@ -30,6 +30,14 @@ Modes (``RanncConfig.offload``):
 * ``all``: both: only ``prefetch_blocks + 1`` blocks are on the device at any time, everything else on
   the host, CPU step.
 
+The step comes after backward (``step()``), racing the next forward block by block; with
+``step_in_backward=True`` (no clipping) each block steps as soon as its last gradient arrives in backward and
+``step()`` only finishes the rest group::
+
+    eng = OffloadEngine(..., step_in_backward=True)   # CUDA, or async_step=True on CPU
+    loss.backward()                                   # blocks step here, in backward order
+    eng.step(); eng.zero_grad()                       # clip_grad_norm_ in between is refused
+
 Parameters outside the blocks (the "rest" group: embeddings, heads) keep a resident working copy in
 every mode; their master/gradients/state follow the mode. Parameters keep their identity: each
 ``param.data`` is a view of its block's flat working buffer, whose storage is freed and refilled.
