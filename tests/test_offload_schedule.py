@@ -258,6 +258,10 @@ def test_cost_model_prices_the_gpu_step_pipe_and_streamed_state():
     assert half.h2d_bytes == pytest.approx(cpu_only.h2d_bytes + 0.5 * n * 8 - 0.5 * n * 2)
     assert half.d2h_bytes == pytest.approx(cpu_only.d2h_bytes + 0.5 * n * 6 - 0.5 * n * 2)
     assert offload_cost(mode="all", gpu_step_fraction=-1, **kw).optimizer_time == cpu_only.optimizer_time
+    # optimizer mode: the blocks stay resident and get their new weights on the GPU, so no bf16 shadow goes back:
+    # fp32 gradients out in backward, then master + gradient in and the master out
+    resident = offload_cost(mode="optimizer", gpu_step_fraction=1.0, **kw)
+    assert resident.h2d_bytes == pytest.approx(8 * n) and resident.d2h_bytes == pytest.approx(8 * n)
     # streamed: master, gradient and 8 B of AdamW state in; master, bf16 shadow and state out
     streamed = offload_cost(mode="all", stream_step_fraction=1.0, **kw)
     assert streamed.h2d_bytes == pytest.approx(cpu_only.h2d_bytes + 16 * n - 2 * n)   # fresh shadows: no fp32 fetch

@@ -226,7 +226,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     def pipe(on_g: float, st: float) -> tuple[float, float, float]:
         return gpu_step_pipe(on_g, st, device_grads=device_grads, compute_itemsize=compute_itemsize,
                              state_bytes_per_param=state_pp, link_bps=bw, duplex_bps=duplex,
-                             gpu_optim_params_per_s=gpu_optim_params_per_s)
+                             gpu_optim_params_per_s=gpu_optim_params_per_s, resident=mode == "optimizer")
 
     stream_in, stream_out, t_gpu = pipe(on_gpu, streamed)
     h2d += stream_in
@@ -270,11 +270,12 @@ def spread(items: list, n: int) -> list:
 
 def gpu_step_pipe(on_gpu: float, streamed: float, *, device_grads: bool, compute_itemsize: int,
                   state_bytes_per_param: float, link_bps: float, duplex_bps: float,
-                  gpu_optim_params_per_s: float = 50e9) -> tuple[float, float, float]:
+                  gpu_optim_params_per_s: float = 50e9, resident: bool = False) -> tuple[float, float, float]:
     """(bytes in, bytes out, seconds) of the GPU steps that follow backward: ``on_gpu`` parameters whose state
     stays on the GPU (fp32 master in, plus the gradient unless ``device_grads``; master and compute-dtype
-    shadow out) and ``streamed`` parameters whose state crosses both ways too. Inputs and results travel on
-    separate streams, so the link runs both directions at once.
+    shadow out, no shadow when the blocks stay ``resident``: ``optimizer`` mode) and ``streamed`` parameters
+    whose state crosses both ways too. Inputs and results travel on separate streams, so the link runs both
+    directions at once.
 
         >>> [round(x / 1e9, 1) for x in gpu_step_pipe(1e9, 1e9, device_grads=False, compute_itemsize=2,
         ...                                           state_bytes_per_param=8, link_bps=55e9, duplex_bps=101e9)[:2]]
@@ -282,7 +283,7 @@ def gpu_step_pipe(on_gpu: float, streamed: float, *, device_grads: bool, compute
     """
     shadow = compute_itemsize if compute_itemsize != 4 else 0
     bytes_in = on_gpu * (4.0 if device_grads else 8.0) + streamed * (8.0 + state_bytes_per_param)
-    bytes_out = (on_gpu + streamed) * (4.0 + shadow) + streamed * state_bytes_per_param
+    bytes_out = (on_gpu + streamed) * (4.0 + (0 if resident else shadow)) + streamed * state_bytes_per_param
     t = max(bytes_in / link_bps, bytes_out / link_bps, (bytes_in + bytes_out) / duplex_bps)
     return bytes_in, bytes_out, t + (on_gpu + streamed) / gpu_optim_params_per_s
 

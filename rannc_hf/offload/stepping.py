@@ -216,8 +216,14 @@ class _StepMixin:
             if g.stream_step:
                 self._state_back(g, inner, dstate)
             g.master.copy_(m, non_blocking=True)
+            # a block that stays resident gets its new weights on the device; its host shadow is only read by a
+            # later refill, which then sends the fp32 master and casts it (store.fill_work): no trip back for it
+            skip_shadow = self.cuda and g.resident and refresh and not g.offload
             if g.shadow is not g.master:
-                g.shadow.copy_(m.to(g.shadow.dtype), non_blocking=True)
+                if skip_shadow:
+                    g.shadow_stale = True
+                else:
+                    g.shadow.copy_(m.to(g.shadow.dtype), non_blocking=True)
             if g.resident and refresh:
                 g.work.copy_(m)
             ev = _record(sout)
@@ -227,7 +233,8 @@ class _StepMixin:
             hp.data = g.view(g.master, j)
         st_bytes = sum(g.sstate[k].nbytes for k in g.sstate) if g.stream_step else 0
         self._stats["h2d_bytes"] += g.master.nbytes + (0 if kept else g.grad.nbytes) + st_bytes
-        self._stats["d2h_bytes"] += g.master.nbytes + (g.shadow.nbytes if g.shadow is not g.master else 0) + st_bytes
+        shadow_back = g.shadow.nbytes if (g.shadow is not g.master and not skip_shadow) else 0
+        self._stats["d2h_bytes"] += g.master.nbytes + shadow_back + st_bytes
 
     def _ring_slot(self, numel: int) -> list:
         """The next ``[device buffer, event when free]`` of the two-slot ring (grown when too small; released
