@@ -20,6 +20,13 @@ from rannc_hf import zoo  # noqa: E402
 from rannc_hf.offload import offload_module  # noqa: E402
 
 
+def differences(ref, got) -> tuple[float, float]:
+    """(largest per-step loss difference, largest parameter difference) of two runs' (losses, state dict, ...)."""
+    dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
+    dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
+    return dl, dp
+
+
 def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, stream_blocks=0,
           device_grads=False):
     torch.manual_seed(0)
@@ -97,8 +104,7 @@ def rannc_cases(device) -> bool:
                 print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
                 good_all = False
                 continue
-            dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
-            dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
+            dl, dp = differences(ref, got)
             good = dl < 1e-3 and dp < 1e-3
             good_all &= good
             print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
@@ -162,8 +168,7 @@ def in_backward_cases() -> bool:
                 print(f"{name}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
                 good_all = False
                 continue
-            dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
-            dp = max((ref[1][key] - got[1][key]).abs().max().item() for key in ref[1])
+            dl, dp = differences(ref, got)
             good = dl < 1e-3 and dp < 1e-3 and got[2] > 0
             good_all &= good
             print(f"{name}: loss diff {dl:.2e} param diff {dp:.2e} early block steps {got[2]} {'OK' if good else 'FAIL'}",
@@ -187,8 +192,7 @@ for fam in ("gpt2", "bert", "cnn"):
     for mode in ("optimizer", "params", "all"):
         for rec in ((False, True) if fam == "gpt2" else (False,)):
             got = train(fam, mode, recompute=rec)
-            dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
-            dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
+            dl, dp = differences(ref, got)
             st = got[2].stats()
             good = dl < 1e-3 and dp < 1e-3
             ok &= good
@@ -202,8 +206,7 @@ for mode in ("optimizer", "all"):  # async pipeline with the fused CPU kernel (c
                                   (True, None, 2, 0, True), (True, None, 1, 2, True)):
         got = train("gpt2", mode, recompute=True, fused=fused, async_step=asy, dev_blocks=k, stream_blocks=ns,
                     device_grads=dg)
-        dl = max(abs(a - b) for a, b in zip(ref[0], got[0]))
-        dp = max((ref[1][k] - got[1][k]).abs().max().item() for k in ref[1])
+        dl, dp = differences(ref, got)
         good = dl < 1e-3 and dp < 1e-3
         ok &= good
         print(f"gpt2 {mode} fused={fused} async={got[2].engine.async_step} gpu-step={k} streamed="
