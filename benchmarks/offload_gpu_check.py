@@ -6,6 +6,10 @@ engine's host buffers and `params` run as `all` with every block GPU-stepped). P
     python benchmarks/offload_gpu_check.py
     python benchmarks/offload_gpu_check.py --rannc-only [--cpu]    # only the RanncModule cases
     python benchmarks/offload_gpu_check.py --in-backward-only       # only step_in_backward (no clipping)
+    python benchmarks/offload_gpu_check.py --gpu-rest-only          # only the rest group stepped on the GPU
+
+Every case with ``rest``/``gpu-rest=True`` steps the rest group (embeddings, head) on the GPU (``gpu_step_rest``;
+RanncModule through ``RANNC_HF_OFFLOAD_GPU_STEP_REST=1``).
 """
 
 import itertools
@@ -28,7 +32,7 @@ def differences(ref, got) -> tuple[float, float]:
 
 
 def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, stream_blocks=0,
-          device_grads=False):
+          device_grads=False, rest=False):
     torch.manual_seed(0)
     model, bf = zoo.make_with_batches(family, 0)
     if recompute:
@@ -40,7 +44,8 @@ def train(family, mode, dtype=None, recompute=False, fused=False, async_step=Non
     else:
         h = offload_module(model, opt, mode, device="cuda", prefetch_blocks=1, compute_dtype=dtype,
                            timing=True, cpu_fused=fused, async_step=async_step,
-                           device_step_blocks=dev_blocks, stream_step_blocks=stream_blocks, device_grads=device_grads)
+                           device_step_blocks=dev_blocks, stream_step_blocks=stream_blocks, device_grads=device_grads,
+                           gpu_step_rest=rest)
     losses = []
     for s in range(3):
         for m in range(2):
@@ -86,13 +91,18 @@ def train_rannc(family, mode, device):
             losses.append(float(loss))
         opt.step(None) if s % 2 else opt.step()
         opt.zero_grad()
+    if mode is not None:   # the engine is built at the first call
+        want = os.environ.get("RANNC_HF_OFFLOAD_GPU_STEP_REST") == "1" and device == "cuda"
+        if model._offload.engine.gpu_step_rest != want:
+            raise AssertionError(f"the engine's gpu_step_rest is {model._offload.engine.gpu_step_rest}, expected {want}")
     return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
 
 
-def rannc_cases(device) -> bool:
+def rannc_cases(device, rest=False) -> bool:
     """Each family and mode: the two micro-batches' gradients summed on the device and on the host, and with
     GPU-stepped blocks keeping their gradients on the device."""
     good_all = True
+    os.environ["RANNC_HF_OFFLOAD_GPU_STEP_REST"] = "1" if rest else "0"
     for fam in ("gpt2", "bert"):
         ref = train_rannc(fam, None, device)
         for mode, (acc, dg) in itertools.product(("optimizer", "params", "all"), (("1", "0"), ("0", "0"), ("1", "1"))):
@@ -101,20 +111,21 @@ def rannc_cases(device) -> bool:
             try:
                 got = train_rannc(fam, mode, device)
             except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
+                print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg} gpu-rest={rest}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
                 good_all = False
                 continue
             dl, dp = differences(ref, got)
             good = dl < 1e-3 and dp < 1e-3
             good_all &= good
-            print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
+            print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg} gpu-rest={rest}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
                   flush=True)
     os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", None)
     os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_GRADS", None)
+    os.environ.pop("RANNC_HF_OFFLOAD_GPU_STEP_REST", None)
     return good_all
 
 
-def train_in_backward(family, mode, dev_blocks=0, rannc=False):
+def train_in_backward(family, mode, dev_blocks=0, rannc=False, rest=False):
     """No clipping, one backward per step; ``mode`` None: the plain model. With ``rannc``: RanncModule, 2
     micro-batches summed on the GPU, step_in_backward=True; else offload_module(step_in_backward=True), recompute on."""
     import rannc_hf
@@ -134,7 +145,7 @@ def train_in_backward(family, mode, dev_blocks=0, rannc=False):
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         h = offload_module(model, opt, mode, device="cuda", prefetch_blocks=1, device_step_blocks=dev_blocks,
-                           step_in_backward=True)
+                           step_in_backward=True, gpu_step_rest=rest)
     losses = []
     for s in range(4):
         b = {k: v.cuda() for k, v in bf(8, 100 * s).items()}
@@ -153,17 +164,21 @@ def train_in_backward(family, mode, dev_blocks=0, rannc=False):
         opt.zero_grad()
     eng = h.engine if h is not None else (model._offload.engine if mode is not None else None)
     early = eng.stats()["early_block_steps"] if eng is not None else 0
+    if eng is not None and eng.gpu_step_rest != rest:
+        raise AssertionError(f"the engine's gpu_step_rest is {eng.gpu_step_rest}, the case asked for {rest}")
     return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, early
 
 
-def in_backward_cases() -> bool:
+def in_backward_cases(rests=(False,)) -> bool:
     good_all = True
     for fam, rannc in (("gpt2", False), ("bert", False), ("gpt2", True), ("bert", True)):
         ref = train_in_backward(fam, None, rannc=rannc)
-        for mode, k in (("all", 0), ("all", 2), ("optimizer", 1)):
-            name = f"step_in_backward {'RanncModule' if rannc else 'offload_module'} {fam} {mode} gpu-step={k}"
+        for (mode, k), rest in itertools.product((("all", 0), ("all", 2), ("optimizer", 1)), rests):
+            name = f"step_in_backward {'RanncModule' if rannc else 'offload_module'} {fam} {mode} gpu-step={k} gpu-rest={rest}"
+            if rannc:
+                os.environ["RANNC_HF_OFFLOAD_GPU_STEP_REST"] = "1" if rest else "0"
             try:
-                got = train_in_backward(fam, mode, k, rannc)
+                got = train_in_backward(fam, mode, k, rannc, rest)
             except Exception as e:  # noqa: BLE001 - report and go on
                 print(f"{name}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
                 good_all = False
@@ -173,8 +188,31 @@ def in_backward_cases() -> bool:
             good_all &= good
             print(f"{name}: loss diff {dl:.2e} param diff {dp:.2e} early block steps {got[2]} {'OK' if good else 'FAIL'}",
                   flush=True)
+    os.environ.pop("RANNC_HF_OFFLOAD_GPU_STEP_REST", None)
     return good_all
 
+
+def gpu_rest_cases() -> bool:
+    """The rest group stepped on the GPU: offload_module with clipping (async pipeline, with and without GPU-stepped
+    blocks), RanncModule's modes, and step_in_backward."""
+    good_all = True
+    ref = train("gpt2", None)
+    for mode, k, dg in (("optimizer", 0, False), ("all", 0, False), ("all", 2, True), ("optimizer", 1, False)):
+        got = train("gpt2", mode, recompute=True, fused=True, dev_blocks=k, device_grads=dg, rest=True)
+        dl, dp = differences(ref, got)
+        good = dl < 1e-3 and dp < 1e-3 and got[2].engine.gpu_step_rest
+        good_all &= good
+        print(f"gpt2 {mode} gpu-rest={got[2].engine.gpu_step_rest} gpu-step={k} device-grads={dg}: loss diff {dl:.2e} "
+              f"param diff {dp:.2e} {'OK' if good else 'FAIL'}", flush=True)
+    good_all &= rannc_cases("cuda", rest=True)
+    good_all &= in_backward_cases(rests=(True,))
+    return good_all
+
+
+if "--gpu-rest-only" in sys.argv:
+    ok = gpu_rest_cases()
+    print("ALL OK" if ok else "SOME FAILED")
+    sys.exit(0 if ok else 1)
 
 if "--in-backward-only" in sys.argv:
     ok = in_backward_cases()
@@ -216,4 +254,5 @@ got = train("gpt2", "all", dtype=torch.bfloat16)
 print("bf16 all losses", [round(x, 3) for x in got[0]], "ref", [round(x, 3) for x in train("gpt2", None)[0]])
 ok &= rannc_cases("cuda")
 ok &= in_backward_cases()
+ok &= gpu_rest_cases()
 print("ALL OK" if ok else "SOME FAILED")

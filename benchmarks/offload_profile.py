@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if eng is not None:
         res["blocks"] = {"gpu_stepped": eng.device_step_blocks, "streamed": eng.stream_step_blocks,
                          "cpu_stepped": eng.num_blocks - eng.device_step_blocks - eng.stream_step_blocks,
-                         "device_grads": eng.device_grads}
+                         "device_grads": eng.device_grads, "rest_on_gpu": eng.gpu_step_rest}
     if torch.cuda.is_available():
         res["max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
     print(json.dumps({k: v for k, v in res.items() if k != "step_times_s"}, indent=1, default=str), flush=True)

@@ -115,8 +115,9 @@ def test_param_groups_and_lr_scheduler_follow_user_optimizer():
         torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("engine_kw", [{}, dict(async_step=True, device_step_blocks=1, stream_step_blocks=2)],
-                         ids=["sync", "gpu-and-streamed-steps"])
+@pytest.mark.parametrize("engine_kw", [{}, dict(async_step=True, device_step_blocks=1, stream_step_blocks=2),
+                                       dict(async_step=True, gpu_step_rest=True)],
+                         ids=["sync", "gpu-and-streamed-steps", "gpu-stepped-rest"])
 def test_state_dict_roundtrip_and_resume(engine_kw):
     """Model + optimizer state dicts look like plain PyTorch's and resume training identically (also with
     blocks whose optimizer state lives on the device or streams through it)."""
@@ -197,11 +198,12 @@ def test_host_memory_refusal(monkeypatch):
     assert all(p.untyped_storage().nbytes() > 0 for p in model.parameters())
 
 
-def _train_async(family, mode, opt_fn, fused, device_blocks=0, device_grads=False, stream_blocks=0):
+def _train_async(family, mode, opt_fn, fused, device_blocks=0, device_grads=False, stream_blocks=0, rest=False):
     model, batch_fn = zoo.make_with_batches(family, 0)
     opt = opt_fn(model.parameters())
     h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True, cpu_fused=fused,
-                       device_step_blocks=device_blocks, device_grads=device_grads, stream_step_blocks=stream_blocks)
+                       device_step_blocks=device_blocks, device_grads=device_grads, stream_step_blocks=stream_blocks,
+                       gpu_step_rest=rest)
     assert h.engine.async_step
     losses = []
     for s in range(STEPS):
@@ -217,13 +219,15 @@ def _train_async(family, mode, opt_fn, fused, device_blocks=0, device_grads=Fals
 
 
 @pytest.mark.parametrize("mode", ["optimizer", "all"])
-@pytest.mark.parametrize("opt_name,device_blocks,device_grads,stream_blocks", [
-    ("adamw_fused", 0, False, 0), ("sgd", 0, False, 0), ("adamw_fused", 1, False, 0), ("sgd", 1, False, 0),
-    ("adamw_fused", 1, True, 0), ("sgd", 2, True, 0), ("adamw_fused", 0, False, 2), ("adamw_fused", 1, True, 1),
-    ("sgd", 1, False, 1)])
-def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads, stream_blocks):
+@pytest.mark.parametrize("opt_name,device_blocks,device_grads,stream_blocks,rest", [
+    ("adamw_fused", 0, False, 0, False), ("sgd", 0, False, 0, False), ("adamw_fused", 1, False, 0, False),
+    ("sgd", 1, False, 0, False), ("adamw_fused", 1, True, 0, False), ("sgd", 2, True, 0, False),
+    ("adamw_fused", 0, False, 2, False), ("adamw_fused", 1, True, 1, False), ("sgd", 1, False, 1, False),
+    ("adamw_fused", 0, False, 0, True), ("sgd", 1, True, 1, True)])
+def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads, stream_blocks, rest):
     """Background pipeline (per-block norms, clip coefficient inside the step, blocks stepped on a
-    worker thread while the next forward waits block by block) trains like plain PyTorch."""
+    worker thread while the next forward waits block by block) trains like plain PyTorch; ``rest``: the
+    embeddings and head (the rest group) step on the device, their master, state and gradients kept there."""
     if opt_name == "adamw_fused":
         def opt_fn(ps):
             return torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True)
@@ -243,8 +247,10 @@ def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads, s
         opt.zero_grad()
     ref = (losses, {k: v.detach().float().clone() for k, v in model.state_dict().items()})
     got = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks,
-                       device_grads=device_grads, stream_blocks=stream_blocks)
+                       device_grads=device_grads, stream_blocks=stream_blocks, rest=rest)
     eng = got[2].engine
+    r = eng.rest
+    assert (r.device_step, r.keep_grads, r.dev_master is not None, r.grad.numel() == 0) == (rest,) * 4
     # streamed blocks: spread over the CPU-side blocks, their optimizer state in flat host buffers between steps
     streamed = [g for g in eng.blocks if g.stream_step]
     assert len(streamed) == stream_blocks and not any(g.device_step for g in streamed)
@@ -260,8 +266,8 @@ def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads, s
     assert [g.keep_grads for g in eng.blocks] == [device_grads and i < device_blocks for i in range(len(eng.blocks))]
     if device_grads:
         host = _train_async("gpt2", mode, opt_fn, fused=opt_name == "adamw_fused", device_blocks=device_blocks,
-                            stream_blocks=stream_blocks)[2]
-        kept = eng.stats()["kept_grad_bytes"]
+                            stream_blocks=stream_blocks, rest=rest)[2]
+        kept = eng.stats()["kept_grad_bytes"] - host.engine.stats()["kept_grad_bytes"]   # the rest's, if any, in both
         assert kept >= sum(g.numel for g in eng.blocks[:device_blocks]) * 4 * STEPS   # every step, all block params
         assert eng.stats()["d2h_bytes"] + kept == host.engine.stats()["d2h_bytes"]
         # and they have no host gradient buffer (fp32 here; on CUDA the compute-dtype staging goes too)
@@ -269,7 +275,7 @@ def test_async_step_matches_plain(mode, opt_name, device_blocks, device_grads, s
         assert eng.stats()["host_bytes"] == host.engine.stats()["host_bytes"] - freed
         need = eng.host_bytes_needed([g.params for g in eng.blocks], eng.rest.params, got[3])
         count = [sum(p.numel() for p in g.params) for g in eng.groups]
-        kept_params = sum(count[:device_blocks])
+        kept_params = sum(count[:device_blocks]) + (count[-1] if rest else 0)
         assert need["fp32 gradients"] == 4 * (sum(count) - kept_params)
         if mode == "optimizer" and opt_name == "adamw_fused":   # AdamW state of the GPU-stepped blocks is not on the host
             assert need["optimizer state"] == 8 * (sum(count) - kept_params)
@@ -344,8 +350,9 @@ def _train_steps(model, batch_fn, opt, steps=STEPS, on_step=None):
 
 
 @pytest.mark.parametrize("family", ["gpt2", "bert", "cnn"])
-@pytest.mark.parametrize("mode,device_blocks", [("all", 0), ("all", 2), ("optimizer", 1)])
-def test_step_in_backward_matches_plain(family, mode, device_blocks):
+@pytest.mark.parametrize("mode,device_blocks,rest", [("all", 0, False), ("all", 2, False), ("optimizer", 1, False),
+                                                 ("all", 1, True)])
+def test_step_in_backward_matches_plain(family, mode, device_blocks, rest):
     """step_in_backward: each block steps as its last gradient arrives in backward (CPU-stepped blocks on the
     worker, GPU-stepped ones from gradients that never left the device); training equals plain PyTorch."""
     def opt_fn(ps):
@@ -356,8 +363,9 @@ def test_step_in_backward_matches_plain(family, mode, device_blocks):
     model, batch_fn = zoo.make_with_batches(family, 0)
     opt = opt_fn(model.parameters())
     h = offload_module(model, opt, mode, device="cpu", prefetch_blocks=1, async_step=True,
-                       device_step_blocks=device_blocks, step_in_backward=True)
+                       device_step_blocks=device_blocks, step_in_backward=True, gpu_step_rest=rest)
     eng = h.engine
+    assert eng.rest.device_step == rest
     stepped = []
 
     def during(s):   # between backward and step: the blocks already stepped, gradients are off limits

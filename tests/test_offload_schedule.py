@@ -385,6 +385,28 @@ def test_cost_model_prices_the_step_in_backward():
         offload_cost(**kw, microbatches=4).step_time)
 
 
+def test_cost_model_prices_the_rest_group_stepped_on_the_gpu():
+    """gpu_step_rest: the embeddings' step (exposed: the next forward starts with them) becomes GPU kernels, their
+    gradients stay on the GPU and their new weights need no copy in (only the master goes back). The planner's
+    and the runtime's rule puts them on the GPU first, when their 16 bytes per parameter fit."""
+    from rannc_hf.offload.cost import choose_gpu_step_rest, gpu_step_rest_bytes, offload_cost
+
+    n, rest = 2.78e9, 1.31e8
+    kw = dict(param_bytes=n * 4, grad_bytes=n * 2, optim_bytes=n * 8, fwd_time=0.16, bwd_time=0.32, link_gbps=50.0,
+              duplex_gbps=75.0, cpu_adam_params_per_s=2.6e9, mode="all", num_blocks=32, recompute=True,
+              gpu_step_fraction=0.3, rest_params=rest)
+    host, dev = offload_cost(**kw), offload_cost(**kw, gpu_step_rest=True)
+    assert host.optimizer_time - dev.optimizer_time == pytest.approx(rest / 2.6e9 - rest / 50e9, rel=1e-6)
+    assert host.d2h_bytes - dev.d2h_bytes == pytest.approx(rest * 4 - rest * 4, abs=1.0)   # fp32 grads stay, master goes
+    assert host.h2d_bytes - dev.h2d_bytes == pytest.approx(rest * 2, rel=1e-6)              # no working copy in
+    assert dev.step_time < host.step_time
+    assert offload_cost(**dict(kw, mode="params"), gpu_step_rest=True).step_time == pytest.approx(
+        offload_cost(**dict(kw, mode="params")).step_time)   # params mode has no host step to replace
+    assert gpu_step_rest_bytes(rest) == pytest.approx(rest * 16)
+    assert choose_gpu_step_rest(rest, rest * 16 / 0.8) and not choose_gpu_step_rest(rest, rest * 16 / 0.8 - 1)
+    assert not choose_gpu_step_rest(0, 1e12)
+
+
 @pytest.mark.parametrize("numel", [1, 7, 21, 22])
 def test_converting_copy_in_pieces(monkeypatch, numel):
     """copy_cast_ converts piece by piece (a bounded temporary); every element lands, for sizes below, at and

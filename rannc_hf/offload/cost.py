@@ -83,7 +83,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  gpu_step_fraction: float = 0.0, rest_params: float = 0.0, device_accumulate: bool = False,
                  host_fold_params_per_s: float = 4.0e9, device_grads: bool = False,
                  block_host_time: float = 0.0, engine_blocks: Optional[int] = None,
-                 stream_step_fraction: float = 0.0, step_in_backward: bool = False) -> OffloadCost:
+                 stream_step_fraction: float = 0.0, step_in_backward: bool = False,
+                 gpu_step_rest: bool = False) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -132,6 +133,9 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
             gradients stay on the GPU and their step pipe shares backward's idle link time; the CPU steps the
             last layers (whose gradients come first) while backward and the next forward's GPU-stepped layers
             run, so only what is left of it by the time that forward reaches them is exposed.
+        gpu_step_rest: ``optimizer``/``all``: the rest group (``rest_params``) keeps its master, state and gradients
+            on the GPU and steps there (the engine's ``gpu_step_rest``): its gradients stay, its step takes
+            ``rest_params / gpu_optim_params_per_s`` and its new weights need no copy in.
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -156,8 +160,10 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     on_gpu = layers if mode == "params" else layers * min(1.0, max(0.0, float(gpu_step_fraction)))
     early = bool(step_in_backward) and mode in ("optimizer", "all") and (mb == 1 or device_accumulate)
     device_grads = device_grads or early
-    if device_grads and n_params > 0:   # only the CPU-stepped share's gradients travel
-        grad_bytes = grad_bytes * (1.0 - on_gpu / n_params)
+    rest_on_gpu = bool(gpu_step_rest) and mode in ("optimizer", "all")
+    stays = (on_gpu if device_grads else 0.0) + (rest if rest_on_gpu else 0.0)
+    if stays > 0 and n_params > 0:   # only the CPU-stepped share's gradients travel
+        grad_bytes = grad_bytes * (1.0 - stays / n_params)
     per_block_g = grad_bytes / nb
     fwd_b, bwd_b = fwd_time / nb, bwd_eff / nb
     kept = min(nb, prefetch_blocks + 1)
@@ -232,7 +238,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
     h2d += stream_in
     d2h += stream_out
     link_busy += (stream_in + stream_out) / duplex
-    t_rest = rest / cpu_adam_params_per_s   # the resident group, on the main thread after backward
+    # the resident group, after backward: on the main thread's CPU, or a few kernels on the GPU
+    t_rest = rest / (gpu_optim_params_per_s if rest_on_gpu else cpu_adam_params_per_s)
     if early:   # GPU steps inside backward's idle link time (streamed blocks still step after it): the GPU-stepped
         # layers are the first ones, so their gradients, and their steps, come in the last on_gpu/layers of backward
         share = on_gpu / layers if layers > 0 else 0.0
@@ -251,7 +258,10 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
             t_cpu = max(0.0, t_cpu - (bwd_eff * (1.0 - 1.0 / nb) + t_rest + fwd_time * on_gpu / layers))
         t_opt = max(t_gpu, t_cpu)
     t_opt += t_rest
-    h2d += rest * compute_itemsize           # and its new working copy
+    if rest_on_gpu:
+        d2h += rest * 4.0                    # its new master back to the host, behind the next forward
+    else:
+        h2d += rest * compute_itemsize       # its new working copy
     hidden = 1.0 if link_busy <= 0 else max(0.0, min(1.0, 1.0 - exposed / link_busy))
     step = compute + exposed + t_opt
     return OffloadCost(mode, h2d, d2h, link_busy, exposed, t_opt, step - compute - no_offload_optim_time, step, hidden)
@@ -377,6 +387,28 @@ def use_device_accumulation(microbatches: int, num_params: float, headroom_bytes
         (True, False, False)
     """
     return microbatches > 1 and 4.0 * num_params <= safety * float(headroom_bytes)
+
+
+def gpu_step_rest_bytes(rest_params: float, state_bytes_per_param: float = 8.0) -> float:
+    """GPU bytes the rest group takes when it steps there (the engine's ``gpu_step_rest``): its fp32 master and
+    gradients and its optimizer state.
+
+        >>> gpu_step_rest_bytes(131e6) / 1e9   # GPT-2 2.7B's embeddings and final norm, AdamW
+        2.096
+    """
+    return float(rest_params) * (8.0 + state_bytes_per_param)
+
+
+def choose_gpu_step_rest(rest_params: float, headroom_bytes: float, state_bytes_per_param: float = 8.0,
+                         safety: float = 0.8) -> bool:
+    """Whether the rest group steps on the GPU: first call on the headroom (before :func:`choose_gpu_step_blocks`),
+    because its host step is never hidden (the next forward's first layer needs the embeddings), while a block's
+    is partly hidden behind the next forward.
+
+        >>> choose_gpu_step_rest(131e6, headroom_bytes=3e9), choose_gpu_step_rest(131e6, headroom_bytes=2e9)
+        (True, False)
+    """
+    return rest_params > 0 and gpu_step_rest_bytes(rest_params, state_bytes_per_param) <= safety * float(headroom_bytes)
 
 
 def choose_gpu_step_blocks(block_numels: Sequence[int], headroom_bytes: float, state_bytes_per_param: float = 8.0,

@@ -146,6 +146,10 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             call ``step()`` after each; clipping, scaling or reading gradients between them is refused with
             :class:`~rannc_hf.errors.OffloadError`. Needs the async pipeline; with several micro-batches per
             pass, ``device_accumulate`` too (otherwise the pass steps after backward as usual).
+        gpu_step_rest: the rest group (embeddings, heads: always resident) keeps its fp32 master, optimizer state
+            and gradients on the device too (16 more bytes per parameter there with AdamW) and ``step()`` steps it
+            there, a few GPU kernels, instead of on the host while the GPU waits for the next forward's first
+            layer (GPT-2 2.7B: about 50 ms a step). Needs the async pipeline.
         prepare: called with each group's index (block ``i``, then ``len(blocks)`` for the rest) just before
             the engine copies that group's parameters into its host store: :func:`offload_module` gives
             meta-device parameters their values there, one block at a time.
@@ -159,7 +163,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                  async_step: Optional[bool] = None, device_step_blocks: int = 0,
                  cpu_threads: Optional[int] = None, stream_step_blocks: Optional[int] = None,
                  device_accumulate: bool = False, device_grads: Optional[bool] = None,
-                 step_in_backward: bool = False, prepare: Optional[Callable[[int], None]] = None):
+                 step_in_backward: bool = False, gpu_step_rest: bool = False,
+                 prepare: Optional[Callable[[int], None]] = None):
         if mode not in MODES:
             raise OffloadError(f"offload mode must be one of {', '.join(MODES)} for the engine, got {mode!r} "
                                f"('none' needs no engine; 'auto' is resolved by the planner or offload_module)")
@@ -204,6 +209,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._pass_mb = 1          # micro-batches of the pass under way (begin_pass)
         self.step_in_backward = bool(step_in_backward) and self.async_step
         self._early = self.step_in_backward   # this pass steps blocks during backward (begin_pass decides)
+        self.gpu_step_rest = bool(gpu_step_rest) and self.async_step
 
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:
@@ -223,14 +229,16 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
 
         self.blocks = [group(i, ps, offload=self.offload_params, host_grads=not self._keeps_grads(i))
                        for i, ps in enumerate(block_lists)]
-        self.rest = group(len(block_lists), rest_list, offload=False)
+        self.rest = group(len(block_lists), rest_list, offload=False, host_grads=not self.gpu_step_rest)
         self.groups = self.blocks + [self.rest]
         self.num_blocks = len(self.blocks)
         for g in self.groups:  # async pipeline bookkeeping
-            g.device_step = g.index < self.device_step_blocks and g is not self.rest
+            on_device_rest = g is self.rest and self.gpu_step_rest
+            g.device_step = (g.index < self.device_step_blocks and g is not self.rest) or on_device_rest
             g.stream_step = False
             g.sstate = {}   # streamed optimizer state: key -> flat pinned host buffer
-            g.keep_grads = g is not self.rest and self._keeps_grads(g.index)
+            g.keep_grads = (g is not self.rest and self._keeps_grads(g.index)) or on_device_rest
+            g.dev_master = None   # the rest group stepped on the device: its fp32 master there (made by its first step)
             g.n_req = sum(1 for p in g.params if p.requires_grad)
             g.round, g.round_set, g.round_direct = [], set(), set()
             g.arrived = set()   # parameters with a gradient since zero_grad (main thread's view)
@@ -331,9 +339,13 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         keep their optimizer state on the device, and with ``device_grads`` their gradients too."""
         sizes = [sum(p.numel() for p in ps) for ps in block_lists]
         on_device = sum(sizes[:self.device_step_blocks])
+        kept = on_device if self.device_grads else 0
+        if self.gpu_step_rest:
+            n_rest = sum(p.numel() for p in rest_list)
+            on_device, kept = on_device + n_rest, kept + n_rest
         state = state_bytes_per_param(optimizer) if optimizer is not None and self.step_on_cpu else 0.0
         return host_need(sum(sizes) + sum(p.numel() for p in rest_list), self.compute_dtype, self.cuda, state,
-                         on_device, on_device if self.device_grads else 0)
+                         on_device, kept)
 
     def _check_host_memory(self, block_lists, rest_list, optimizer) -> None:
         need = self.host_bytes_needed(block_lists, rest_list, optimizer)

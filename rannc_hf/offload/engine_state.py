@@ -35,6 +35,7 @@ class _StateMixin:
         if g.shadow_event is not None:   # a cast still on its way back into the shadow
             g.shadow_event.synchronize()
         g.view(g.master, j).copy_(value.detach().reshape(g.shapes[j]))
+        g.dev_master = None   # a device master (gpu_step_rest) is made again from this one at the next step
         if g.shadow is not g.master:
             g.view(g.shadow, j).copy_(g.view(g.master, j))
         if g.resident:

@@ -259,7 +259,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
                    trace: bool = False, timing: bool = False, cpu_fused: Optional[bool] = None,
                    async_step: Optional[bool] = None, device_step_blocks: int = 0,
                    cpu_threads: Optional[int] = None, stream_step_blocks: Optional[int] = None,
-                   device_grads: Optional[bool] = None, step_in_backward: bool = False,
+                   device_grads: Optional[bool] = None, step_in_backward: bool = False, gpu_step_rest: bool = False,
                    materialize: Optional[Callable[[nn.Module], None]] = None) -> OffloadHandle:
     """Offload ``model``'s blocks per ``config_or_mode`` and return an :class:`OffloadHandle`.
 
@@ -275,7 +275,7 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
         prefetch_blocks: blocks fetched ahead (default: the config's, or 2).
         check_memory: refuse with :class:`OffloadError` if host RAM is too small.
         trace, timing, cpu_fused, async_step, device_step_blocks, cpu_threads, stream_step_blocks, device_grads,
-            step_in_backward: see :class:`~rannc_hf.offload.engine.OffloadEngine` (with ``step_in_backward`` every
+            step_in_backward, gpu_step_rest: see :class:`~rannc_hf.offload.engine.OffloadEngine` (with ``step_in_backward`` every
             ``loss.backward()`` must be followed by ``optimizer.step()``, and gradients cannot be clipped).
         materialize: for a model built on the meta device (``with torch.device("meta"): ...``): its
             parameters get host storage one block at a time, just before the engine copies that block into
@@ -327,7 +327,8 @@ def offload_module(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] 
                            optimizer=optimizer, rest=rest, check_memory=check_memory, trace=trace, timing=timing,
                            cpu_fused=cpu_fused, param_order=list(model.parameters()), async_step=async_step,
                            device_step_blocks=device_step_blocks, cpu_threads=cpu_threads, stream_step_blocks=stream_step_blocks,
-                           device_grads=device_grads, step_in_backward=step_in_backward, prepare=_materializer(model, blocks, materialize))
+                           device_grads=device_grads, step_in_backward=step_in_backward, gpu_step_rest=gpu_step_rest,
+                           prepare=_materializer(model, blocks, materialize))
     handle = OffloadHandle(model, optimizer, engine, mode, blocks)
     eid = engine.id
     for i, b in enumerate(blocks):

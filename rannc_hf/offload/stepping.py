@@ -113,7 +113,9 @@ class _StepMixin:
                 continue
             sync_hyperparams(self.optimizer, inner, self._inner_groups[gi])
             has = list(g.has_grad)
-            if g is self.rest:
+            if g is self.rest and g.device_step:
+                self._gpu_rest_step(g, inner, has, scale)
+            elif g is self.rest:
                 self._step_group(g, inner, has, scale, bwd_done)
                 self._wait_group_step_now(g)
             elif g.device_step or g.stream_step:
@@ -235,6 +237,45 @@ class _StepMixin:
         self._stats["h2d_bytes"] += g.master.nbytes + (0 if kept else g.grad.nbytes) + st_bytes
         shadow_back = g.shadow.nbytes if (g.shadow is not g.master and not skip_shadow) else 0
         self._stats["d2h_bytes"] += g.master.nbytes + shadow_back + st_bytes
+
+    def _gpu_rest_step(self, g: ParamGroup, inner, has: list, scale) -> None:
+        """The rest group stepped on the device (``gpu_step_rest``): its fp32 master, optimizer state and gradients
+        all live there, so the step is a few kernels on the compute stream, which the next forward needs first
+        anyway; the working copy is refreshed in place and the new master goes back to the host on the step-output
+        stream, for readers of the host master (``g.step_event`` marks it; the next step waits for it before
+        writing the device master again). The device master is made from the host one on the first step, and
+        again after :meth:`load_param_` wrote the host one."""
+        if g.dev_master is None:
+            g.dev_master = g.master.to(self.device, non_blocking=True, copy=True)
+            self._stats["h2d_bytes"] += g.master.nbytes
+        m = g.dev_master
+        gr = g.dev_grad if g.dev_grad is not None else torch.zeros(g.numel, dtype=torch.float32, device=self.device)
+        for j, hp in enumerate(g.host_params):
+            hp.data = g.view(m, j)
+            hp.grad = g.view(gr, j) if has[j] else None
+        try:
+            if scale is not None:
+                grads = [hp.grad for hp in g.host_params if hp.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, float(scale))
+            inner.step()
+        finally:
+            for j, hp in enumerate(g.host_params):
+                hp.grad = None
+                hp.data = g.view(g.master, j)
+        g.work.copy_(m)
+        if g.shadow is not g.master:
+            g.shadow_stale = True   # a later refill casts the master (store.fill_work)
+        sout = self._step_out
+        if sout is None:
+            g.master.copy_(m)
+            g.step_event = None
+        else:
+            sout.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(sout):
+                g.master.copy_(m, non_blocking=True)
+            g.step_event = _record(sout)
+        self._stats["d2h_bytes"] += g.master.nbytes
 
     def _ring_slot(self, numel: int) -> list:
         """The next ``[device buffer, event when free]`` of the two-slot ring (grown when too small; released

@@ -498,6 +498,19 @@ class Searcher:
         state = 8.0 + (4.0 if self.device_grads else 0.0)
         return choose_gpu_step_blocks([n_par / layers] * layers, headroom, state) / layers
 
+    def _gpu_step_rest(self, off: str, rest: float, headroom: float) -> bool:
+        """Whether the engine will step a stage's rest group (embeddings, heads) on the GPU: the runtime's rule
+        (``gpu_step_blocks: auto`` and room for its master, gradients and AdamW state); False on a CPU profile."""
+        from ..config import env_flag
+        from ..offload.cost import choose_gpu_step_rest
+
+        if off not in ("optimizer", "all") or self.profile.name == "cpu" or rest <= 0:
+            return False
+        forced = env_flag("RANNC_HF_OFFLOAD_GPU_STEP_REST")
+        if forced is not None:
+            return forced
+        return self.config.gpu_step_blocks == "auto" and choose_gpu_step_rest(rest, headroom)
+
     def _stream_step_fraction(self, off: str, n_par: float, layers: int, gpu_share: float, ci: int) -> float:
         """The share of a stage's CPU-side layers the engine will step on the GPU with their state streamed
         (``stream_step_blocks``: auto's rule, :func:`~rannc_hf.offload.cost.choose_stream_step_blocks`, or the
@@ -532,11 +545,14 @@ class Searcher:
         if off == "none":
             return gpu_opt, 0.0
         try:
-            from ..offload.cost import offload_cost, use_device_accumulation
+            from ..offload.cost import gpu_step_rest_bytes, offload_cost, use_device_accumulation
 
             dev_acc = prof.name != "cpu" and use_device_accumulation(M, n_par, headroom)  # as the runtime decides
             if dev_acc:
                 headroom -= 4.0 * n_par
+            rest_gpu = self._gpu_step_rest(off, rest, headroom)
+            if rest_gpu:
+                headroom -= gpu_step_rest_bytes(rest)
             share = self._gpu_step_fraction(off, n_par - rest, layers or nblocks, headroom)
             oc = offload_cost(param_bytes=n_par * 4.0, grad_bytes=n_par * ci, optim_bytes=n_par * 8.0,
                               fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
@@ -548,7 +564,7 @@ class Searcher:
                               rest_params=rest, device_accumulate=dev_acc,
                               host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
                               block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks,
-                              step_in_backward=self.config.step_in_backward)
+                              step_in_backward=self.config.step_in_backward, gpu_step_rest=rest_gpu)
             return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw

@@ -52,7 +52,8 @@ import torch.nn as nn
 from ..config import env_flag, env_int
 from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
-from ..offload.cost import choose_gpu_step_blocks, choose_stream_step_blocks, use_device_accumulation
+from ..offload.cost import (choose_gpu_step_blocks, choose_gpu_step_rest, choose_stream_step_blocks,
+                             gpu_step_rest_bytes, use_device_accumulation)
 from ..offload.engine import device_grads_default
 from ..offload.hooks import masters_into_state_dict, reject_closure
 from ..offload.optimizer import state_bytes_per_param
@@ -537,6 +538,24 @@ def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float],
     return choose_gpu_step_blocks([sum(p.numel() for p in ps) for ps in blocks], headroom, state)
 
 
+def _gpu_step_rest(module, rest: list, mode: str, headroom: Optional[float]) -> bool:
+    """Whether the rest group (embeddings, heads) steps on the GPU: with ``gpu_step_blocks: auto``, when its master,
+    gradients and optimizer state fit in ``headroom`` (:func:`~rannc_hf.offload.cost.choose_gpu_step_rest`, the
+    planner's rule); ``RANNC_HF_OFFLOAD_GPU_STEP_REST=0/1`` overrides it. False without a CUDA device or a CPU step."""
+    if module.device.type != "cuda" or mode not in ("optimizer", "all") or not rest:
+        return False
+    forced = env_flag("RANNC_HF_OFFLOAD_GPU_STEP_REST")
+    if forced is not None:
+        return forced
+    if module.config.gpu_step_blocks != "auto" or headroom is None:
+        return False
+    return choose_gpu_step_rest(sum(p.numel() for p in rest), headroom, _state_bytes(module.optimizer))
+
+
+def _state_bytes(opt) -> float:
+    return state_bytes_per_param(opt) if opt is not None else 8.0
+
+
 def _stream_step_blocks(module, blocks: list, mode: str, k: int, device_grads: bool) -> int:
     """``config.stream_step_blocks`` (``$RANNC_HF_OFFLOAD_STREAM_STEP`` overrides it), ``auto`` resolved by
     :func:`~rannc_hf.offload.cost.choose_stream_step_blocks` from the local device profile's rates over the
@@ -614,17 +633,22 @@ def attach(module) -> Optional[StageOffload]:
     if dev_acc and headroom is not None:
         headroom -= 4.0 * n_params
     dev_grads = device_grads_default()
+    n_rest = sum(p.numel() for p in rest)
+    rest_gpu = _gpu_step_rest(module, rest, engine_mode_for(mode, cuda, len(blocks), 0)[0], headroom)
+    if rest_gpu and headroom is not None:
+        headroom -= gpu_step_rest_bytes(n_rest, _state_bytes(opt))
     engine_mode, k = engine_mode_for(mode, cuda, len(blocks),
                                      _gpu_step_blocks(module, blocks, mode, headroom, dev_grads))
     on_device = sum(p.numel() for ps in blocks[:k] for p in ps) if cuda else 0   # GPU-stepped (async on CUDA only)
-    check_node_memory(host_bytes(n_params, engine_mode, dtype, cuda, opt, on_device, on_device if dev_grads else 0),
-                      mode, module.device)
+    kept = (on_device if dev_grads else 0) + (n_rest if rest_gpu else 0)
+    check_node_memory(host_bytes(n_params, engine_mode, dtype, cuda, opt, on_device + (n_rest if rest_gpu else 0),
+                                 kept), mode, module.device)
     streamed = _stream_step_blocks(module, blocks, engine_mode, k, dev_grads)
     engine = OffloadEngine(blocks, device=module.device, mode=engine_mode, compute_dtype=dtype,
                            prefetch_blocks=module.config.prefetch_blocks, optimizer=opt, rest=rest,
                            check_memory=False, param_order=params, device_step_blocks=k,
                            device_accumulate=dev_acc, device_grads=dev_grads, stream_step_blocks=streamed,
-                           step_in_backward=module.config.step_in_backward)
+                           step_in_backward=module.config.step_in_backward, gpu_step_rest=rest_gpu)
     so = StageOffload(module, engine, mode, modes)
     so._prefixes = prefixes
     so._blocks_per_stage = per_stage
@@ -636,7 +660,8 @@ def attach(module) -> Optional[StageOffload]:
         so.patch_optimizer(opt)
     module.module._register_state_dict_hook(_masters_hook(so, module.module))
     log.info("rannc_hf: offload %s (engine mode %s) on pipeline rank %d: %d blocks (%d stepped on the GPU, %d on "
-             "the GPU with their state streamed), %d resident parameters, micro-batch gradients summed on the %s",
-             mode, engine_mode, module.pp_rank, len(blocks), engine.device_step_blocks, engine.stream_step_blocks,
-             len(rest), "GPU" if engine.device_accumulate else "host")
+             "the GPU with their state streamed), %d resident parameters stepped on the %s, micro-batch gradients "
+             "summed on the %s", mode, engine_mode, module.pp_rank, len(blocks), engine.device_step_blocks,
+             engine.stream_step_blocks, len(rest), "GPU" if engine.gpu_step_rest else "host",
+             "GPU" if engine.device_accumulate else "host")
     return so
