@@ -187,9 +187,8 @@ def offload_rannc() -> str:
         rows.append(f"| GPT-2 2.7B | plain PyTorch uncapped, accumulation 8, recompute, same call | "
                     f"{q['step_time_s'] * 1e3:,.0f} | {q['tokens_per_s']:,.0f} | | | | |")
         notes.append(acc["note"])
-    for key in ("streamed_step_call2", "gpt2_2.7b_alone_call3", "gpt2_2.7b_alone_call4",   # sixth session
-                "step_in_backward_call1", "step_in_backward_call2",                         # seventh
-                "step_in_backward_call3", "step_in_backward_call4"):
+    calls = [k for k in d if "_call" in k and isinstance(d[k], dict) and "note" in d[k]]   # recorded in call order
+    for key in calls:   # sixth session on (benchmarks/record_call.py writes them)
         if d.get(key):
             rows += _session_rows(d[key])
             notes.append(d[key]["note"])
