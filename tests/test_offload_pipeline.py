@@ -595,3 +595,35 @@ def test_step_in_backward_through_the_runtime(monkeypatch, family, mode, microba
         (loss * 0.5).backward()
     with pytest.raises(OffloadError, match="optimizer.step\\(\\) was not called"):
         rm(**bf(BATCH, 10))
+
+
+def test_gpu_step_rest_follows_the_plan(monkeypatch):
+    """The rest group (embeddings, heads) steps on the GPU when the plan chose it for a local stage and its master,
+    gradients and AdamW state fit in the headroom (gpu_step_blocks: auto); the environment forces either way; never
+    on a CPU device or without a CPU step. torch.cuda is stubbed."""
+    from types import SimpleNamespace
+
+    import rannc_hf
+    from rannc_hf.runtime.offload_stage import _gpu_headroom, _gpu_step_rest
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=10 * 2**30))
+    monkeypatch.delenv("RANNC_HF_OFFLOAD_GPU_STEP_REST", raising=False)
+    rest = [torch.nn.Parameter(torch.zeros(2**26))]                  # 64 Mi params: 1 GiB at 16 bytes each
+
+    def decide(mode="all", device="cuda", chosen=True, planned=6, **cfg):
+        stage = SimpleNamespace(memory={"total": planned * 2**30}, peak_bytes=planned * 2**30, gpu_step_rest=chosen)
+        m = SimpleNamespace(device=torch.device(device), config=rannc_hf.RanncConfig(**cfg),
+                            plan=SimpleNamespace(stages=[stage]), optimizer=torch.optim.AdamW(rest),
+                            _primary=SimpleNamespace(pipe=SimpleNamespace(modules=[SimpleNamespace(
+                                spec=SimpleNamespace(index=0))])))
+        return _gpu_step_rest(m, rest, mode, _gpu_headroom(m))
+
+    assert decide() is True                                          # 3 GiB headroom x 0.8 holds 1 GiB
+    assert decide(chosen=False) is False                             # the planner found the host cheaper
+    assert decide(planned=8) is False                                # 1 GiB x 0.8 does not hold it
+    assert decide(gpu_step_blocks=4) is False                        # a fixed block count: no GPU step for the rest
+    assert decide(device="cpu") is False and decide(mode="params") is False
+    monkeypatch.setenv("RANNC_HF_OFFLOAD_GPU_STEP_REST", "1")
+    assert decide(chosen=False) is True and decide(device="cpu") is False
+    monkeypatch.setenv("RANNC_HF_OFFLOAD_GPU_STEP_REST", "0")
+    assert decide() is False

@@ -277,3 +277,29 @@ def test_large_vocab_across_nodes_beats_param_balance():
                          progress=False)
     assert p.baselines["params"] <= only.predicted_step_time * (1 + 1e-9)
     assert p.predicted_step_time * 1.2 <= p.baselines["params"]
+
+
+def test_rest_group_placed_where_the_cost_model_is_cheaper(monkeypatch):
+    """With room for the rest group's 16 bytes per parameter the planner prices it on the host and on the GPU (which
+    leaves fewer GPU-stepped layers) and keeps the cheaper; without room, or on a CPU profile, the host."""
+    from rannc_hf.planner.costs import CostModel
+    from rannc_hf.planner.search import Searcher
+
+    monkeypatch.delenv("RANNC_HF_OFFLOAD_GPU_STEP_REST", raising=False)
+    s = Searcher(CostModel.build(graph("gpt2"), "h200", "bf16"), Cluster(num_gpus=1, device="h200"),
+                 RanncConfig(offload="all"), global_batch=8)
+    n, rest = 2.65e9, 1.3e8
+    args = ("all", 0.13, 0.36, 1, 32, True, 2)                      # mode, F, Bw, M, blocks, recompute, bf16
+
+    def priced(headroom):   # (host, GPU) step times as the runtime would run each
+        return tuple(s._offload_cost(n, *args[:6], 2, headroom - (rest * 16 if g else 0.0), rest, 32, False, g).step_time
+                     for g in (False, True))
+
+    for headroom in (30e9, 3e9, 6e9):   # everything fits; the rest or a few layers; the rest and some layers
+        host, gpu = priced(headroom)
+        assert s._optimizer_time(n, *args, headroom=headroom, rest=rest, layers=32)[2] == (gpu < host)
+    assert priced(30e9)[1] < priced(30e9)[0]                         # nothing to give up: the GPU wins
+    assert s._optimizer_time(n, *args, headroom=rest * 16 / 0.8 - 1, rest=rest, layers=32)[2] is False   # no room
+    cpu = Searcher(CostModel.build(graph("gpt2"), "cpu", "fp32"), Cluster(num_gpus=1, device="cpu"),
+                   RanncConfig(offload="all"), global_batch=8)
+    assert cpu._optimizer_time(n, *args, headroom=30e9, rest=rest, layers=32)[2] is False

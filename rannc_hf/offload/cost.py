@@ -84,7 +84,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  host_fold_params_per_s: float = 4.0e9, device_grads: bool = False,
                  block_host_time: float = 0.0, engine_blocks: Optional[int] = None,
                  stream_step_fraction: float = 0.0, step_in_backward: bool = False,
-                 gpu_step_rest: bool = False) -> OffloadCost:
+                 gpu_step_rest: bool = False, param_overhead_s: float = 0.0) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -136,6 +136,9 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         gpu_step_rest: ``optimizer``/``all``: the rest group (``rest_params``) keeps its master, state and gradients
             on the GPU and steps there (the engine's ``gpu_step_rest``): its gradients stay, its step takes
             ``rest_params / gpu_optim_params_per_s`` and its new weights need no copy in.
+        param_overhead_s: GPU time the engine adds per parameter and optimizer step beyond what the terms above
+            price (its side-stream casts, GPU steps and norms slowing the compute kernels, allocator stalls near
+            the cap): a fitted constant, see :attr:`~rannc_hf.profile.devices.DeviceProfile.offload_param_overhead_s`.
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -217,6 +220,7 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         d2h += cpu_side * compute_itemsize
         link_busy += nb * (f_new - f_old)
         exposed += nb * (max(0.0, f_new - fwd_b) - max(0.0, f_old - fwd_b))
+    exposed += n_params * max(0.0, float(param_overhead_s))
     eb = max(1, int(engine_blocks or nb))  # host-bound small blocks
     exposed += mb * eb * max(0.0, float(block_host_time) - (fwd_time + bwd_eff) / eb)
     if sending > 1:  # host folds of micro-batches 2..m on one worker, overlapped with the backward passes after

@@ -303,7 +303,8 @@ def _to_plan(c: Candidate, cm: CostModel, graph, cluster: Cluster, config: Rannc
         stages.append(StagePlan(index=i, op_range=(a, b), modules=describe(graph, a, b), num_params=int(n_par),
                                 param_bytes=int(n_par * 4), memory=dict(c.memory[i]), fwd_ms=c.fwd[i] * 1e3,
                                 bwd_ms=c.bwd[i] * 1e3, recompute=rc_name if c.recompute[i] else "none",
-                                recompute_starts=starts, offload=c.offload[i], replicas=c.dp))
+                                recompute_starts=starts, offload=c.offload[i], replicas=c.dp,
+                                gpu_step_rest=bool(c.rest_on_gpu[i]) if i < len(c.rest_on_gpu) else False))
     t = cm.table
     # one micro-batch's FLOPs times the micro-batches of a step: a graph captured at batch 1 has no batch
     # dimension to scale by (export specialises it), so scaling it straight to the global batch undercounts

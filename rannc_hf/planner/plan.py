@@ -40,6 +40,7 @@ class StagePlan:
     recompute_starts: list[int] = field(default_factory=list)  # ops that begin a checkpointed segment
     offload: str = "none"                     # none | optimizer | params | all
     replicas: int = 1
+    gpu_step_rest: bool = False               # offload: the engine steps the rest group (embeddings, heads) on the GPU
 
     @property
     def peak_bytes(self) -> int:
@@ -195,7 +196,8 @@ class Plan:
         for s in self.stages:
             rows.append([str(s.index), f"{s.op_range[0]}-{s.op_range[1]}", _clip(s.modules, 40),
                          f"{s.num_params / 1e6:,.1f}M", format_bytes(s.peak_bytes), f"{s.fwd_ms:.2f}",
-                         f"{s.bwd_ms:.2f}", str(s.replicas), s.recompute, s.offload])
+                         f"{s.bwd_ms:.2f}", str(s.replicas), s.recompute,
+                         s.offload + (" (rest on GPU)" if s.gpu_step_rest else "")])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
         out = [head, line, "-" * len(line)]

@@ -55,6 +55,7 @@ class Candidate:
     recompute: list[bool] = field(default_factory=list)
     segments: list[list[int]] = field(default_factory=list)  # per chunk: recompute boundaries (block j ends one)
     offload: list[str] = field(default_factory=list)
+    rest_on_gpu: list[bool] = field(default_factory=list)   #: per chunk: the engine steps its rest group on the GPU
     fwd: list[float] = field(default_factory=list)
     bwd: list[float] = field(default_factory=list)
     p2p: list[float] = field(default_factory=list)
@@ -434,15 +435,16 @@ class Searcher:
                     if mem["total"] > self.cap / v:
                         continue
                     t_f, t_b = F, Bw + (F if rc else 0.0)
-                    opt_t, exp_mb = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci,
-                                                         headroom=self.cap / v - mem["total"],
-                                                         rest=rest, layers=self._layers_in(lo, hi))
+                    opt_t, exp_mb, rest_gpu = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci,
+                                                                   headroom=self.cap / v - mem["total"],
+                                                                   rest=rest, layers=self._layers_in(lo, hi))
                     score = M * (t_f + t_b + exp_mb) + opt_t
                     if best is None or score < best[0]:
-                        best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t)
+                        best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t, rest_gpu)
             if best is None:
                 return None
-            _, rc, off, mem, t_f, t_b, opt_t = best
+            _, rc, off, mem, t_f, t_b, opt_t, rest_gpu = best
+            cand.rest_on_gpu.append(rest_gpu)
             cand.recompute.append(rc)
             cand.segments.append([lo + j for j in seg.boundaries] if rc and seg else [])
             cand.offload.append(off)
@@ -498,18 +500,21 @@ class Searcher:
         state = 8.0 + (4.0 if self.device_grads else 0.0)
         return choose_gpu_step_blocks([n_par / layers] * layers, headroom, state) / layers
 
-    def _gpu_step_rest(self, off: str, rest: float, headroom: float) -> bool:
-        """Whether the engine will step a stage's rest group (embeddings, heads) on the GPU: the runtime's rule
-        (``gpu_step_blocks: auto`` and room for its master, gradients and AdamW state); False on a CPU profile."""
+    def _rest_options(self, off: str, rest: float, headroom: float) -> tuple[bool, ...]:
+        """Where a stage's rest group (embeddings, heads) may step: ``(False,)`` (the host), or also ``True`` (the
+        GPU) with ``gpu_step_blocks: auto`` and room for its master, gradients and AdamW state, which takes room
+        from GPU-stepped blocks; the cheaper one is planned and the runtime follows the plan.
+        ``RANNC_HF_OFFLOAD_GPU_STEP_REST=0/1`` forces one. Host only on a CPU profile."""
         from ..config import env_flag
         from ..offload.cost import choose_gpu_step_rest
 
         if off not in ("optimizer", "all") or self.profile.name == "cpu" or rest <= 0:
-            return False
+            return (False,)
         forced = env_flag("RANNC_HF_OFFLOAD_GPU_STEP_REST")
         if forced is not None:
-            return forced
-        return self.config.gpu_step_blocks == "auto" and choose_gpu_step_rest(rest, headroom)
+            return (bool(forced),)
+        fits = self.config.gpu_step_blocks == "auto" and choose_gpu_step_rest(rest, headroom)
+        return (False, True) if fits else (False,)
 
     def _stream_step_fraction(self, off: str, n_par: float, layers: int, gpu_share: float, ci: int) -> float:
         """The share of a stage's CPU-side layers the engine will step on the GPU with their state streamed
@@ -537,40 +542,53 @@ class Searcher:
 
     def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
                         ci: int, headroom: float = 0.0, rest: float = 0.0,
-                        layers: Optional[int] = None) -> tuple[float, float]:
-        """(optimizer step seconds, exposed offload copy seconds per microbatch); ``layers``: the engine's
-        blocks in the stage (default ``nblocks``)."""
+                        layers: Optional[int] = None) -> tuple[float, float, bool]:
+        """(optimizer step seconds, exposed offload copy seconds per microbatch, rest group stepped on the GPU);
+        ``layers``: the engine's blocks in the stage (default ``nblocks``)."""
         prof = self.profile
         gpu_opt = n_par * 28.0 / (prof.mem_bw * prof.bw_efficiency)  # fused AdamW: read p,g,m,v; write p,m,v
         if off == "none":
-            return gpu_opt, 0.0
+            return gpu_opt, 0.0, False
         try:
-            from ..offload.cost import gpu_step_rest_bytes, offload_cost, use_device_accumulation
+            from ..offload.cost import gpu_step_rest_bytes, use_device_accumulation
 
             dev_acc = prof.name != "cpu" and use_device_accumulation(M, n_par, headroom)  # as the runtime decides
             if dev_acc:
                 headroom -= 4.0 * n_par
-            rest_gpu = self._gpu_step_rest(off, rest, headroom)
-            if rest_gpu:
-                headroom -= gpu_step_rest_bytes(rest)
-            share = self._gpu_step_fraction(off, n_par - rest, layers or nblocks, headroom)
-            oc = offload_cost(param_bytes=n_par * 4.0, grad_bytes=n_par * ci, optim_bytes=n_par * 8.0,
-                              fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
-                              cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
-                              prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
-                              duplex_gbps=prof.duplex_bw / 1e9, recompute=rc, gpu_step_fraction=share,
-                              stream_step_fraction=self._stream_step_fraction(off, n_par - rest, layers or nblocks,
-                                                                              share, ci),
-                              rest_params=rest, device_accumulate=dev_acc,
-                              host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
-                              block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks,
-                              step_in_backward=self.config.step_in_backward, gpu_step_rest=rest_gpu)
-            return oc.optimizer_time, oc.exposed_copy_time / max(1, M)
+            best = None
+            for rest_gpu in self._rest_options(off, rest, headroom):
+                room = headroom - (gpu_step_rest_bytes(rest) if rest_gpu else 0.0)
+                oc = self._offload_cost(n_par, off, F, Bw, M, nblocks, rc, ci, room, rest, layers, dev_acc, rest_gpu)
+                if best is None or oc.step_time < best[0].step_time:
+                    best = (oc, rest_gpu)
+            oc, rest_gpu = best
+            return oc.optimizer_time, oc.exposed_copy_time / max(1, M), rest_gpu
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw
             exposed = max(0.0, copy - (F + Bw)) if off in ("params", "all") else 0.0
             opt = n_par / prof.cpu_adam_params_per_s if off in ("optimizer", "all") else gpu_opt + 12 * n_par / prof.h2d_bw
-            return opt, exposed
+            return opt, exposed, False
+
+    def _offload_cost(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool, ci: int,
+                      headroom: float, rest: float, layers: Optional[int], dev_acc: bool, rest_gpu: bool):
+        """The engine's cost model for one stage as the runtime will run it (GPU-stepped and streamed shares
+        resolved from ``headroom`` by the runtime's rules)."""
+        from ..offload.cost import offload_cost
+
+        prof = self.profile
+        share = self._gpu_step_fraction(off, n_par - rest, layers or nblocks, headroom)
+        return offload_cost(param_bytes=n_par * 4.0, grad_bytes=n_par * ci, optim_bytes=n_par * 8.0,
+                            fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
+                            cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
+                            prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
+                            duplex_gbps=prof.duplex_bw / 1e9, recompute=rc, gpu_step_fraction=share,
+                            stream_step_fraction=self._stream_step_fraction(off, n_par - rest, layers or nblocks,
+                                                                            share, ci),
+                            rest_params=rest, device_accumulate=dev_acc,
+                            host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
+                            block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks,
+                            step_in_backward=self.config.step_in_backward, gpu_step_rest=rest_gpu,
+                            param_overhead_s=prof.offload_param_overhead_s)
 
     def _tied_times(self, chunks: list[tuple[int, int]], S: int, dp: int = 1,
                     dp_inner: bool = False) -> dict[int, float]:

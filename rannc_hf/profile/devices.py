@@ -49,6 +49,11 @@ class DeviceProfile:
     #: GPT-2 1.3B under 24 GiB on an H200, GPU alone: 8 micro-batches of 1 ran 906 ms against 578 predicted
     #: without it, one of 8 ran 733 against 640 (benchmarks/h200/next5.sh)
     offload_block_host_s: float = 2.8e-3
+    #: offload: GPU seconds the engine adds per offloaded parameter and optimizer step beyond the copies and steps
+    #: the cost model prices (side-stream casts, GPU steps and norms slowing the compute kernels, allocator stalls
+    #: near the cap). Fitted on seven H200 runs of GPT-2 1.3B and 2.7B under 24 GiB (step in and after backward,
+    #: one and eight micro-batches; docs/offload.md, "Cost model"): the value that makes the largest error smallest
+    offload_param_overhead_s: float = 5.5e-11
     notes: str = ""
 
     def peak_flops(self, precision: str) -> float:
@@ -89,14 +94,17 @@ class DeviceProfile:
 def _h200() -> DeviceProfile:
     return DeviceProfile(
         name="h200", flops={"bf16": 790e12, "fp16": 790e12, "fp32": 395e12}, mem_bw=4.8e12, memory=141 * 10**9,
+        # large GEMMs reach 790 TFLOP/s, a model's mix of GEMM shapes less: 0.8 makes the analytic step of eager
+        # plain PyTorch match its measured one (GPT-2 1.3B micro-batch 16: 437 ms predicted, 432 measured; GPT-2
+        # 2.7B micro-batch 8: 415 against 417; at 1.0: 391 and 368)
+        gemm_efficiency=0.8,
         # pinned copies of 315 MB, sixth 2026-11-30 session (benchmarks/h200/rates.py): 53 GB/s in, 55 out, 75 both
         # ways at once
         h2d_bw=55e9, d2h_bw=55e9, duplex_bw=75e9, intra_node_bw=450e9, inter_node_bw=50e9,
         # the fused CPU AdamW kernel alone runs 4.0e9 params/s on 16 cores (DESIGN.md section 7); inside the
-        # engine, beside the gradient folds and the shadow casts, GPT-2 1.3B's embedding group stepped 103M
-        # parameters in 61 ms, and with this rate the cost model gives the engine-alone GPT-2 2.7B run
-        # (mode all, 20 of 32 blocks stepped on the GPU, 959 ms measured) 1,004 ms (4.0e9: 931)
-        cpu_adam_params_per_s=2.0e9,
+        # engine, beside the gradient copies and the next forward, GPT-2 2.7B's 14 and 17 CPU-stepped layers
+        # stepped at 2.48e9 params/s (eighth session, step_in_backward; 2.0e9 in the sixth, with host folds)
+        cpu_adam_params_per_s=2.5e9,
         # GPT-2 1.3B, optimizer offload, 4 micro-batches summed on the host: 1.0 s of worker folds per step
         host_fold_params_per_s=4.0e9,
         notes="bf16 GEMM and pinned copies measured on one H200 (DESIGN.md section 7); fp32 = TF32 tensor cores; "

@@ -539,17 +539,21 @@ def _gpu_step_blocks(module, blocks: list, mode: str, headroom: Optional[float],
 
 
 def _gpu_step_rest(module, rest: list, mode: str, headroom: Optional[float]) -> bool:
-    """Whether the rest group (embeddings, heads) steps on the GPU: with ``gpu_step_blocks: auto``, when its master,
-    gradients and optimizer state fit in ``headroom`` (:func:`~rannc_hf.offload.cost.choose_gpu_step_rest`, the
-    planner's rule); ``RANNC_HF_OFFLOAD_GPU_STEP_REST=0/1`` overrides it. False without a CUDA device or a CPU step."""
+    """Whether the rest group (embeddings, heads) steps on the GPU: as the plan chose for a local stage (the planner
+    prices both places with ``gpu_step_blocks: auto``), if its master, gradients and optimizer state fit in
+    ``headroom`` (:func:`~rannc_hf.offload.cost.choose_gpu_step_rest`); ``RANNC_HF_OFFLOAD_GPU_STEP_REST=0/1``
+    overrides it. False without a CUDA device or a CPU step."""
     if module.device.type != "cuda" or mode not in ("optimizer", "all") or not rest:
         return False
     forced = env_flag("RANNC_HF_OFFLOAD_GPU_STEP_REST")
     if forced is not None:
         return forced
-    if module.config.gpu_step_blocks != "auto" or headroom is None:
+    plan = module.plan
+    if module.config.gpu_step_blocks != "auto" or headroom is None or plan is None:
         return False
-    return choose_gpu_step_rest(sum(p.numel() for p in rest), headroom, _state_bytes(module.optimizer))
+    local = [m.spec.index for m in module._primary.pipe.modules]
+    chosen = any(plan.stages[i].gpu_step_rest for i in local if i < len(plan.stages))
+    return chosen and choose_gpu_step_rest(sum(p.numel() for p in rest), headroom, _state_bytes(module.optimizer))
 
 
 def _state_bytes(opt) -> float:
