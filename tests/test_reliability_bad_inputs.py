@@ -308,6 +308,50 @@ def test_20_missing_dataset_file(tmp_path):
         load_text_dataset(train_file=str(tmp_path / "missing.txt"))
 
 
+def test_21_out_of_memory_in_a_training_step(one_rank, monkeypatch):
+    """A CUDA out-of-memory error inside a step (torch's pipelining wraps a stage backward's in a RuntimeError)
+    comes out as PlanDoesNotFitError naming the plan's prediction, the offload engine's GPU-stepped blocks and
+    the settings that give memory back; other errors pass through unchanged. The error is raised by a stub."""
+    from types import SimpleNamespace
+
+    from rannc_hf.runtime.oom import explain_oom
+
+    from rannc_hf.zoo import loss_of, make
+
+    model, batch = make("gpt2", 4)
+    m = rannc_hf.RanncModule(model, torch.optim.AdamW(model.parameters()), example_batch=batch,
+                             config=rannc_hf.RanncConfig(num_stages=1, offload="all", compile="false"))
+    loss_of(m(**batch)).backward()   # builds the pipeline and the engine
+    pipe = m._primary.pipe
+
+    def oom(*a, **k):
+        try:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.54 GiB.")
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError("Failed to run stage backward") from e
+
+    monkeypatch.setattr(pipe, "run", oom)
+    with pytest.raises(PlanDoesNotFitError, match=r"(?s)CUDA ran out of memory during a training step: CUDA out of "
+                                                  r"memory\. Tried to allocate 1\.54 GiB.*The plan predicted a peak of "
+                                                  r".*To fit, set one of: .*mem_margin: 0\.25"):
+        m(**batch)
+    monkeypatch.setattr(pipe, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("something else")))
+    with pytest.raises(RuntimeError, match="something else"):
+        m(**batch)
+    # with GPU-stepped offload blocks: the count to try next
+    so = m._offload
+    m._offload = SimpleNamespace(engine=SimpleNamespace(device_step_blocks=12, gpu_step_rest=True,
+                                                        stepped_in_backward=lambda: 3))
+    assert explain_oom(m, RuntimeError("y")) is None
+    try:
+        raise RuntimeError("wrapped") from torch.OutOfMemoryError("CUDA out of memory")
+    except RuntimeError as e:
+        err = explain_oom(m, e)
+    assert "12 GPU-stepped block(s) and the rest group" in str(err) and "gpu_step_blocks: 6" in str(err)
+    assert "restart from the last checkpoint" in str(err)
+    m._offload = so
+
+
 def test_zz_catalogue_size():
     assert len([c for c in CASES if c.startswith("test_") and c[5:7].isdigit()]) >= 15
     assert all(issubclass(e, RanncError) for e in (CaptureError, CheckpointError, ConfigError, OffloadError,

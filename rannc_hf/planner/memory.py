@@ -42,13 +42,17 @@ def in_flight(schedule: str, stage: int, num_stages: int, microbatches: int, vir
 
 
 def state_bytes(num_params: float, precision: str, offload: str = "none", num_blocks: int = 1,
-                prefetch_blocks: int = 2) -> dict[str, float]:
-    """GPU and host bytes for the parameters, gradients and optimizer state of ``num_params`` parameters."""
+                prefetch_blocks: int = 2, resident_params: float = 0.0) -> dict[str, float]:
+    """GPU and host bytes for the parameters, gradients and optimizer state of ``num_params`` parameters, of which
+    ``resident_params`` (offload: the rest group, embeddings and heads) keep their working copy on the GPU while
+    the others are spread over ``num_blocks`` offload blocks (the engine's: one per repeated layer)."""
     ci = compute_itemsize(precision)
+    resident = min(float(num_params), max(0.0, float(resident_params)))
     try:
         from ..offload.cost import offload_memory
-        m = offload_memory(num_params, offload, compute_itemsize=ci, optim_bytes_per_param=OPTIM_BYTES_PER_PARAM,
-                           num_blocks=num_blocks, prefetch_blocks=prefetch_blocks)
+        m = offload_memory(num_params - resident, offload, compute_itemsize=ci,
+                           optim_bytes_per_param=OPTIM_BYTES_PER_PARAM, num_blocks=num_blocks,
+                           prefetch_blocks=prefetch_blocks, resident_params=resident)
         gpu, host = float(m["gpu_bytes"]), float(m["host_bytes"])
     except ImportError:  # pragma: no cover - the offload package is optional for planning
         gpu, host = _fallback_offload_memory(num_params, offload, ci, num_blocks, prefetch_blocks)
@@ -85,9 +89,10 @@ def activation_bytes(saved: float, block_inputs: float, max_block_saved: float, 
 def stage_memory(num_params: float, buffer_bytes: float, saved: float, block_inputs: float, max_block_saved: float,
                  peak_out: float, cross_in: float, cross_out: float, inflight: float, precision: str,
                  recompute: bool = False, offload: str = "none", num_blocks: int = 1, prefetch_blocks: int = 2,
-                 dp_size: int = 1) -> dict[str, int]:
-    """Peak bytes of one stage, broken down the way ``StagePlan.memory`` reports them."""
-    st = state_bytes(num_params, precision, offload, num_blocks, prefetch_blocks)
+                 dp_size: int = 1, resident_params: float = 0.0) -> dict[str, int]:
+    """Peak bytes of one stage, broken down the way ``StagePlan.memory`` reports them (``num_blocks``: the
+    offload engine's blocks in the stage; ``resident_params``: its rest group, see :func:`state_bytes`)."""
+    st = state_bytes(num_params, precision, offload, num_blocks, prefetch_blocks, resident_params)
     acts = activation_bytes(saved, block_inputs, max_block_saved, inflight, recompute)
     comm = 2.0 * (cross_in + cross_out) + (2 * DDP_BUCKET_BYTES if dp_size > 1 else 0)
     work = 2.0 * peak_out  # the largest op's output and its gradient, alive together in backward

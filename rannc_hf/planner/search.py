@@ -431,7 +431,8 @@ class Searcher:
             for off in self.off_opts:
                 for rc in self.rc_opts:
                     mem = stage_memory(n_par, buf, A, Cin, maxA, maxO, cin, cout, k, self.precision, rc, off,
-                                       hi - lo + 1, self.config.prefetch_blocks, dp)
+                                       self._layers_in(lo, hi) or hi - lo + 1, self.config.prefetch_blocks, dp,
+                                       resident_params=rest if off != "none" else 0.0)
                     if mem["total"] > self.cap / v:
                         continue
                     t_f, t_b = F, Bw + (F if rc else 0.0)

@@ -109,6 +109,7 @@ from .evaluation import EvalOutput, PipelineOutput, _EvalMixin
 from .fastpath import _FastPathMixin
 from .grads import allreduce_sum_, global_grad_norm, restore_grads, stash_grads
 from .mesh import Mesh, resolve_device
+from .oom import explain_oom
 from .planning import Layout
 from .state import _StateMixin
 from .stages import batch_inputs
@@ -287,6 +288,11 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
                 loss_sum = pipe.run(inputs, train=True)
                 if self._offload is not None:
                     self._offload.after_run()
+            except (RuntimeError, torch.OutOfMemoryError) as e:
+                err = explain_oom(self, e)
+                if err is None:
+                    raise
+                raise err from e
             finally:
                 new = restore_grads(var.params, saved)
             if self._offload is not None and not on_host:
