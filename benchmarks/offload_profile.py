@@ -44,7 +44,7 @@ def _sync():
 
 
 def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
-          microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0):
+          microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0, mem_margin=None):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
     model, cfg = build_model(tiny, size)
     g = torch.Generator().manual_seed(0)
@@ -67,7 +67,8 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
                             gpu_memory=None if (tiny or variant == "plain") else cap,
                             compile="false" if (tiny or variant == "rannc-eager") else "auto",
                             num_microbatches=microbatches, gpu_step_blocks=gpu_step_blocks,
-                            step_in_backward=step_in_backward)
+                            step_in_backward=step_in_backward,
+                            **({} if mem_margin is None else {"mem_margin": mem_margin}))
         m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
         dev = m.device
         eng = m._offload.engine if m._offload is not None else None
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-step-blocks", default="auto", help="RanncModule gpu_step_blocks (default: auto)")
     ap.add_argument("--step-in-backward", action="store_true",
                     help="RanncModule step_in_backward (implies --no-clip: the step runs before clipping could)")
+    ap.add_argument("--mem-margin", type=float, default=None, help="RanncModule mem_margin (default: the config's)")
     ap.add_argument("--no-clip", action="store_true", help="no clip_grad_norm_(1.0) (DeepSpeed's anchor does not clip)")
     args = ap.parse_args(argv)
     clip_norm = None if (args.no_clip or args.step_in_backward) else 1.0
@@ -126,7 +128,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
-                                 args.microbatches, args.gpu_step_blocks, args.step_in_backward, clip_norm)
+                                 args.microbatches, args.gpu_step_blocks, args.step_in_backward, clip_norm,
+                                 args.mem_margin)
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()
