@@ -405,9 +405,9 @@ def gpu_step_rest_bytes(rest_params: float, state_bytes_per_param: float = 8.0) 
 
 def choose_gpu_step_rest(rest_params: float, headroom_bytes: float, state_bytes_per_param: float = 8.0,
                          safety: float = 0.8) -> bool:
-    """Whether the rest group steps on the GPU: first call on the headroom (before :func:`choose_gpu_step_blocks`),
-    because its host step is never hidden (the next forward's first layer needs the embeddings), while a block's
-    is partly hidden behind the next forward.
+    """Whether the rest group fits on the GPU to step there: its :func:`gpu_step_rest_bytes` within ``safety`` of
+    ``headroom_bytes``. The planner then prices both places (on the GPU it takes room from GPU-stepped blocks,
+    :func:`choose_gpu_step_blocks` gets what is left) and the runtime follows the plan.
 
         >>> choose_gpu_step_rest(131e6, headroom_bytes=3e9), choose_gpu_step_rest(131e6, headroom_bytes=2e9)
         (True, False)
