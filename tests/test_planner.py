@@ -303,3 +303,17 @@ def test_rest_group_placed_where_the_cost_model_is_cheaper(monkeypatch):
     cpu = Searcher(CostModel.build(graph("gpt2"), "cpu", "fp32"), Cluster(num_gpus=1, device="cpu"),
                    RanncConfig(offload="all"), global_batch=8)
     assert cpu._optimizer_time(n, *args, headroom=30e9, rest=rest, layers=32)[2] is False
+
+
+def test_rest_on_gpu_choice_survives_a_saved_plan(tmp_path):
+    """The plan records where each stage's rest group steps; a saved plan keeps it, shows it in its summary, and a
+    plan saved before the field existed loads with the rest on the host."""
+    p = rannc_hf.plan(graph("gpt2"), cluster=Cluster(num_gpus=1, device="cpu"), config=RanncConfig(), progress=False)
+    p.stages[0].gpu_step_rest = True
+    p.save(tmp_path / "plan.json")
+    q = Plan.load(tmp_path / "plan.json")
+    assert q.stages[0].gpu_step_rest is True and "(rest on GPU)" in q.summary()
+    d = json.load(open(tmp_path / "plan.json"))
+    for s in d["stages"]:
+        s.pop("gpu_step_rest")
+    assert Plan.from_dict(d).stages[0].gpu_step_rest is False
