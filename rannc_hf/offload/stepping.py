@@ -48,6 +48,18 @@ def _state_buffer(g: ParamGroup, key: str) -> torch.Tensor:
     return host
 
 
+def _scaled_step(g: ParamGroup, inner, scale) -> None:
+    """``inner.step()`` over ``g``'s host parameters as they are bound (device views in a GPU step), the clip
+    coefficient ``scale`` (or None) applied to their gradients first; the gradients are unbound after."""
+    if scale is not None:
+        grads = [hp.grad for hp in g.host_params if hp.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, float(scale))
+    inner.step()
+    for hp in g.host_params:
+        hp.grad = None
+
+
 class _StepMixin:
     """The optimizer step of :class:`~rannc_hf.offload.engine.OffloadEngine`."""
 
@@ -208,13 +220,7 @@ class _StepMixin:
                 for k in keys:
                     if st is not None and k in st:
                         st[k] = g.view(dstate[k], j)
-            if scale is not None:
-                grads = [hp.grad for hp in g.host_params if hp.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, float(scale))
-            inner.step()
-            for hp in g.host_params:
-                hp.grad = None
+            _scaled_step(g, inner, scale)
             if g.stream_step:
                 self._state_back(g, inner, dstate)
             g.master.copy_(m, non_blocking=True)
@@ -254,11 +260,7 @@ class _StepMixin:
             hp.data = g.view(m, j)
             hp.grad = g.view(gr, j) if has[j] else None
         try:
-            if scale is not None:
-                grads = [hp.grad for hp in g.host_params if hp.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, float(scale))
-            inner.step()
+            _scaled_step(g, inner, scale)
         finally:
             for j, hp in enumerate(g.host_params):
                 hp.grad = None

@@ -427,18 +427,19 @@ class Searcher:
             maxO = max(po[lo:hi + 1])
             cin = cr[lo - 1] if lo > 0 else 0.0
             cout = cr[hi]
+            layers = self._layers_in(lo, hi)
             best = None
             for off in self.off_opts:
                 for rc in self.rc_opts:
                     mem = stage_memory(n_par, buf, A, Cin, maxA, maxO, cin, cout, k, self.precision, rc, off,
-                                       self._layers_in(lo, hi) or hi - lo + 1, self.config.prefetch_blocks, dp,
+                                       layers or hi - lo + 1, self.config.prefetch_blocks, dp,
                                        resident_params=rest if off != "none" else 0.0)
                     if mem["total"] > self.cap / v:
                         continue
                     t_f, t_b = F, Bw + (F if rc else 0.0)
                     opt_t, exp_mb, rest_gpu = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci,
                                                                    headroom=self.cap / v - mem["total"],
-                                                                   rest=rest, layers=self._layers_in(lo, hi))
+                                                                   rest=rest, layers=layers)
                     score = M * (t_f + t_b + exp_mb) + opt_t
                     if best is None or score < best[0]:
                         best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t, rest_gpu)

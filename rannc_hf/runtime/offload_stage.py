@@ -574,8 +574,7 @@ def _stream_step_blocks(module, blocks: list, mode: str, k: int, device_grads: b
     from ..profile.devices import get_profile
 
     prof = get_profile("auto")
-    opt = module.optimizer
-    state = state_bytes_per_param(opt) if opt is not None else 8.0
+    state = _state_bytes(module.optimizer)
     itemsize = torch.empty(0, dtype=_compute_dtype(module.config.precision, module.device)).element_size()
     return choose_stream_step_blocks(cpu_side, sum(p.numel() for ps in blocks[:k] for p in ps),
                                      device_grads=device_grads, compute_itemsize=itemsize,
