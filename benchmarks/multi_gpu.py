@@ -4,6 +4,8 @@ Two modes:
 
     python benchmarks/multi_gpu.py predict            # CPU: the planner's predicted step times
     torchrun --nproc_per_node 8 benchmarks/multi_gpu.py run --model gpt-2.7b --partitioners auto even params
+    torchrun --nproc_per_node 2 benchmarks/multi_gpu.py run --model gpt-2.7b --num-stages 2 --gpu-memory 12GiB \
+        --offload auto --partitioners auto      # offload inside a 2-stage pipeline, each GPU capped
 
 ``predict`` plans every (model, GPU count, partitioner) on the meta device with the H200 cost
 profile and writes ``benchmarks/results/multi_gpu_predicted.json``: what the real run has to
@@ -147,18 +149,22 @@ def run(args) -> int:
     if dev != "cpu":  # each rank builds on its own GPU (initialising a 6.7B model on the CPU takes minutes)
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dev = f"cuda:{torch.cuda.current_device()}"
+    # under a GPU cap the model may not fit its GPU whole: build it on the host, the runtime places it
+    build_on = "cpu" if args.gpu_memory else dev
     name = "gpt-tiny" if args.tiny else args.model
     results = []
     for part in args.partitioners:
         torch.manual_seed(0)  # same weights and batch on every rank
-        model, batch, per_sample = build(name, args.batch, device=dev)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
+        model, batch, per_sample = build(name, args.batch, device=build_on)
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=build_on.startswith("cuda"))
         cfg = rannc_hf.RanncConfig(partitioner=part, precision="bf16" if dev != "cpu" else "fp32",
-                                   num_stages=args.num_stages)
+                                   num_stages=args.num_stages, offload=args.offload, gpu_memory=args.gpu_memory,
+                                   step_in_backward=args.step_in_backward)
         m = rannc_hf.RanncModule(model, opt, config=cfg, example_batch=batch)
         if dev != "cpu":
             torch.cuda.reset_peak_memory_stats()
-        times = []
+        times, losses = [], []
         for i in range(args.warmup + args.steps):
             if dev != "cpu":
                 torch.cuda.synchronize()
@@ -174,6 +180,7 @@ def run(args) -> int:
             dist.barrier()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
+            losses.append(float(loss.detach()))
         step = sorted(times)[len(times) // 2]
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if dev != "cpu" else 0.0], device=dev)
         peaks = [torch.zeros(1, device=dev) for _ in range(dist.get_world_size())]
@@ -181,7 +188,9 @@ def run(args) -> int:
         results.append({"partitioner": part, "step_s": step, "predicted_step_s": m.plan.predicted_step_time,
                         "tokens_per_s": args.batch * per_sample / step, "stages": m.num_stages, "dp": m.dp_size,
                         "microbatches": m.num_microbatches, "peak_gib_per_rank": [float(p) for p in peaks],
-                        "loss": float(loss.detach())})
+                        "offload": [s.offload for s in m.plan.stages], "gpu_memory": args.gpu_memory,
+                        "step_in_backward": args.step_in_backward, "plan": m.plan.summary(),
+                        "step_times_s": times, "losses": losses, "loss": losses[-1]})
         del m, model, opt, loss, batch
         import gc
 
@@ -193,6 +202,7 @@ def run(args) -> int:
 
         out = os.environ.get("OUT")
         pp = f"_pp{args.num_stages}" if args.num_stages else ""
+        pp += f"_cap{args.gpu_memory}" if args.gpu_memory else ""
         path = write_result(f"multi_gpu_{name}_{dist.get_world_size()}{'gpu' if dev != 'cpu' else 'cpu'}{pp}",
                             {"results": results}, out_dir=out)
         print(json.dumps(results, indent=1))
@@ -214,6 +224,9 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=5)
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--tiny", action="store_true")
+    r.add_argument("--offload", default="auto", help="RanncConfig.offload (auto: the plan's per-stage choice)")
+    r.add_argument("--gpu-memory", default=None, help="per-GPU cap, e.g. 12GiB (the model is then built on the host)")
+    r.add_argument("--step-in-backward", action="store_true", help="offloaded blocks step inside backward")
     args = ap.parse_args(argv)
     return predict(args) if args.cmd == "predict" else run(args)
 

@@ -15,6 +15,8 @@ way, copy time, stalls, hidden fraction, CPU step time) and a ``torch.profiler``
                                                           # curve to compare an offloaded run's with
     python benchmarks/offload_profile.py rannc --model 2.7b --batch 64 --microbatches 8   # 64k tokens per step
     python benchmarks/offload_profile.py rannc --model 2.7b --step-in-backward   # blocks step inside backward
+    python benchmarks/offload_profile.py rannc --model 2.7b --batch 64 --microbatches 64 --offload optimizer \
+        --recompute none --step-in-backward     # 64k tokens: resident weights, 1-sample micro-batches, no recompute
     python benchmarks/offload_profile.py rannc --tiny     # CPU smoke test
 """
 
@@ -44,7 +46,8 @@ def _sync():
 
 
 def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
-          microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0, mem_margin=None):
+          microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0, mem_margin=None,
+          recompute="auto"):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
     model, cfg = build_model(tiny, size)
     g = torch.Generator().manual_seed(0)
@@ -67,7 +70,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
                             gpu_memory=None if (tiny or variant == "plain") else cap,
                             compile="false" if (tiny or variant == "rannc-eager") else "auto",
                             num_microbatches=microbatches, gpu_step_blocks=gpu_step_blocks,
-                            step_in_backward=step_in_backward,
+                            step_in_backward=step_in_backward, recompute=recompute,
                             **({} if mem_margin is None else {"mem_margin": mem_margin}))
         m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
         dev = m.device
@@ -121,6 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--step-in-backward", action="store_true",
                     help="RanncModule step_in_backward (implies --no-clip: the step runs before clipping could)")
     ap.add_argument("--mem-margin", type=float, default=None, help="RanncModule mem_margin (default: the config's)")
+    ap.add_argument("--recompute", default="auto", help="RanncModule recompute: auto (the plan's) | none | full | selective")
     ap.add_argument("--no-clip", action="store_true", help="no clip_grad_norm_(1.0) (DeepSpeed's anchor does not clip)")
     args = ap.parse_args(argv)
     clip_norm = None if (args.no_clip or args.step_in_backward) else 1.0
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
                                  args.microbatches, args.gpu_step_blocks, args.step_in_backward, clip_norm,
-                                 args.mem_margin)
+                                 args.mem_margin, args.recompute)
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()

@@ -1,0 +1,15 @@
+#!/bin/bash
+# H200 x2, ~7 min, every job alone (ninth session). Offload inside a 2-stage pipeline on real GPUs: GPT-2 2.7B,
+# batch 16, plain (uncapped, no offload) against each GPU capped at 12 GiB with the plan's per-stage offload, then
+# the same with steps inside backward. Same weights and batch: the loss curves must agree (bf16).
+source "$(dirname "$0")/lib.sh"
+R="python3 -m torch.distributed.run --nproc_per_node 2 benchmarks/multi_gpu.py run --model gpt-2.7b --batch 16 --num-stages 2 --partitioners auto --steps 4 --warmup 2"
+job ref 0,1 0-31 170 env OUT=$OUT/results/ref $R --offload none; wait
+job off12 0,1 0-31 190 env OUT=$OUT/results/off12 $R --gpu-memory 12GiB; wait
+job off12sib 0,1 0-31 $((430 - SECONDS)) env OUT=$OUT/results/off12sib $R --gpu-memory 12GiB --step-in-backward; wait
+cat "$OUT/logs/summary.txt"
+for f in $OUT/results/*/multi_gpu_*.json; do python3 -c "
+import json; d=json.load(open('$f')); r=d['results'][0]
+print('$f'.split('/')[-2], 'step %.3f pred %.3f tok/s %.0f' % (r['step_s'], r['predicted_step_s'], r['tokens_per_s']), r['offload'], [round(x,2) for x in r['peak_gib_per_rank']], [round(x,4) for x in r['losses']])"; done
+for f in $OUT/logs/off*.log; do grep -h "Error\|error" $f | head -5; tail -4 $f; done
+cd "$OUT" && tar czf /tmp/bundle.tgz logs results && rm -rf logs results && mv /tmp/bundle.tgz .
