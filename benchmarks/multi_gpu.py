@@ -152,13 +152,17 @@ def run(args) -> int:
     # under a GPU cap the model may not fit its GPU whole: build it on the host, the runtime places it
     build_on = "cpu" if args.gpu_memory else dev
     name = "gpt-tiny" if args.tiny else args.model
+    if name == "gpt-tiny" and args.batch == 32:
+        args.batch = 8
     results = []
     for part in args.partitioners:
         torch.manual_seed(0)  # same weights and batch on every rank
         model, batch, per_sample = build(name, args.batch, device=build_on)
         batch = {k: v.to(dev) for k, v in batch.items()}
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=build_on.startswith("cuda"))
-        cfg = rannc_hf.RanncConfig(partitioner=part, precision="bf16" if dev != "cpu" else "fp32",
+        cfg = rannc_hf.RanncConfig(partitioner=part, precision=args.precision or ("bf16" if dev != "cpu" else "fp32"),
+                                   gpu_step_blocks=args.gpu_step_blocks if args.gpu_step_blocks == "auto"
+                                   else int(args.gpu_step_blocks),
                                    num_stages=args.num_stages, offload=args.offload, gpu_memory=args.gpu_memory,
                                    step_in_backward=args.step_in_backward)
         m = rannc_hf.RanncModule(model, opt, config=cfg, example_batch=batch)
@@ -203,6 +207,8 @@ def run(args) -> int:
         out = os.environ.get("OUT")
         pp = f"_pp{args.num_stages}" if args.num_stages else ""
         pp += f"_cap{args.gpu_memory}" if args.gpu_memory else ""
+        pp += f"_{args.offload}" if args.offload != "auto" else ""
+        pp += f"_gsb{args.gpu_step_blocks}" if args.gpu_step_blocks != "auto" else ""
         path = write_result(f"multi_gpu_{name}_{dist.get_world_size()}{'gpu' if dev != 'cpu' else 'cpu'}{pp}",
                             {"results": results}, out_dir=out)
         print(json.dumps(results, indent=1))
@@ -217,13 +223,15 @@ def main(argv=None) -> int:
     p.add_argument("--models", nargs="*", default=list(MODELS))
     p.add_argument("--gpus", nargs="*", type=int, default=[2, 4, 8])
     r = sub.add_parser("run")
-    r.add_argument("--model", default="gpt-2.7b", choices=list(MODELS))
+    r.add_argument("--model", default="gpt-2.7b", choices=list(MODELS) + ["gpt-tiny"])
     r.add_argument("--batch", type=int, default=32)
     r.add_argument("--partitioners", nargs="*", default=["auto", "even", "params"])
     r.add_argument("--num-stages", type=int, default=None)
     r.add_argument("--steps", type=int, default=5)
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--tiny", action="store_true")
+    r.add_argument("--precision", default=None, help="fp32 | bf16 (default: bf16 on GPUs, fp32 on CPU)")
+    r.add_argument("--gpu-step-blocks", default="auto", help="RanncConfig.gpu_step_blocks (offload)")
     r.add_argument("--offload", default="auto", help="RanncConfig.offload (auto: the plan's per-stage choice)")
     r.add_argument("--gpu-memory", default=None, help="per-GPU cap, e.g. 12GiB (the model is then built on the host)")
     r.add_argument("--step-in-backward", action="store_true", help="offloaded blocks step inside backward")
