@@ -84,7 +84,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
                  host_fold_params_per_s: float = 4.0e9, device_grads: bool = False,
                  block_host_time: float = 0.0, engine_blocks: Optional[int] = None,
                  stream_step_fraction: float = 0.0, step_in_backward: bool = False,
-                 gpu_step_rest: bool = False, param_overhead_s: float = 0.0) -> OffloadCost:
+                 gpu_step_rest: bool = False, param_overhead_s: float = 0.0,
+                 cpu_adam_idle_params_per_s: Optional[float] = None) -> OffloadCost:
     """Predict the time one optimizer step spends on offload, and how much of it hides behind compute.
 
     Args:
@@ -139,6 +140,8 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
         param_overhead_s: GPU time the engine adds per parameter and optimizer step beyond what the terms above
             price (its side-stream casts, GPU steps and norms slowing the compute kernels, allocator stalls near
             the cap): a fitted constant, see :attr:`~rannc_hf.profile.devices.DeviceProfile.offload_param_overhead_s`.
+        cpu_adam_idle_params_per_s: with ``step_in_backward``, the CPU step's rate for what is left once the GPU
+            work is over (nothing else on the host's memory bus); None: ``cpu_adam_params_per_s`` throughout.
 
     Returns:
         :class:`OffloadCost`. ``step_time = microbatches * (fwd + bwd [+ fwd if recompute]) + exposed
@@ -259,7 +262,14 @@ def offload_cost(param_bytes: float, grad_bytes: float, optim_bytes: float, fwd_
             link_busy += cpu_w / bw
             t_cpu = max(t_cpu, cpu_w / bw) + per_block_w / bw
         if early and layers > 0:   # from the last layer's gradients until the next forward reaches the first CPU layer
-            t_cpu = max(0.0, t_cpu - (bwd_eff * (1.0 - 1.0 / nb) + t_rest + fwd_time * on_gpu / layers))
+            window = bwd_eff * (1.0 - 1.0 / nb) + t_rest + fwd_time * on_gpu / layers
+            if cpu_adam_idle_params_per_s and on_cpu > 0:   # what is left after the window runs uncontended
+                left = max(0.0, on_cpu - window * cpu_adam_params_per_s)
+                t_cpu = left / cpu_adam_idle_params_per_s
+                if mode == "optimizer":
+                    t_cpu = max(t_cpu, cpu_w * left / on_cpu / bw) + per_block_w / bw
+            else:
+                t_cpu = max(0.0, t_cpu - window)
         t_opt = max(t_gpu, t_cpu)
     t_opt += t_rest
     if rest_on_gpu:
@@ -383,11 +393,13 @@ def choose_mode(num_params: float, gpu_budget_bytes: float, *, activation_bytes:
 
 
 def use_device_accumulation(microbatches: int, num_params: float, headroom_bytes: float,
-                            safety: float = 0.8) -> bool:
+                            safety: float = 1.0) -> bool:
     """Whether the engine sums a pass's micro-batch gradients on the GPU: several micro-batches, and the fp32
-    buffer (4 B per parameter) fits in ``safety * headroom_bytes`` (the runtime and the planner use this rule).
+    buffer (4 B per parameter) fits in ``safety * headroom_bytes`` (the runtime and the planner use this rule;
+    the planner then counts the sums in the stage's peak, and the headroom is already below the cap by
+    ``mem_margin``: GPT-2 2.7B, 64k tokens, 24 GiB: 10.6 GB of sums beside a 11.1 GiB stage, 21.0 GiB peak).
 
-        >>> use_device_accumulation(4, 1e9, 10e9), use_device_accumulation(4, 1e9, 4e9), use_device_accumulation(1, 1e9, 10e9)
+        >>> use_device_accumulation(4, 1e9, 5e9), use_device_accumulation(4, 1e9, 3e9), use_device_accumulation(1, 1e9, 10e9)
         (True, False, False)
     """
     return microbatches > 1 and 4.0 * num_params <= safety * float(headroom_bytes)

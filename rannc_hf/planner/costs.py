@@ -77,6 +77,7 @@ class CostModel:
         self._cache: dict[float, BlockArrays] = {}
         self.layer_prefixes = layer_prefixes(graph.params)
         self._outside: dict[tuple[int, int], int] = {}
+        self._variants: dict[tuple[bool, bool], "CostModel"] = {}
 
     def outside_layers(self, b0: int, b1: int, names: set[str]) -> int:
         """Trainable parameters of blocks ``b0..b1`` (``names``, from :meth:`stage_params`) outside the
@@ -102,6 +103,20 @@ class CostModel:
         fwd, bwd = op_times(table, profile)
         blocks = coarsen(graph, max_blocks=max_blocks, op_cost=fwd + bwd + 1e-9)
         return cls(graph, blocks, table, profile, precision, measured)
+
+    def variant(self, weights_in_compute_dtype: bool = False, compiled: bool = False) -> "CostModel":
+        """The same blocks priced for a stage that computes with compute-dtype weights (the offload engine's bf16
+        working copies) and/or runs compiled without recompute (fewer activations kept, see
+        :func:`~rannc_hf.profile.analytic.op_cost_table`); ``self`` for neither. Cached."""
+        key = (bool(weights_in_compute_dtype), bool(compiled))
+        if key == (False, False):
+            return self
+        cm = self._variants.get(key)
+        if cm is None or cm.measured is not self.measured:
+            table = op_cost_table(self.graph, self.precision, weights_in_compute_dtype=key[0], compiled=key[1])
+            cm = CostModel(self.graph, self.blocks, table, self.profile, self.precision, self.measured)
+            self._variants[key] = cm
+        return cm
 
     # ---- per microbatch size ------------------------------------------------------------
     def at(self, mb: float) -> BlockArrays:

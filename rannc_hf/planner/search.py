@@ -409,43 +409,52 @@ class Searcher:
         cm = self.cm
         mb = self.B / (dp * M)
         a = cm.at(mb)
-        f, b, sv, po, cr = self._lists(a)
         cand = Candidate(part, S, v, dp, M, mb, sch, chunks)
         prof = self.profile
         ci = compute_itemsize(self.precision)
         chunk_params = []
         couts: list[float] = []
+        arrays: dict[tuple[bool, bool], BlockArrays] = {}
         for c, (lo, hi) in enumerate(chunks):
             n_par, buf, names = cm.stage_params(lo, hi)
             rest = cm.outside_layers(lo, hi, names)
             chunk_params.append(n_par)
             k = self._inflight(c, S, v, M, sch)
-            F = sum(f[lo:hi + 1]); Bw = sum(b[lo:hi + 1]); A = sum(sv[lo:hi + 1])
-            seg = choose_boundaries(a.cross[lo:hi], a.saved[lo:hi + 1], k) if True in self.rc_opts else None
-            Cin = (seg.kept_bytes if seg else 0.0) + (cr[lo - 1] if lo > 0 else 0.0)  # + the stage's own input
-            maxA = seg.max_segment_bytes if seg else 0.0
-            maxO = max(po[lo:hi + 1])
+            cr = self._lists(a)[4]
             cin = cr[lo - 1] if lo > 0 else 0.0
             cout = cr[hi]
             layers = self._layers_in(lo, hi)
             best = None
             for off in self.off_opts:
                 for rc in self.rc_opts:
+                    key = self._variant_key(off, rc)
+                    av = arrays.get(key)
+                    if av is None:
+                        av = arrays[key] = cm.variant(*key).at(mb)
+                    f, b, sv, po, _ = self._lists(av)
+                    F = sum(f[lo:hi + 1]); Bw = sum(b[lo:hi + 1]); A = sum(sv[lo:hi + 1])
+                    seg = choose_boundaries(av.cross[lo:hi], av.saved[lo:hi + 1], k) if rc else None
+                    Cin = (seg.kept_bytes if seg else 0.0) + cin  # + the stage's own input
+                    maxA = seg.max_segment_bytes if seg else 0.0
+                    maxO = max(po[lo:hi + 1])
                     mem = stage_memory(n_par, buf, A, Cin, maxA, maxO, cin, cout, k, self.precision, rc, off,
                                        layers or hi - lo + 1, self.config.prefetch_blocks, dp,
                                        resident_params=rest if off != "none" else 0.0)
                     if mem["total"] > self.cap / v:
                         continue
                     t_f, t_b = F, Bw + (F if rc else 0.0)
-                    opt_t, exp_mb, rest_gpu = self._optimizer_time(n_par, off, F, Bw, M, hi - lo + 1, rc, ci,
-                                                                   headroom=self.cap / v - mem["total"],
-                                                                   rest=rest, layers=layers)
+                    opt_t, exp_mb, rest_gpu, dev_acc = self._optimizer_time(
+                        n_par, off, F, Bw, M, hi - lo + 1, rc, ci, headroom=self.cap / v - mem["total"], rest=rest,
+                        layers=layers)
+                    if dev_acc:   # the fp32 gradient sums are part of the stage's peak
+                        mem["grad_sum"] = int(4 * n_par)
+                        mem["total"] += mem["grad_sum"]
                     score = M * (t_f + t_b + exp_mb) + opt_t
                     if best is None or score < best[0]:
-                        best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t, rest_gpu)
+                        best = (score, rc, off, mem, t_f + exp_mb / 2, t_b + exp_mb / 2, opt_t, rest_gpu, seg)
             if best is None:
                 return None
-            _, rc, off, mem, t_f, t_b, opt_t, rest_gpu = best
+            _, rc, off, mem, t_f, t_b, opt_t, rest_gpu, seg = best
             cand.rest_on_gpu.append(rest_gpu)
             cand.recompute.append(rc)
             cand.segments.append([lo + j for j in seg.boundaries] if rc and seg else [])
@@ -485,6 +494,17 @@ class Searcher:
             if est < cand.est:
                 cand.p2p, cand.tail, cand.est, cand.dp_inner = p2p, tails, est, dp_inner
         return cand
+
+    def _variant_key(self, off: str, rc: bool) -> tuple[bool, bool]:
+        """Which :meth:`~rannc_hf.planner.costs.CostModel.variant` prices a stage run with offload ``off`` and
+        recompute ``rc``: the offload engine computes with bf16 working copies on GPUs (precision bf16), and a
+        stage without recompute runs compiled when ``config.compile`` says so (``auto``: bf16/fp16 on GPUs),
+        as the runtime does (checkpointed segments stay eager)."""
+        gpu = self.profile.name != "cpu"
+        weights = off != "none" and self.precision == "bf16" and gpu
+        c = str(self.config.compile).lower()
+        compiled = not rc and (c == "true" or (c == "auto" and gpu and self.precision in ("bf16", "fp16")))
+        return weights, compiled
 
     def _layers_in(self, lo: int, hi: int) -> int:
         """Repeated layers among blocks ``lo..hi``: the engine's offload blocks (each layer is one)."""
@@ -544,13 +564,14 @@ class Searcher:
 
     def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
                         ci: int, headroom: float = 0.0, rest: float = 0.0,
-                        layers: Optional[int] = None) -> tuple[float, float, bool]:
-        """(optimizer step seconds, exposed offload copy seconds per microbatch, rest group stepped on the GPU);
-        ``layers``: the engine's blocks in the stage (default ``nblocks``)."""
+                        layers: Optional[int] = None) -> tuple[float, float, bool, bool]:
+        """(optimizer step seconds, exposed offload copy seconds per microbatch, rest group stepped on the GPU,
+        micro-batch gradients summed on the GPU); ``layers``: the engine's blocks in the stage (default
+        ``nblocks``)."""
         prof = self.profile
         gpu_opt = n_par * 28.0 / (prof.mem_bw * prof.bw_efficiency)  # fused AdamW: read p,g,m,v; write p,m,v
         if off == "none":
-            return gpu_opt, 0.0, False
+            return gpu_opt, 0.0, False, False
         try:
             from ..offload.cost import gpu_step_rest_bytes, use_device_accumulation
 
@@ -564,12 +585,12 @@ class Searcher:
                 if best is None or oc.step_time < best[0].step_time:
                     best = (oc, rest_gpu)
             oc, rest_gpu = best
-            return oc.optimizer_time, oc.exposed_copy_time / max(1, M), rest_gpu
+            return oc.optimizer_time, oc.exposed_copy_time / max(1, M), rest_gpu, dev_acc
         except ImportError:  # pragma: no cover
             copy = n_par * ci / prof.h2d_bw
             exposed = max(0.0, copy - (F + Bw)) if off in ("params", "all") else 0.0
             opt = n_par / prof.cpu_adam_params_per_s if off in ("optimizer", "all") else gpu_opt + 12 * n_par / prof.h2d_bw
-            return opt, exposed, False
+            return opt, exposed, False, False
 
     def _offload_cost(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool, ci: int,
                       headroom: float, rest: float, layers: Optional[int], dev_acc: bool, rest_gpu: bool):
@@ -590,7 +611,8 @@ class Searcher:
                             host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
                             block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks,
                             step_in_backward=self.config.step_in_backward, gpu_step_rest=rest_gpu,
-                            param_overhead_s=prof.offload_param_overhead_s)
+                            param_overhead_s=prof.offload_param_overhead_s,
+                            cpu_adam_idle_params_per_s=prof.cpu_adam_idle_params_per_s)
 
     def _tied_times(self, chunks: list[tuple[int, int]], S: int, dp: int = 1,
                     dp_inner: bool = False) -> dict[int, float]:

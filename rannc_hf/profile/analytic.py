@@ -54,6 +54,19 @@ _FP32_OPS = {"layer_norm", "native_layer_norm", "group_norm", "softmax", "_softm
 _SAVES_OUTPUT = {"tanh", "sigmoid", "softmax", "_softmax", "log_softmax", "_log_softmax", "exp", "rsqrt", "relu",
                  "sqrt", "scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
                  "_scaled_dot_product_efficient_attention", "elu", "hardtanh"}
+#: compiled (inductor): the share of an eager pointwise op's memory traffic left once fused. Fitted on plain GPT-2
+#: 1.3B, micro-batch 16, H200 (DESIGN.md section 7): eager 37.5k tokens/s, priced 425 ms fwd + bwd (236 GEMM and
+#: attention, 189 the rest); compiled 59.7k tokens/s, 264 ms without its optimizer step: 236 + 189 x 0.15.
+COMPILED_POINTWISE_TRAFFIC = 0.15
+# compiled (inductor): pointwise activations whose kept output is recomputed in backward instead
+_POINTWISE_SAVES = {"tanh", "sigmoid", "exp", "rsqrt", "relu", "sqrt", "elu", "hardtanh"}
+# compiled: non-GEMM ops whose inputs stay kept (not recomputable cheaply from elsewhere)
+_COMPILED_KEEPS = {"layer_norm", "native_layer_norm", "group_norm", "rms_norm", "batch_norm", "_native_batch_norm_legit",
+                   "_native_batch_norm_legit_no_training", "softmax", "_softmax", "log_softmax", "_log_softmax",
+                   "cross_entropy_loss", "nll_loss", "nll_loss_nd", "mse_loss", "binary_cross_entropy_with_logits",
+                   "kl_div", "smooth_l1_loss", "l1_loss", "embedding", "gather", "index", "index_select",
+                   "max_pool2d", "max_pool2d_with_indices", "avg_pool2d", "adaptive_avg_pool2d", "scatter",
+                   "scatter_add", "index_add", "topk", "sort", "cumsum"}
 # ops whose backward needs none of their inputs
 _NEEDS_NO_INPUT = {"add", "sub", "neg", "clone", "contiguous", "to", "_to_copy", "cat", "copy_", "pad",
                    "constant_pad_nd", "sum", "mean", "dropout", "tanh", "sigmoid", "softmax", "_softmax", "relu",
@@ -124,10 +137,23 @@ def _is_float(dtype: str) -> bool:
     return "float" in dtype or "bfloat" in dtype or "complex" in dtype
 
 
-def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
-    """Analytic per-op costs for ``graph`` (a captured :class:`~rannc_hf.capture.Graph`)."""
+def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool = False,
+                  compiled: bool = False) -> OpCostTable:
+    """Analytic per-op costs for ``graph`` (a captured :class:`~rannc_hf.capture.Graph`).
+
+    ``weights_in_compute_dtype``: the stage computes with weights already in the compute dtype (the offload
+    engine's bf16 working copies) instead of autocast casting fp32 weights: an op fed by weights and low-precision
+    values makes a low-precision result (the residual stream of a transformer stays in bf16, not fp32), and
+    weights are read in the compute dtype.
+
+    ``compiled``: the stage runs through ``torch.compile`` without activation recompute. Inductor's partitioner
+    fuses pointwise ops (their traffic priced at :data:`COMPILED_POINTWISE_TRAFFIC`) and recomputes them in
+    backward instead of keeping their results, so only the inputs of the ops it cannot recompute cheaply are kept: GEMMs and attention (in the compute dtype, the casts fused into their
+    producers), norms, softmax, losses, embeddings and gathers. GPT-2 2.7B on the H200 (bf16 weights, no
+    recompute): 2.85 GiB a sample measured against 2.6 counted this way and 6.7 counted eagerly."""
     n = len(graph.ops)
     low_size = 4 if precision == "fp32" else 2
+    w_size = low_size if weights_in_compute_dtype else 4
     nodes = {}
     if graph.module is not None:
         nodes = {nd.name: nd for nd in graph.module.graph.nodes}
@@ -189,7 +215,7 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
             out_size = 4
         else:
             fl_in = [vinfo[v][0] for v in in_vals if vinfo[v][0] in (2, 4) and _val_is_float(v, graph, vinfo)]
-            fl_in += [4 for p in op.params if p in params and _is_float(params[p].dtype)]
+            fl_in += [w_size for p in op.params if p in params and _is_float(params[p].dtype)]
             out_size = max(fl_in) if fl_in else low_size
         out_numel = sum(t.numel for t in op.outputs)
         o_bytes = 0
@@ -212,7 +238,8 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
                 ib += size * numel
             else:
                 ifx += size * numel
-        pbytes = sum(params[p].nbytes for p in op.params if p in params)
+        pbytes = sum(params[p].numel * w_size if weights_in_compute_dtype and _is_float(params[p].dtype)
+                     else params[p].nbytes for p in op.params if p in params)
         ifx += pbytes
         if is_b:
             ib += o_bytes
@@ -237,8 +264,14 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
             if name == "embedding":
                 bwd_f[i] = sum(params[p].numel * 4 for p in op.params if p in params)
                 bwd_b[i] = 2.0 * (o_bytes if is_b else 0)
+        pointwise = compiled and k == MEMORY and name not in _COMPILED_KEEPS
+        if pointwise:   # fused into its neighbours' kernels: most of its traffic never reaches memory
+            bytes_b[i] *= COMPILED_POINTWISE_TRAFFIC
+            bytes_f[i] *= COMPILED_POINTWISE_TRAFFIC
+            bwd_b[i] *= COMPILED_POINTWISE_TRAFFIC
+            bwd_f[i] *= COMPILED_POINTWISE_TRAFFIC
         # activations kept for backward: the op's own output ...
-        if ng and name in _SAVES_OUTPUT:
+        if ng and name in _SAVES_OUTPUT and not (compiled and name in _POINTWISE_SAVES):
             _add_saved(saved_b, saved_f, i, o_bytes, is_b)
         if ng and name == "cross_entropy_loss" and in_vals:  # keeps log_softmax(logits) in fp32
             size, vb, numel, _ = vinfo[in_vals[0]]
@@ -250,12 +283,14 @@ def op_cost_table(graph, precision: str = "bf16") -> OpCostTable:
                 _add_saved(saved_b, saved_f, i, out_numel, is_b)  # bool mask
         # ... and the inputs its backward reads (charged to the producing op's storage root)
         scalar_arith = name in ("mul", "div", "mul_", "div_") and len(set(in_vals)) + len(op.params) < 2
-        if ng and name not in _NEEDS_NO_INPUT and not scalar_arith:
+        reads = name not in _NEEDS_NO_INPUT or (compiled and k == ATTENTION)
+        if ng and reads and not scalar_arith and not pointwise:
+            cast = low_size if compiled and k in (GEMM, ATTENTION) else None
             for v in set(in_vals):
                 if not _val_is_float(v, graph, vinfo) and name not in ("embedding", "gather", "index"):
                     continue
                 r = root_of.get(v, v)
-                _mark_saved(r, vinfo, saved_b, saved_f, marks)
+                _mark_saved(r, vinfo, saved_b, saved_f, marks, cast)
     return OpCostTable(kind, flops, bwd_flops, bytes_b, bytes_f, bwd_b, bwd_f, saved_b, saved_f, out_b, out_f,
                        batchy, needs_grad, graph.batch_size, precision)
 
@@ -267,12 +302,16 @@ def _add_saved(sb: np.ndarray, sf: np.ndarray, i: int, nbytes: float, is_batchy:
         sf[i] += nbytes
 
 
-def _mark_saved(root: str, vinfo: dict, sb: np.ndarray, sf: np.ndarray, marks: set) -> None:
-    """Charge a saved value to its producer once (a value read by many backward ops is kept once)."""
+def _mark_saved(root: str, vinfo: dict, sb: np.ndarray, sf: np.ndarray, marks: set,
+                size_cap: Optional[int] = None) -> None:
+    """Charge a saved value to its producer once (a value read by many backward ops is kept once); ``size_cap``:
+    kept at most this many bytes per element (a compiled GEMM keeps its input's low-precision cast)."""
     info = vinfo.get(root)
     if info is None:
         return
     size, vb, numel, idx = info
+    if size_cap is not None:
+        size = min(size, size_cap)
     if idx < 0:  # graph inputs are kept by the runtime anyway; charge nothing
         return
     if root in marks:

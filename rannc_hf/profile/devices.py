@@ -44,6 +44,9 @@ class DeviceProfile:
     op_overhead: float = 4e-6        #: launch/dispatch seconds per kernel
     cpu_adam_params_per_s: float = 4.0e9  #: host optimizer throughput (fused AdamW), parameters/s
     host_fold_params_per_s: float = 4.0e9  #: offload: host adds of micro-batch gradients (one worker), parameters/s
+    #: host optimizer throughput once the GPU work of the step is over (no gradient copies or next forward beside
+    #: it); None: ``cpu_adam_params_per_s``
+    cpu_adam_idle_params_per_s: Optional[float] = None
     #: offload: host (Python) seconds the engine spends on one block in one micro-batch's forward and backward
     #: (residency fences, gradient hooks, device sums); exposed when the block's GPU work is shorter. Fitted on
     #: GPT-2 1.3B under 24 GiB on an H200, GPU alone: 8 micro-batches of 1 ran 906 ms against 578 predicted
@@ -105,6 +108,9 @@ def _h200() -> DeviceProfile:
         # engine, beside the gradient copies and the next forward, GPT-2 2.7B's 14 and 17 CPU-stepped layers
         # stepped at 2.48e9 params/s (eighth session, step_in_backward; 2.0e9 in the sixth, with host folds)
         cpu_adam_params_per_s=2.5e9,
+        # ... and alone 4.0e9 (the anchor above); after the last backward of GPT-2 2.7B's 64k-token step (ninth
+        # session, benchmarks/h200/next25.sh) its 31 CPU-stepped layers ran at 3.4e9, behind the devices sums' copies
+        cpu_adam_idle_params_per_s=4.0e9,
         # GPT-2 1.3B, optimizer offload, 4 micro-batches summed on the host: 1.0 s of worker folds per step
         host_fold_params_per_s=4.0e9,
         notes="bf16 GEMM and pinned copies measured on one H200 (DESIGN.md section 7); fp32 = TF32 tensor cores; "

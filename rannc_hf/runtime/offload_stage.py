@@ -503,14 +503,17 @@ def engine_mode_for(mode: str, cuda: bool, num_blocks: int, gpu_step_blocks: int
 
 def _gpu_headroom(module) -> Optional[float]:
     """GPU bytes the plan leaves free on this rank: the cap (after ``mem_margin``) less the local stages'
-    predicted peak. None without a CUDA device or a plan with memory figures."""
+    predicted peak, not counting the fp32 gradient sums the plan placed there (``memory["grad_sum"]``: the
+    runtime decides them by the planner's rule, from this headroom). None without a CUDA device or a plan with
+    memory figures."""
     plan = module.plan
     local = [m.spec.index for m in module._primary.pipe.modules]
     if module.device.type != "cuda" or plan is None or not all(
             i < len(plan.stages) and plan.stages[i].memory for i in local):
         return None
     cap = module.config.gpu_memory_bytes or torch.cuda.get_device_properties(module.device).total_memory
-    return cap * (1.0 - module.config.mem_margin) - sum(plan.stages[i].peak_bytes for i in local)
+    return cap * (1.0 - module.config.mem_margin) - sum(plan.stages[i].peak_bytes - plan.stages[i].memory.get(
+        "grad_sum", 0) for i in local)
 
 
 def _device_accumulate(module, num_params: int, headroom: Optional[float]) -> bool:
