@@ -383,6 +383,30 @@ def test_cost_model_prices_the_step_in_backward():
     # several micro-batches without summing them on the GPU: the engine steps after backward, and so does the model
     assert offload_cost(**kw, microbatches=4, step_in_backward=True).step_time == pytest.approx(
         offload_cost(**kw, microbatches=4).step_time)
+    # what the window leaves runs at the host's idle rate once the GPU work is over
+    idle = offload_cost(**kw, step_in_backward=True, cpu_adam_idle_params_per_s=4e9)
+    assert idle.optimizer_time == pytest.approx((16e8 - window * 2e9) / 4e9, rel=1e-6)
+    assert offload_cost(**kw, step_in_backward=True, cpu_adam_idle_params_per_s=2e9).optimizer_time == pytest.approx(
+        inside.optimizer_time, rel=1e-6)                   # the same rate throughout: as without it
+
+
+def test_host_step_threads_take_the_process_share_of_its_cores(monkeypatch):
+    """torchrun and accelerate launch set OMP_NUM_THREADS=1 per process; the host step then gets this process's share
+    of the cores it may run on instead of one (GPT-2 2.7B over two ranks: 7.6 s a step on one core each)."""
+    import os
+
+    from rannc_hf.offload.engine import host_step_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert host_step_threads() == 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "64")
+    assert host_step_threads() == 1
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert host_step_threads() == 32
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 48)   # the user asked for more: kept
+    assert host_step_threads() == 48
 
 
 def test_cost_model_prices_the_rest_group_stepped_on_the_gpu():

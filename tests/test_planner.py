@@ -4,6 +4,7 @@ import json
 import math
 
 import pytest
+import torch
 
 import rannc_hf
 from rannc_hf import Cluster, RanncConfig
@@ -317,3 +318,41 @@ def test_rest_on_gpu_choice_survives_a_saved_plan(tmp_path):
     for s in d["stages"]:
         s.pop("gpu_step_rest")
     assert Plan.from_dict(d).stages[0].gpu_step_rest is False
+
+
+def test_stages_priced_as_they_run():
+    """The offload engine computes with bf16 working weights and a stage without recompute runs compiled on GPUs
+    (``compile: auto``), so the planner prices each (offload, recompute) choice with the matching cost table; a
+    stage whose micro-batch gradients are summed on the GPU counts the sums in its peak, and the runtime's
+    headroom (from which it decides the sums by the same rule) leaves them out again."""
+    from types import SimpleNamespace
+
+    from rannc_hf.planner.costs import CostModel
+    from rannc_hf.planner.search import Searcher
+    from rannc_hf.runtime.offload_stage import _gpu_headroom
+
+    g = graph("gpt2")
+    h200 = Searcher(CostModel.build(g, "h200", "bf16"), Cluster(num_gpus=1, device="h200"), RanncConfig(), global_batch=8)
+    assert h200._variant_key("optimizer", False) == (True, True) and h200._variant_key("all", True) == (True, False)
+    assert h200._variant_key("none", False) == (False, True) and h200._variant_key("none", True) == (False, False)
+    eager = Searcher(h200.cm, Cluster(num_gpus=1, device="h200"), RanncConfig(compile="false"), global_batch=8)
+    assert eager._variant_key("optimizer", False) == (True, False)
+    cpu = Searcher(CostModel.build(g, "cpu", "bf16"), Cluster(num_gpus=1, device="cpu"), RanncConfig(), global_batch=8)
+    assert cpu._variant_key("optimizer", False) == (False, False)
+    assert h200.cm.variant(True, True).at(2).saved.sum() < h200.cm.at(2).saved.sum()
+
+    cfg = RanncConfig(num_stages=1, offload="optimizer", recompute="none", num_microbatches=4, gpu_step_blocks=0)
+    p = rannc_hf.plan(g, cluster=Cluster(num_gpus=1, gpu_memory="80GB", device="h200"), config=cfg, progress=False)
+    st = p.stages[0]
+    assert st.memory["grad_sum"] == 4 * st.num_params and st.peak_bytes == st.memory["total"]
+    parts = sum(v for k, v in st.memory.items() if k not in ("total", "host"))
+    assert st.peak_bytes == parts
+    module = SimpleNamespace(plan=p, device=torch.device("cuda"), config=RanncConfig(gpu_memory="80GB"),
+                             _primary=SimpleNamespace(pipe=SimpleNamespace(modules=[SimpleNamespace(
+                                 spec=SimpleNamespace(index=0))])))
+    free = 80e9 * (1 - module.config.mem_margin) - (st.peak_bytes - st.memory["grad_sum"])
+    assert _gpu_headroom(module) == pytest.approx(free)
+    tight = rannc_hf.plan(g, cluster=Cluster(num_gpus=1, gpu_memory="80GB", device="h200"), progress=False,
+                          config=RanncConfig(num_stages=1, offload="optimizer", recompute="none", num_microbatches=4,
+                                             gpu_memory=int((st.peak_bytes - st.memory["grad_sum"] / 2) / 0.9)))
+    assert "grad_sum" not in tight.stages[0].memory   # no room: summed on the host, nothing counted

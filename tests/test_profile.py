@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from rannc_hf.capture import capture
@@ -103,3 +104,47 @@ def test_failed_measurement_falls_back_to_analytic_costs(monkeypatch, caplog):
     with pytest.raises(RuntimeError, match="kernel exploded"):   # asked for measured costs: no silent switch
         rannc_hf.plan(model, batch, cluster=rannc_hf.Cluster(num_gpus=1, device="cpu"), costs="measured",
                       progress=False)
+
+
+class _TanhGeluMlp(torch.nn.Module):
+    """fc -> GPT-2's tanh GELU written out in pointwise ops -> proj: what inductor fuses and recomputes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 64)
+        self.proj = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        h = self.fc(x)
+        g = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        return self.proj(g).pow(2).mean()
+
+
+def test_compiled_stage_keeps_only_what_inductor_cannot_recompute():
+    g = capture(_TanhGeluMlp(), (torch.randn(8, 16),))
+    eager, comp = op_cost_table(g, "bf16"), op_cost_table(g, "bf16", compiled=True)
+    ops = {op.index: op for op in g.ops}
+    tanh = [i for i, op in ops.items() if op.target.startswith("aten.tanh")][0]
+    gemm = [i for i, op in ops.items() if op.target.startswith("aten.linear")]
+    last_mul = [op.index for op in g.ops if op.name == ops[gemm[1]].inputs[0]][0]
+    # eager: tanh keeps its fp32 output (pow made the chain fp32 under autocast); compiled: recomputed in backward
+    assert eager.saved_b[tanh] == 8 * 64 * 4 and comp.saved_b[tanh] == 0
+    # the GEMM's input: fp32 eagerly, its bf16 cast when compiled (the cast fused into the producer)
+    assert eager.saved_b[last_mul] == 8 * 64 * 4 and comp.saved_b[last_mul] == 8 * 64 * 2
+    assert comp.saved_b.sum() < 0.5 * eager.saved_b.sum()
+    # fused pointwise ops move less memory; GEMMs are priced the same
+    prof = get_profile("h200")
+    fe, be = op_times(eager, prof, 8)
+    fc, bc = op_times(comp, prof, 8)
+    assert fc[tanh] < fe[tanh] and (fc + bc).sum() < (fe + be).sum()
+    assert np.allclose(fc[gemm], fe[gemm])
+
+
+def test_weights_in_compute_dtype_keep_the_residual_stream_low_precision():
+    g = capture(*make("gpt2", batch_size=4))
+    autocast, engine = op_cost_table(g, "bf16"), op_cost_table(g, "bf16", weights_in_compute_dtype=True)
+    emb = [op.index for op in g.ops if op.target.startswith("aten.embedding")][0]
+    assert autocast.out_b[emb] == 2 * engine.out_b[emb]   # fp32 weights -> fp32 embedding; bf16 -> bf16
+    assert engine.saved_b.sum() < autocast.saved_b.sum()
+    fp32 = op_cost_table(g, "fp32", weights_in_compute_dtype=True)
+    assert np.array_equal(fp32.saved_b, op_cost_table(g, "fp32").saved_b)   # nothing changes in fp32
