@@ -20,7 +20,8 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "offload_rannc_h200.json")
-_PEER_KEYS = {"deepspeed_zero3_offload": "ratio_vs_deepspeed", "fsdp2_cpuoffload": "ratio_vs_fsdp2"}
+_PEER_KEYS = {"deepspeed_zero3_offload": "ratio_vs_deepspeed", "fsdp2_cpuoffload": "ratio_vs_fsdp2",
+              "plain_pytorch_uncapped": "ratio_vs_plain"}
 
 
 def run_entry(profile: dict, label: str) -> dict:
@@ -47,12 +48,30 @@ def peer_entries(path: str) -> dict:
     return out
 
 
+def plain_entries(path: str, name: str = "plain_pytorch_uncapped") -> dict:
+    """``offload_gpt.py``'s plain (uncapped, no offload) case as a peer row: ``name``, or ``name_accumN`` for each
+    further accumulation the file holds."""
+    with open(path) as f:
+        d = json.load(f)
+    out = {}
+    for r in d["results"]:
+        if r.get("mode") != "plain" or not r.get("ok"):
+            continue
+        key = name if not out else f"{name}_accum{r['accum']}"
+        out[key] = {"step_time_s": r["step_time_s"], "tokens_per_s": r["tokens_per_s"],
+                    "gpu_peak_gib": r["peak_gpu_bytes"] / 2**30, "accum": r["accum"],
+                    "micro_batch": d["config"].get("micro_batch")}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("key", help="the call's key in the results file (e.g. step_in_backward_call5)")
     ap.add_argument("--command", required=True, help="script, session, call and machine")
     ap.add_argument("--run", action="append", default=[], help="NAME=PATH:LABEL, an offload_profile.py JSON")
     ap.add_argument("--peers", action="append", default=[], help="offload_peers.py JSONL of the same call")
+    ap.add_argument("--plain", action="append", default=[],
+                    help="offload_gpt.py JSON of plain PyTorch in the same call ([NAME=]PATH)")
     ap.add_argument("--note", required=True, help="what the call showed (rendered under the table)")
     ap.add_argument("--results", default=RESULTS)
     args = ap.parse_args(argv)
@@ -67,6 +86,9 @@ def main(argv=None) -> int:
             first_27b = block[name]
     for path in args.peers:
         block.update(peer_entries(path))
+    for spec in args.plain:
+        name, path = spec.split("=", 1) if "=" in spec else ("plain_pytorch_uncapped", spec)
+        block.update(plain_entries(path, name))
     if first_27b is not None:
         for peer, ratio in _PEER_KEYS.items():
             if peer in block:
