@@ -104,8 +104,10 @@ def placeholder_values(graph, gm, args: tuple, kwargs: dict, device) -> list:
 
 
 def measure_blocks(graph, example_batch: Any, blocks: list[tuple[int, int]], model: Optional[torch.nn.Module] = None,
-                   iters: int = 3, cache_dir: Optional[str] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(forward seconds, backward seconds) per block at the graph's capture batch."""
+                   iters: int = 3, cache_dir: Optional[str] = None,
+                   precision: str = "fp32") -> tuple[np.ndarray, np.ndarray]:
+    """(forward seconds, backward seconds) per block at the graph's capture batch; on a GPU with ``precision``
+    bf16/fp16 under ``torch.autocast``, as the stages run (fp32 GEMMs run several times slower)."""
     if graph.module is None:
         raise ValueError("measure_blocks needs a freshly captured graph (graph.module is None)")
     params = list(graph.module.parameters())
@@ -114,7 +116,8 @@ def measure_blocks(graph, example_batch: Any, blocks: list[tuple[int, int]], mod
     device = params[0].device if params else torch.device("cpu")
     name = _device_name(device)
     cache_dir = cache_dir or default_cache_dir()
-    key = cache_key(graph, blocks, name)
+    amp = precision in ("bf16", "fp16") and device.type == "cuda"
+    key = cache_key(graph, blocks, name + (f"-{precision}" if amp else ""))
     path = os.path.join(cache_dir, f"{key}.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -127,10 +130,14 @@ def measure_blocks(graph, example_batch: Any, blocks: list[tuple[int, int]], mod
     tensors = placeholder_values(graph, gm, args, kwargs, device)
     op_index = {op.name: op.index for op in graph.ops}
     fwd_runs, bwd_runs = [], []
+    import contextlib
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     for it in range(iters + 1):
         timer = _Timer(gm, op_index, device)
-        out = timer.run(*tensors)
-        loss = loss_of(out)
+        with torch.autocast(device.type, dtype=dtype) if amp else contextlib.nullcontext():
+            out = timer.run(*tensors)
+            loss = loss_of(out)
         _sync(device)
         t = time.perf_counter()
         if isinstance(loss, torch.Tensor) and loss.requires_grad:
