@@ -208,7 +208,9 @@ def offload_rannc() -> str:
 _PEERS = {"deepspeed_zero3_offload": "DeepSpeed ZeRO-3, param + optimizer offload, same call",
           "fsdp2_cpuoffload": "FSDP2 + CPUOffloadPolicy, same call",
           "plain_uncapped_accum8": "plain PyTorch uncapped, accumulation 8, no recompute, same call",
-          "plain_uncapped_recompute": "plain PyTorch uncapped, recompute full, accumulation 1, same call"}
+          "plain_uncapped_recompute": "plain PyTorch uncapped, recompute full, accumulation 1, same call",
+          "plain_pytorch_uncapped": "plain PyTorch uncapped, eager, autocast, micro-batch 8, no recompute, same call",
+          "plain_pytorch_uncapped_mb1": "plain PyTorch uncapped, eager, autocast, 64 micro-batches of 1, same call"}
 
 
 def _session_rows(block: dict) -> list[str]:
@@ -270,6 +272,19 @@ def multi_gpu() -> str:
                         f"{r['tokens_per_s']:,.0f} | {' / '.join(f'{p:.1f}' for p in r['peak_gib_per_rank'])} |")
         out.append(f"`{d.get('command', '')}`\n\n" + "\n".join(rows) + (f"\n\n{d['note']}" if d.get("note") else "")
                    + "\n\n" + _env_line(d))
+    off = _load("multi_gpu_offload_pp2_h200.json")
+    if off:
+        rows = ["| run | model | offload per stage | cap per GPU | step s (predicted) | tokens/s | peak GiB per rank | "
+                "per-step losses |", "|---|---|---|---|---|---|---|---|"]
+        for name, r in off["runs"].items():
+            model = "GPT-2 tiny, fp32" if "_t_" in name else "GPT-2 2.7B, bf16, batch 16"
+            rows.append(f"| {name} | {model} | {', '.join(sorted(set(r['offload'])))} | {r['gpu_memory'] or '-'} | "
+                        f"{r['step_s']:.3f} ({r['predicted_step_s']:.3f}) | {r['tokens_per_s']:,.0f} | "
+                        f"{' / '.join(f'{p:.1f}' for p in r['peak_gib_per_rank'])} | "
+                        f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")
+        out.append(f"Offload inside a 2-stage pipeline ({off['device']}): " + ", ".join(
+            f"`{c}`" for c in off["commands"].values()) + "\n\n" + "\n".join(rows) + f"\n\n{off['note']}\n\n"
+            + _env_line(off))
     return "\n\n".join(out)
 
 
