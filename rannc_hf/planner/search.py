@@ -414,13 +414,13 @@ class Searcher:
         ci = compute_itemsize(self.precision)
         chunk_params = []
         couts: list[float] = []
-        arrays: dict[tuple[bool, bool], BlockArrays] = {}
+        arrays: dict[tuple[bool, bool], BlockArrays] = {}   # per way a stage may run (see _variant_key)
+        cr = self._lists(a)[4]
         for c, (lo, hi) in enumerate(chunks):
             n_par, buf, names = cm.stage_params(lo, hi)
             rest = cm.outside_layers(lo, hi, names)
             chunk_params.append(n_par)
             k = self._inflight(c, S, v, M, sch)
-            cr = self._lists(a)[4]
             cin = cr[lo - 1] if lo > 0 else 0.0
             cout = cr[hi]
             layers = self._layers_in(lo, hi)

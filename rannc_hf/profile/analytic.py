@@ -146,11 +146,12 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
     values makes a low-precision result (the residual stream of a transformer stays in bf16, not fp32), and
     weights are read in the compute dtype.
 
-    ``compiled``: the stage runs through ``torch.compile`` without activation recompute. Inductor's partitioner
-    fuses pointwise ops (their traffic priced at :data:`COMPILED_POINTWISE_TRAFFIC`) and recomputes them in
-    backward instead of keeping their results, so only the inputs of the ops it cannot recompute cheaply are kept: GEMMs and attention (in the compute dtype, the casts fused into their
-    producers), norms, softmax, losses, embeddings and gathers. GPT-2 2.7B on the H200 (bf16 weights, no
-    recompute): 2.85 GiB a sample measured against 2.6 counted this way and 6.7 counted eagerly."""
+    ``compiled``: the stage runs through ``torch.compile`` without activation recompute. Inductor fuses pointwise
+    ops (their traffic priced at :data:`COMPILED_POINTWISE_TRAFFIC`) and recomputes them in backward instead of
+    keeping their results, so only the inputs of the ops it cannot recompute cheaply are kept: GEMMs and attention
+    (in the compute dtype, the casts fused into their producers), norms, softmax, losses, embeddings and gathers.
+    GPT-2 2.7B on the H200 (bf16 weights, no recompute, 1 and 2 samples): 2.85 GiB a sample measured, 2.5 counted
+    this way, 6.4 counted eagerly; the plans' peaks 17.3 and 19.8 GiB against 18.2 and 21.0 measured."""
     n = len(graph.ops)
     low_size = 4 if precision == "fp32" else 2
     w_size = low_size if weights_in_compute_dtype else 4
