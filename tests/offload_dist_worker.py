@@ -145,6 +145,7 @@ def main() -> None:
     os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"] = "1"
     case("cnn", "sib_pp2", ["all", "optimizer"], "auto", "1f1b", step_in_backward=True)   # no weights tied across stages
     case("gpt2", "sib_dp2", None, "all", "gpipe", dp=2, step_in_backward=True)
+    case("gpt2", "sib_pp2", ["all", "optimizer"], "auto", "1f1b", step_in_backward=True)   # wte tied across stages
     offload_stage.OffloadEngine = OffloadEngine
     del os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"]
 

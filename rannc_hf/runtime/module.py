@@ -283,7 +283,7 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
             pipe.loss_scale = 1.0 / m if mean_in_loss else self.scaler.scale
             saved = stash_grads(var.params)
             if self._offload is not None:
-                self._offload.before_run(on_host, m)
+                self._offload.before_run(on_host, m, tied=bool(var.shared_groups))
             try:
                 loss_sum = pipe.run(inputs, train=True)
                 if self._offload is not None:
@@ -300,6 +300,9 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
             if not on_host:
                 new = finish_new_grads(self, new, m, mean_in_loss)
             for _, idx, grp in var.shared_groups:
+                if on_host:   # the engine keeps this call's gradients: only the tied ones make a round trip
+                    self._offload.allreduce_tied_(var, idx, grp, new)
+                    continue
                 sub = [new[i] for i in idx]
                 allreduce_sum_([var.params[i] for i in idx], sub, grp)
                 for i, gi in zip(idx, sub):
