@@ -19,6 +19,7 @@ fingerprint + device + input shapes + block boundaries.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -130,8 +131,6 @@ def measure_blocks(graph, example_batch: Any, blocks: list[tuple[int, int]], mod
     tensors = placeholder_values(graph, gm, args, kwargs, device)
     op_index = {op.name: op.index for op in graph.ops}
     fwd_runs, bwd_runs = [], []
-    import contextlib
-
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     for it in range(iters + 1):
         timer = _Timer(gm, op_index, device)
