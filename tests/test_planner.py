@@ -345,6 +345,7 @@ def test_stages_priced_as_they_run():
     p = rannc_hf.plan(g, cluster=Cluster(num_gpus=1, gpu_memory="80GB", device="h200"), config=cfg, progress=False)
     st = p.stages[0]
     assert st.memory["grad_sum"] == 4 * st.num_params and st.peak_bytes == st.memory["total"]
+    assert "optimizer (grads summed on GPU)" in p.summary()
     parts = sum(v for k, v in st.memory.items() if k not in ("total", "host"))
     assert st.peak_bytes == parts
     module = SimpleNamespace(plan=p, device=torch.device("cuda"), config=RanncConfig(gpu_memory="80GB"),

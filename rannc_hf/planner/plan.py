@@ -197,7 +197,7 @@ class Plan:
             rows.append([str(s.index), f"{s.op_range[0]}-{s.op_range[1]}", _clip(s.modules, 40),
                          f"{s.num_params / 1e6:,.1f}M", format_bytes(s.peak_bytes), f"{s.fwd_ms:.2f}",
                          f"{s.bwd_ms:.2f}", str(s.replicas), s.recompute,
-                         s.offload + (" (rest on GPU)" if s.gpu_step_rest else "")])
+                         s.offload + _offload_notes(s)])
         widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(cols)]
         line = "  ".join(c.ljust(w) for c, w in zip(cols, widths))
         out = [head, line, "-" * len(line)]
@@ -219,6 +219,12 @@ class Plan:
         from .plot import plot_plan
 
         return plot_plan(self, path)
+
+
+def _offload_notes(s: "StagePlan") -> str:
+    """What the offload column adds to the mode: where the rest group steps, where micro-batch gradients are summed."""
+    notes = (["rest on GPU"] if s.gpu_step_rest else []) + (["grads summed on GPU"] if s.memory.get("grad_sum") else [])
+    return f" ({', '.join(notes)})" if notes else ""
 
 
 def _clip(s: str, n: int) -> str:
