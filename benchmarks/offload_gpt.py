@@ -106,6 +106,9 @@ def run_case(args, device, mode: str, accum: int, cap_bytes, dev_blocks: int = 0
             model.to(device)
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
             handle = None
+            if args.compile_plain:   # the plain peer with torch.compile (its first step compiles)
+                model = torch.compile(model)
+                result["compiled"] = True
         else:
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
             handle = offload_module(model, opt, mode, device=device, compute_dtype=dtype,
@@ -253,6 +256,7 @@ def main(argv=None) -> int:
     ap.add_argument("--async", dest="async_step", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
                     help="engine background pipeline (default: on for CUDA)")
     ap.add_argument("--steps8", type=int, default=None, help="timed steps for accum > 1 cases (default --steps)")
+    ap.add_argument("--compile-plain", action="store_true", help="plain cases run torch.compile(model)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 

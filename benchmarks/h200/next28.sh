@@ -1,0 +1,17 @@
+#!/bin/bash
+# H200 x1, ~9 min, every job alone (for the tenth session: benchmarks/README.md item 1). The ninth session's
+# planner change moved GPT-2 2.7B batch 8's default to the rest group on the GPU (760 ms predicted, not run) and
+# GPT-2 1.3B's to no recompute (274 ms): the whole CUDA check, the 2.7B default, DeepSpeed ZeRO-3 offload and
+# FSDP2 CPU offload on the same model and batch. The first job on a fresh machine imports inductor slowly.
+source "$(dirname "$0")/lib.sh"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ds .peer/whl/*.whl > "$OUT/logs/pip_ds.log" 2>&1
+P="python3 benchmarks/offload_profile.py rannc --no-profile --step-in-backward --steps 5 --warmup 2"
+job check 0 0-15 110 python3 benchmarks/offload_gpu_check.py; wait
+job d27 0 0-15 130 $P --model 2.7b --out $OUT/results/d27; wait
+job ds3 0 0-15 170 env PYTHONPATH=$PYTHONPATH:/tmp/ds OUT=$OUT/results python3 benchmarks/offload_peers.py ds3; wait
+job fsdp2 0 0-15 $((560 - SECONDS)) env OUT=$OUT/results PEER_STEPS=2 python3 benchmarks/offload_peers.py fsdp2off; wait
+cat "$OUT/logs/summary.txt"; grep -h "FAIL\|ALL OK\|SOME" $OUT/logs/check.log | tail -20; cat $OUT/results/*.jsonl
+for f in $OUT/results/*/offload_profile_rannc.json; do python3 -c "
+import json; r=json.load(open('$f'))
+print('$f'.split('/')[-2], 'step %.4f pred %.4f tok/s %.0f peak %.2f' % (r['step_time_s'], r['predicted_step_time_s'], r['tokens_per_s'], r.get('max_allocated_gib',0)), r.get('blocks'), [round(x,3) for x in r['step_times_s']])"; done
+cd "$OUT" && tar czf /tmp/bundle.tgz logs results && rm -rf logs results && mv /tmp/bundle.tgz .
