@@ -152,8 +152,7 @@ def run(args) -> int:
     # under a GPU cap the model may not fit its GPU whole: build it on the host, the runtime places it
     build_on = "cpu" if args.gpu_memory else dev
     name = "gpt-tiny" if args.tiny else args.model
-    if name == "gpt-tiny" and args.batch == 32:
-        args.batch = 8
+    args.batch = args.batch or (8 if name == "gpt-tiny" else 32)
     results = []
     for part in args.partitioners:
         torch.manual_seed(0)  # same weights and batch on every rank
@@ -224,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--gpus", nargs="*", type=int, default=[2, 4, 8])
     r = sub.add_parser("run")
     r.add_argument("--model", default="gpt-2.7b", choices=list(MODELS) + ["gpt-tiny"])
-    r.add_argument("--batch", type=int, default=32)
+    r.add_argument("--batch", type=int, default=None, help="global batch (default 32; 8 for gpt-tiny)")
     r.add_argument("--partitioners", nargs="*", default=["auto", "even", "params"])
     r.add_argument("--num-stages", type=int, default=None)
     r.add_argument("--steps", type=int, default=5)

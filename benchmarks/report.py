@@ -277,8 +277,7 @@ def multi_gpu() -> str:
         rows = ["| run | model | offload per stage | cap per GPU | step s (predicted) | tokens/s | peak GiB per rank | "
                 "per-step losses |", "|---|---|---|---|---|---|---|---|"]
         for name, r in off["runs"].items():
-            model = "GPT-2 tiny, fp32" if "_t_" in name else "GPT-2 2.7B, bf16, batch 16"
-            rows.append(f"| {name} | {model} | {', '.join(sorted(set(r['offload'])))} | {r['gpu_memory'] or '-'} | "
+            rows.append(f"| {name} | {r['model']} | {', '.join(sorted(set(r['offload'])))} | {r['gpu_memory'] or '-'} | "
                         f"{r['step_s']:.3f} ({r['predicted_step_s']:.3f}) | {r['tokens_per_s']:,.0f} | "
                         f"{' / '.join(f'{p:.1f}' for p in r['peak_gib_per_rank'])} | "
                         f"{', '.join(f'{x:.4f}' for x in r['losses'])} |")

@@ -20,3 +20,8 @@ job() {  # NAME GPU CORES TIMEOUT_S cmd... ; stdout+stderr to $OUT/logs/NAME.log
     CUDA_VISIBLE_DEVICES=$gpu timeout -s USR1 -k 20 "$to" taskset -c "$cores" "$@" > "$OUT/logs/$name.log" 2>&1
     echo "[$name] rc=$? ${SECONDS}s-total $((SECONDS - t))s" | tee -a "$OUT/logs/$name.log" >> "$OUT/logs/summary.txt" ) &
 }
+
+ds_wheels() {  # DeepSpeed and its deps from .peer/whl into /tmp/ds (add /tmp/ds to PYTHONPATH for the peer job)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ds .peer/whl/*.whl \
+    > "$OUT/logs/pip_ds.log" 2>&1
+}

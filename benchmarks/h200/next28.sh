@@ -4,7 +4,7 @@
 # GPT-2 1.3B's to no recompute (274 ms): the whole CUDA check, the 2.7B default, DeepSpeed ZeRO-3 offload and
 # FSDP2 CPU offload on the same model and batch. The first job on a fresh machine imports inductor slowly.
 source "$(dirname "$0")/lib.sh"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ds .peer/whl/*.whl > "$OUT/logs/pip_ds.log" 2>&1
+ds_wheels
 P="python3 benchmarks/offload_profile.py rannc --no-profile --step-in-backward --steps 5 --warmup 2"
 job check 0 0-15 110 python3 benchmarks/offload_gpu_check.py; wait
 job d27 0 0-15 130 $P --model 2.7b --out $OUT/results/d27; wait

@@ -123,7 +123,7 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
     cm = CostModel.build(graph, cluster.device, config.precision, max_blocks=max_blocks)
     cm_proxy = cm
     source = "analytic"
-    if _want_measured(costs, model_or_graph, cluster):
+    if _want_measured(costs):
         from ..profile.measure import measure_blocks
         # the graph was captured at a proxy batch: measure it at that batch
         cm.measured = measure_blocks(graph, _slice_batch(example_batch, graph.batch_size), cm.blocks,
@@ -262,7 +262,7 @@ def _as_graph(model_or_graph: Any, example_batch: Any, proxy: bool = True, split
                    split_min_out_features=split), B
 
 
-def _want_measured(costs: str, model: Any, cluster: Cluster) -> bool:
+def _want_measured(costs: str) -> bool:
     if costs not in ("auto", "analytic", "measured"):
         raise ConfigError(f"costs={costs!r}: expected 'auto', 'analytic' or 'measured'")
     return costs == "measured"
