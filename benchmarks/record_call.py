@@ -21,7 +21,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "offload_rannc_h200.json")
 _PEER_KEYS = {"deepspeed_zero3_offload": "ratio_vs_deepspeed", "fsdp2_cpuoffload": "ratio_vs_fsdp2",
-              "plain_pytorch_uncapped": "ratio_vs_plain"}
+              "plain_pytorch_uncapped": "ratio_vs_plain", "plain_pytorch_uncapped_compiled": "ratio_vs_plain_compiled"}
 
 
 def run_entry(profile: dict, label: str) -> dict:

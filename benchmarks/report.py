@@ -210,7 +210,9 @@ _PEERS = {"deepspeed_zero3_offload": "DeepSpeed ZeRO-3, param + optimizer offloa
           "plain_uncapped_accum8": "plain PyTorch uncapped, accumulation 8, no recompute, same call",
           "plain_uncapped_recompute": "plain PyTorch uncapped, recompute full, accumulation 1, same call",
           "plain_pytorch_uncapped": "plain PyTorch uncapped, eager, autocast, micro-batch 8, no recompute, same call",
-          "plain_pytorch_uncapped_mb1": "plain PyTorch uncapped, eager, autocast, 64 micro-batches of 1, same call"}
+          "plain_pytorch_uncapped_mb1": "plain PyTorch uncapped, eager, autocast, 64 micro-batches of 1, same call",
+          "plain_pytorch_uncapped_compiled": "plain PyTorch uncapped, `torch.compile`, autocast, micro-batch 8, no "
+                                             "recompute, same call"}
 
 
 def _session_rows(block: dict) -> list[str]:
