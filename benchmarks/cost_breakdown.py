@@ -75,8 +75,9 @@ def _matmul_flops(table, mb: int) -> float:
     return float(((table.flops + table.bwd_flops) * s)[mm].sum())
 
 
-def measured(size: str, mb: int, steps: int, warmup: int) -> dict:
-    """Eager bf16 autocast training of the same model: step time and two profiled steps' kernels by group."""
+def measured(size: str, mb: int, steps: int, warmup: int, compiled: bool = False) -> dict:
+    """Eager bf16 autocast training of the same model: step time, two profiled steps' kernels by group and by
+    the aten op that launched them; with ``compiled`` also the step time of ``torch.compile(model)``."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -102,21 +103,38 @@ def measured(size: str, mb: int, steps: int, warmup: int) -> dict:
         step()
     torch.cuda.synchronize()
     step_ms = (time.perf_counter() - t0) / steps * 1e3
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()
         torch.cuda.synchronize()
     groups: dict[str, float] = defaultdict(float)
     kernels: dict[str, float] = defaultdict(float)
+    ops: dict[str, float] = defaultdict(float)
     for e in prof.key_averages():
         us = float(getattr(e, "self_device_time_total", 0.0) or 0.0)
         if us <= 0:
             continue
+        if e.key.startswith("aten::"):   # the kernels this op launched itself
+            ops[e.key] += us / 2e3
+            continue
+        if e.device_type.name != "CUDA":
+            continue
         groups[kernel_group(e.key)] += us / 2e3
         kernels[e.key[:90]] += us / 2e3
-    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:15])
-    return {"step_ms": step_ms, "kernel_ms": dict(groups), "kernel_total_ms": sum(groups.values()),
-            "top_kernels_ms": top}
+    out = {"step_ms": step_ms, "kernel_ms": dict(groups), "kernel_total_ms": sum(groups.values()),
+           "top_kernels_ms": dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:40]),
+           "by_aten_op_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
+    if compiled:
+        model = torch.compile(model)
+        for _ in range(warmup + 1):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        out["compiled_step_ms"] = (time.perf_counter() - t0) / steps * 1e3
+    return out
 
 
 def main() -> None:
@@ -124,6 +142,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=["bert-large:32", "1.3b:16"])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--compiled", action="store_true", help="also time torch.compile(model) (GPU)")
     args = ap.parse_args()
     import torch
 
@@ -134,7 +153,7 @@ def main() -> None:
         size, mb = v.split(":")
         r = {"predicted": predicted(size, int(mb))}
         if torch.cuda.is_available():
-            r["measured"] = measured(size, int(mb), args.steps, args.warmup)
+            r["measured"] = measured(size, int(mb), args.steps, args.warmup, args.compiled)
             torch.cuda.empty_cache()
         out["results"][v] = r
         p = r["predicted"]
@@ -144,6 +163,8 @@ def main() -> None:
             m = r["measured"]
             line += f" | measured step {m['step_ms']:.1f} ms, kernels " + \
                 " ".join(f"{k} {t:.1f}" for k, t in sorted(m["kernel_ms"].items()))
+            if "compiled_step_ms" in m:
+                line += f", compiled step {m['compiled_step_ms']:.1f} ms"
         print(line, flush=True)
     d = os.environ.get("OUT", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     os.makedirs(d, exist_ok=True)

@@ -1,0 +1,103 @@
+"""Does the analytic H200 cost model still predict what the H200 measured? Re-plans recorded runs on this machine.
+
+Each case is a run measured on the H200 (its source names the call): the model, the batch and the
+``RanncConfig`` it ran with. The planner prices it again here, on CPU with the ``h200`` profile and the box's
+125 GiB of host memory, and the predicted step time is set against the measured one. The issue's target is 15%.
+
+    python benchmarks/cost_check.py              # every case, a table
+    python benchmarks/cost_check.py --check      # exit 1 when a case is off by more than 15%
+    python benchmarks/cost_check.py --cases bert-large-eager gpt2-1.3b-eager
+
+The table is the cost model's regression test: ``tests/test_profile.py`` runs the quick cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TARGET = 0.15
+
+
+@dataclass
+class Case:
+    name: str
+    model: str            #: ``gpt2-1.3b``, ``gpt2-2.7b`` (offload_profile.py's) or ``bert-large`` (single_gpu.py's)
+    batch: int            #: samples per optimizer step
+    measured_s: float     #: the H200's step time
+    source: str           #: where the measurement is recorded
+    config: dict = field(default_factory=dict)   #: RanncConfig fields besides num_stages=1, precision=bf16
+    quick: bool = False   #: planned in a few seconds (the unit test runs these)
+
+
+_EAGER = {"compile": "false", "offload": "none", "recompute": "none", "num_microbatches": 1}
+_CAPPED = {"gpu_memory": "24GiB", "step_in_backward": True}
+CASES = [
+    Case("gpt2-1.3b-eager", "gpt2-1.3b", 16, 0.4325, "cost_breakdown_call14 (tenth session)", _EAGER, quick=True),
+    Case("gpt2-2.7b-eager", "gpt2-2.7b", 8, 8 * 1024 / 19687, "single_gpu_h200_v2.json rannc:2.7b:8", _EAGER),
+    Case("gpt2-1.3b-compiled", "gpt2-1.3b", 16, 16 * 1024 / 58690, "single_gpu_h200_v2.json rannc-compile:1.3b:16",
+         {**_EAGER, "compile": "true"}),
+    Case("bert-large-eager", "bert-large", 32, 0.1100, "cost_breakdown_call14 (tenth session)", _EAGER, quick=True),
+    Case("gpt2-2.7b-offload-default", "gpt2-2.7b", 8, 0.7435, "offload_rannc_h200.json defaults_call14", _CAPPED),
+    Case("gpt2-1.3b-offload-default", "gpt2-1.3b", 8, 0.274, "offload_rannc_h200.json defaults_call12", _CAPPED),
+    Case("gpt2-2.7b-64k-default", "gpt2-2.7b", 64, 3.314, "offload_rannc_h200.json defaults_64k_call13", _CAPPED),
+]
+
+
+def build(model: str):
+    """(meta-device model, vocabulary, sequence length) of a case's model."""
+    import torch
+
+    with torch.device("meta"):
+        if model.startswith("gpt2-"):
+            from trainer_gpu import build_model
+
+            m, cfg = build_model(False, model.split("-", 1)[1])
+            return m, cfg.vocab_size, 1024
+        from single_gpu import build as build_single
+
+        m, cfg, seq = build_single(model, "meta")
+        return m, cfg.vocab_size, seq
+
+
+def predict(case: Case) -> float:
+    """The step time the planner predicts for ``case`` on the H200 profile (seconds)."""
+    import torch
+
+    import rannc_hf
+    from rannc_hf.config import Cluster
+
+    model, vocab, seq = build(case.model)
+    ids = torch.zeros(case.batch, seq, dtype=torch.long, device="meta")
+    cfg = rannc_hf.RanncConfig(num_stages=1, precision="bf16", **case.config)
+    cluster = Cluster(num_gpus=1, device="h200", host_memory="125GiB")
+    p = rannc_hf.plan(model, {"input_ids": ids, "labels": ids}, cluster=cluster, config=cfg, progress=False)
+    return float(p.predicted_step_time)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cases", nargs="*", default=None, help="case names (default: all)")
+    ap.add_argument("--check", action="store_true", help=f"exit 1 when a case is off by more than {TARGET:.0%}")
+    args = ap.parse_args(argv)
+    cases = [c for c in CASES if args.cases is None or c.name in args.cases]
+    print("| case | measured ms | predicted ms | error | source |\n|---|---|---|---|---|")
+    worst = 0.0
+    for c in cases:
+        t = time.perf_counter()
+        pred = predict(c)
+        err = pred / c.measured_s - 1
+        worst = max(worst, abs(err))
+        print(f"| {c.name} | {c.measured_s * 1e3:,.0f} | {pred * 1e3:,.0f} | {err:+.1%} | {c.source} |"
+              f"  ({time.perf_counter() - t:.0f} s)", flush=True)
+    return 1 if args.check and worst > TARGET else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
