@@ -293,7 +293,7 @@ def test_rest_group_placed_where_the_cost_model_is_cheaper(monkeypatch):
     args = ("all", 0.13, 0.36, 1, 32, True, 2)                      # mode, F, Bw, M, blocks, recompute, bf16
 
     def priced(headroom):   # (host, GPU) step times as the runtime would run each
-        return tuple(s._offload_cost(n, *args[:6], 2, headroom - (rest * 16 if g else 0.0), rest, 32, False, g).step_time
+        return tuple(s._offload_cost(n, *args[:6], 2, headroom - (rest * 16 if g else 0.0), rest, 32, False, g, False).step_time
                      for g in (False, True))
 
     for headroom in (30e9, 3e9, 6e9):   # everything fits; the rest or a few layers; the rest and some layers

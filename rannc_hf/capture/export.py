@@ -141,6 +141,18 @@ def _module_path(node: fx.Node) -> str:
     return path
 
 
+def _is_causal_attention(node: fx.Node, model: nn.Module, module_path: str) -> bool:
+    """An attention op whose mask is causal: ``is_causal=True``, or an owning module that says so. HF attention
+    modules carry ``is_causal`` and pass a materialized mask under export, but run ``is_causal`` kernels eagerly."""
+    if node.kwargs.get("is_causal") is True or (len(node.args) > 5 and node.args[5] is True):
+        return True
+    try:
+        owner = model.get_submodule(module_path) if module_path else None
+    except AttributeError:   # not a dotted name of the model's modules
+        return False
+    return getattr(owner, "is_causal", False) is True
+
+
 def _source(node: fx.Node) -> str:
     st = node.meta.get("stack_trace") or ""
     lines = [l.strip() for l in st.splitlines() if l.strip().startswith("File ")]
@@ -299,6 +311,7 @@ def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss",
             params=sorted({getattr_name[n.name] for n in node.all_input_nodes if n.op == "get_attr"}),
             outputs=outs, module=_module_path(node), source=_source(node), is_tuple=is_tuple,
         )
+        op.causal = "scaled_dot_product_attention" in op.target and _is_causal_attention(node, model, op.module)
         ops.append(op)
         for p in op.params:
             params[p].users.append(op.index)

@@ -75,6 +75,7 @@ class Op:
     is_tuple: bool = False        # result is a tuple/list (only getitem results may cross stages)
     alias_of: Optional[str] = None  # value whose storage this result views (its alias root)
     writes: list[str] = field(default_factory=list)  # alias roots / params written in place
+    causal: bool = False          # attention with a causal mask (is_causal, or an owning module marked is_causal)
 
     @property
     def out_bytes(self) -> int:

@@ -99,6 +99,12 @@ def get_engine(engine_id: int) -> "OffloadEngine":
 
 
 
+def local_world_size() -> int:
+    """Processes of this job on this host (``LOCAL_WORLD_SIZE``, set by ``torchrun``/``accelerate launch``; 1
+    without a launcher): they share its cores and its memory bus."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def host_step_threads() -> int:
     """Threads for the host optimizer step: torch's count, but at least this process's share of the cores it may
     run on (its CPU affinity divided by ``LOCAL_WORLD_SIZE``). ``torchrun`` and ``accelerate launch`` set
@@ -108,8 +114,7 @@ def host_step_threads() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - macOS
         cores = os.cpu_count() or 1
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
-    return max(torch.get_num_threads(), cores // local, 1)
+    return max(torch.get_num_threads(), cores // local_world_size(), 1)
 
 
 class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):

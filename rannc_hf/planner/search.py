@@ -108,6 +108,9 @@ class Searcher:
         from ..offload.engine import device_grads_default
 
         self.device_grads = device_grads_default()   # GPU-stepped blocks keep their gradients there (priced)
+        # ranks of one node step their CPU-side optimizer state at the same time, sharing the host's memory bus:
+        # each gets this share of the profile's host rates (a node's rate, measured with one process per node)
+        self.host_share = 1.0 / max(1, min(self.gpn, self.G))
         self.notes: list[str] = []
 
     # ---- configuration space ------------------------------------------------------------
@@ -416,7 +419,11 @@ class Searcher:
         couts: list[float] = []
         arrays: dict[tuple[bool, bool], BlockArrays] = {}   # per way a stage may run (see _variant_key)
         cr = self._lists(a)[4]
+        # the runtime steps blocks inside backward only on ranks without replicas or weights tied to other ranks
+        # (their gradients are all-reduced after the pass): StageOffload.before_run
+        tied_ranks = set().union(*self._tied_holders(chunks, S).values()) if S > 1 else set()
         for c, (lo, hi) in enumerate(chunks):
+            early = self.config.step_in_backward and dp == 1 and c % S not in tied_ranks
             n_par, buf, names = cm.stage_params(lo, hi)
             rest = cm.outside_layers(lo, hi, names)
             chunk_params.append(n_par)
@@ -445,7 +452,7 @@ class Searcher:
                     t_f, t_b = F, Bw + (F if rc else 0.0)
                     opt_t, exp_mb, rest_gpu, dev_acc = self._optimizer_time(
                         n_par, off, F, Bw, M, hi - lo + 1, rc, ci, headroom=self.cap / v - mem["total"], rest=rest,
-                        layers=layers)
+                        layers=layers, early=early)
                     if dev_acc:   # the fp32 gradient sums are part of the stage's peak
                         mem["grad_sum"] = int(4 * n_par)
                         mem["total"] += mem["grad_sum"]
@@ -559,15 +566,17 @@ class Searcher:
         per = n_par / layers
         n = choose_stream_step_blocks([per] * (layers - k), per * k, device_grads=self.device_grads,
                                       compute_itemsize=ci, state_bytes_per_param=8.0, link_bps=prof.h2d_bw,
-                                      duplex_bps=prof.duplex_bw, cpu_adam_params_per_s=prof.cpu_adam_params_per_s)
+                                      duplex_bps=prof.duplex_bw,
+                                      cpu_adam_params_per_s=prof.cpu_adam_params_per_s * self.host_share)
         return n / (layers - k)
 
     def _optimizer_time(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool,
                         ci: int, headroom: float = 0.0, rest: float = 0.0,
-                        layers: Optional[int] = None) -> tuple[float, float, bool, bool]:
+                        layers: Optional[int] = None, early: Optional[bool] = None) -> tuple[float, float, bool, bool]:
         """(optimizer step seconds, exposed offload copy seconds per microbatch, rest group stepped on the GPU,
         micro-batch gradients summed on the GPU); ``layers``: the engine's blocks in the stage (default
-        ``nblocks``)."""
+        ``nblocks``); ``early``: blocks step inside backward (default: the config's ``step_in_backward``)."""
+        early = self.config.step_in_backward if early is None else early
         prof = self.profile
         gpu_opt = n_par * 28.0 / (prof.mem_bw * prof.bw_efficiency)  # fused AdamW: read p,g,m,v; write p,m,v
         if off == "none":
@@ -581,7 +590,8 @@ class Searcher:
             best = None
             for rest_gpu in self._rest_options(off, rest, headroom):
                 room = headroom - (gpu_step_rest_bytes(rest) if rest_gpu else 0.0)
-                oc = self._offload_cost(n_par, off, F, Bw, M, nblocks, rc, ci, room, rest, layers, dev_acc, rest_gpu)
+                oc = self._offload_cost(n_par, off, F, Bw, M, nblocks, rc, ci, room, rest, layers, dev_acc, rest_gpu,
+                                        early)
                 if best is None or oc.step_time < best[0].step_time:
                     best = (oc, rest_gpu)
             oc, rest_gpu = best
@@ -593,41 +603,51 @@ class Searcher:
             return opt, exposed, False, False
 
     def _offload_cost(self, n_par: float, off: str, F: float, Bw: float, M: int, nblocks: int, rc: bool, ci: int,
-                      headroom: float, rest: float, layers: Optional[int], dev_acc: bool, rest_gpu: bool):
+                      headroom: float, rest: float, layers: Optional[int], dev_acc: bool, rest_gpu: bool,
+                      early: bool):
         """The engine's cost model for one stage as the runtime will run it (GPU-stepped and streamed shares
         resolved from ``headroom`` by the runtime's rules)."""
         from ..offload.cost import offload_cost
 
         prof = self.profile
+        host = self.host_share
         share = self._gpu_step_fraction(off, n_par - rest, layers or nblocks, headroom)
+        idle = prof.cpu_adam_idle_params_per_s
         return offload_cost(param_bytes=n_par * 4.0, grad_bytes=n_par * ci, optim_bytes=n_par * 8.0,
                             fwd_time=F, bwd_time=Bw, link_gbps=prof.h2d_bw / 1e9,
-                            cpu_adam_params_per_s=prof.cpu_adam_params_per_s, mode=off, num_blocks=nblocks,
+                            cpu_adam_params_per_s=prof.cpu_adam_params_per_s * host, mode=off, num_blocks=nblocks,
                             prefetch_blocks=self.config.prefetch_blocks, microbatches=M, compute_itemsize=ci,
                             duplex_gbps=prof.duplex_bw / 1e9, recompute=rc, gpu_step_fraction=share,
                             stream_step_fraction=self._stream_step_fraction(off, n_par - rest, layers or nblocks,
                                                                             share, ci),
                             rest_params=rest, device_accumulate=dev_acc,
-                            host_fold_params_per_s=prof.host_fold_params_per_s, device_grads=self.device_grads,
+                            host_fold_params_per_s=prof.host_fold_params_per_s * host, device_grads=self.device_grads,
                             block_host_time=prof.offload_block_host_s, engine_blocks=layers or nblocks,
-                            step_in_backward=self.config.step_in_backward, gpu_step_rest=rest_gpu,
+                            step_in_backward=early, gpu_step_rest=rest_gpu,
                             param_overhead_s=prof.offload_param_overhead_s,
-                            cpu_adam_idle_params_per_s=prof.cpu_adam_idle_params_per_s)
+                            cpu_adam_idle_params_per_s=None if idle is None else idle * host)
 
-    def _tied_times(self, chunks: list[tuple[int, int]], S: int, dp: int = 1,
-                    dp_inner: bool = False) -> dict[int, float]:
-        """Gradient all-reduce time of parameters used by several pipeline ranks (tied embeddings)."""
+    def _tied_holders(self, chunks: list[tuple[int, int]], S: int) -> dict[str, set[int]]:
+        """Trainable parameters used by several pipeline ranks (tied embeddings) -> those ranks."""
         cm = self.cm
         holders: dict[str, set[int]] = {}
         for c, (lo, hi) in enumerate(chunks):
             for j in range(lo, hi + 1):
                 for p in cm.block_params[j]:
                     holders.setdefault(p, set()).add(c % S)
-        out: dict[int, float] = {}
+        out = {}
         for p, ranks in holders.items():
             info = cm.graph.params.get(p)
-            if len(ranks) < 2 or info is None or info.is_buffer or not info.requires_grad:
-                continue
+            if len(ranks) >= 2 and info is not None and not info.is_buffer and info.requires_grad:
+                out[p] = ranks
+        return out
+
+    def _tied_times(self, chunks: list[tuple[int, int]], S: int, dp: int = 1,
+                    dp_inner: bool = False) -> dict[int, float]:
+        """Gradient all-reduce time of parameters used by several pipeline ranks (tied embeddings)."""
+        out: dict[int, float] = {}
+        for p, ranks in self._tied_holders(chunks, S).items():
+            info = self.cm.graph.params[p]
             spans = S * (dp if dp_inner else 1) > self.gpn   # a replica's pipeline ranks are dp apart when dp-inner
             bw = self.profile.inter_node_bw if spans else self.profile.intra_node_bw
             t = ring_allreduce_time(info.numel * 4.0, len(ranks), bw, self.profile.collective_latency)

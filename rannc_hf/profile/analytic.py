@@ -189,6 +189,8 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
         name = base_name(op.target)
         if name in _VIEW_OPS or (name in ("to", "_to_copy", "contiguous", "clone") and _same_dtype_copy(op, vinfo, graph)):
             k = FREE
+        elif name == "dropout" and _dropout_p(nodes.get(op.name)) == 0.0:
+            k = FREE    # aten::dropout returns its input when p is 0 or not training: no kernel
         elif name in _ATTN_OPS:
             k = ATTENTION
         elif name in _GEMM_OPS:
@@ -277,11 +279,8 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
         if ng and name == "cross_entropy_loss" and in_vals:  # keeps log_softmax(logits) in fp32
             size, vb, numel, _ = vinfo[in_vals[0]]
             _add_saved(saved_b, saved_f, i, 4 * numel, vb)
-        if ng and name == "dropout":
-            node = nodes.get(op.name)
-            p = node.args[1] if node is not None and len(node.args) > 1 else 0.1
-            if isinstance(p, (int, float)) and p > 0:
-                _add_saved(saved_b, saved_f, i, out_numel, is_b)  # bool mask
+        if ng and name == "dropout" and (_dropout_p(nodes.get(op.name)) or 0.0) > 0:
+            _add_saved(saved_b, saved_f, i, out_numel, is_b)  # bool mask
         # ... and the inputs its backward reads (charged to the producing op's storage root)
         scalar_arith = name in ("mul", "div", "mul_", "div_") and len(set(in_vals)) + len(op.params) < 2
         reads = name not in _NEEDS_NO_INPUT or (compiled and k == ATTENTION)
@@ -294,6 +293,23 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
                 _mark_saved(r, vinfo, saved_b, saved_f, marks, cast)
     return OpCostTable(kind, flops, bwd_flops, bytes_b, bytes_f, bwd_b, bwd_f, saved_b, saved_f, out_b, out_f,
                        batchy, needs_grad, graph.batch_size, precision)
+
+
+def _dropout_p(node) -> Optional[float]:
+    """``aten.dropout(x, p, train)``'s effective probability: 0 when not training; None without the fx node."""
+    if node is None or len(node.args) < 2 or not isinstance(node.args[1], (int, float)):
+        return None
+    train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", True)
+    return float(node.args[1]) if train is not False else 0.0
+
+
+def _is_causal(node) -> bool:
+    """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...)`` asked for a causal mask."""
+    if node is None:
+        return False
+    if "is_causal" in node.kwargs:
+        return bool(node.kwargs["is_causal"])
+    return len(node.args) > 5 and node.args[5] is True
 
 
 def _add_saved(sb: np.ndarray, sf: np.ndarray, i: int, nbytes: float, is_batchy: bool) -> None:
@@ -385,7 +401,9 @@ def _flops(op, name: str, kind: int, node, graph, out_numel: int) -> float:
             # q: [..., Lq, E], k: [..., Lk, E], v: [..., Lk, Ev]
             ev = shapes[2][-1] if len(shapes) > 2 else q[-1]
             batch = _numel(q[:-2])
-            return 2.0 * batch * q[-2] * k[-2] * (q[-1] + ev)
+            full = 2.0 * batch * q[-2] * k[-2] * (q[-1] + ev)
+            # a causal kernel skips the blocks above the diagonal: half the work of a square score matrix
+            return full * 0.5 if (op.causal or _is_causal(node)) and q[-2] == k[-2] else full
         if name == "linear":
             w = shapes[1]
             return 2.0 * _numel(out_shape) * w[-1]

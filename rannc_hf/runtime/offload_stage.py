@@ -54,7 +54,7 @@ from ..errors import OffloadError
 from ..offload import OffloadEngine, find_blocks, offload_enter, offload_exit
 from ..offload.cost import (choose_gpu_step_blocks, choose_gpu_step_rest, choose_stream_step_blocks,
                              gpu_step_rest_bytes, use_device_accumulation)
-from ..offload.engine import device_grads_default
+from ..offload.engine import device_grads_default, local_world_size
 from ..offload.hooks import masters_into_state_dict, reject_closure
 from ..offload.optimizer import state_bytes_per_param
 from ..offload.store import check_host_memory, host_need
@@ -608,7 +608,7 @@ def _stream_step_blocks(module, blocks: list, mode: str, k: int, device_grads: b
     return choose_stream_step_blocks(cpu_side, sum(p.numel() for ps in blocks[:k] for p in ps),
                                      device_grads=device_grads, compute_itemsize=itemsize,
                                      state_bytes_per_param=state, link_bps=prof.h2d_bw, duplex_bps=prof.duplex_bw,
-                                     cpu_adam_params_per_s=prof.cpu_adam_params_per_s)
+                                     cpu_adam_params_per_s=prof.cpu_adam_params_per_s / local_world_size())
 
 
 def _masters_hook(so: StageOffload, model: nn.Module):
