@@ -357,3 +357,33 @@ def test_stages_priced_as_they_run():
                           config=RanncConfig(num_stages=1, offload="optimizer", recompute="none", num_microbatches=4,
                                              gpu_memory=int((st.peak_bytes - st.memory["grad_sum"] / 2) / 0.9)))
     assert "grad_sum" not in tight.stages[0].memory   # no room: summed on the host, nothing counted
+
+
+def test_offload_priced_as_the_runtime_steps_it_on_shared_hosts(monkeypatch):
+    """Ranks of one node step their CPU-side optimizer state at once, each at its share of the host's rate; and
+    blocks step inside backward only on ranks without weights tied to other ranks (GPT-2's embedding over two
+    stages: StageOffload.before_run), so step_in_backward gains nothing there but does on one stage."""
+    from rannc_hf.planner.costs import CostModel
+    from rannc_hf.planner.search import Searcher
+
+    cm = CostModel.build(graph("gpt2"), "h200", "bf16")
+    one = Searcher(cm, Cluster(num_gpus=1, device="h200"), RanncConfig(offload="optimizer"), global_batch=8)
+    two = Searcher(cm, Cluster(num_gpus=2, device="h200"), RanncConfig(offload="optimizer"), global_batch=8)
+    four = Searcher(cm, Cluster(num_gpus=4, gpus_per_node=2, device="h200"), RanncConfig(offload="optimizer"),
+                    global_batch=8)
+    assert (one.host_share, two.host_share, four.host_share) == (1.0, 0.5, 0.5)
+    args = (2.65e9, "optimizer", 0.13, 0.36, 1, 32, True, 2, 0.0, 1.3e8, 32, False, False, False)
+    assert two._offload_cost(*args).step_time > one._offload_cost(*args).step_time
+
+    model, batch = make("gpt2", batch_size=8)
+
+    def predicted(stages, sib):
+        cfg = RanncConfig(num_stages=stages, offload="optimizer", step_in_backward=sib, num_microbatches=1,
+                          recompute="none", compile="false")
+        return rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=stages, device="h200"), config=cfg,
+                             progress=False).predicted_step_time
+
+    assert predicted(2, True) == pytest.approx(predicted(2, False))
+    assert predicted(1, True) < predicted(1, False)
+    monkeypatch.setattr(Searcher, "_tied_holders", lambda self, chunks, S: {})   # as if nothing were tied
+    assert predicted(2, True) < predicted(2, False)

@@ -108,6 +108,14 @@ class OpCostTable:
     needs_grad: np.ndarray    #: the op is on the gradient path
     batch_size: int
     precision: str
+    #: eager autocast: bytes of the casts to the compute dtype a GEMM or attention op launches for its fp32 inputs
+    #: and weights (read 4 + write 2 a value; the same again for their gradients in backward), batch part and fixed
+    cast_b: Optional[np.ndarray] = None
+    cast_f: Optional[np.ndarray] = None
+    #: backward bytes of kernels of their own beside an op's gradient: summing the gradients of a value several
+    #: ops read (charged to its producer) and reducing a GEMM's output gradient into its bias gradient
+    extra_bwd_b: Optional[np.ndarray] = None
+    extra_bwd_f: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -172,6 +180,9 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
     out_f = np.zeros(n)
     batchy = np.zeros(n, dtype=bool)
     needs_grad = np.zeros(n, dtype=bool)
+    cast_b = np.zeros(n)
+    cast_f = np.zeros(n)
+    casts = precision != "fp32" and not compiled   # inductor fuses the casts into the producers
 
     # value name -> (itemsize, batchy, numel, producer index) ; graph inputs have producer -1
     vinfo: dict[str, tuple[int, bool, int, int]] = {}
@@ -208,6 +219,8 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
         needs_grad[i] = ng
         grad_val[op.name] = ng
         root_of[op.name] = root_of.get(op.alias_of, op.alias_of) if op.alias_of else op.name
+        if k == FREE and name == "dropout" and op.inputs:   # returns its input: the same storage
+            root_of[op.name] = root_of.get(op.inputs[0], op.inputs[0])
 
         # output dtype under autocast
         if precision == "fp32":
@@ -250,6 +263,17 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
             ifx += o_bytes
         bytes_b[i], bytes_f[i] = ib, ifx
 
+        if casts and k in (GEMM, ATTENTION):   # autocast casts fp32 inputs (each use) and fp32 weights first
+            for v in in_vals:
+                size, vb, numel, _ = vinfo[v]
+                if size == 4 and _val_is_float(v, graph, vinfo):
+                    if vb:
+                        cast_b[i] += 6.0 * numel
+                    else:
+                        cast_f[i] += 6.0 * numel
+            cast_f[i] += sum(6.0 * params[p].numel for p in op.params
+                             if p in params and w_size == 4 and _is_float(params[p].dtype))
+
         # FLOPs
         f = _flops(op, name, k, nodes.get(op.name), graph, out_numel)
         flops[i] = f
@@ -291,8 +315,45 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
                     continue
                 r = root_of.get(v, v)
                 _mark_saved(r, vinfo, saved_b, saved_f, marks, cast)
+    extra_b, extra_f = _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size, compiled)
     return OpCostTable(kind, flops, bwd_flops, bytes_b, bytes_f, bwd_b, bwd_f, saved_b, saved_f, out_b, out_f,
-                       batchy, needs_grad, graph.batch_size, precision)
+                       batchy, needs_grad, graph.batch_size, precision, cast_b, cast_f, extra_b, extra_f)
+
+
+def _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size: int,
+                          compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Backward bytes of the kernels autograd adds beside the ops' own gradients (batch part, fixed part): a value
+    read by ``u`` ops on the gradient path gets ``u - 1`` gradient sums (read two, write one), charged to its
+    producer; a GEMM with a bias reduces its output gradient (read once). Inductor fuses both when compiled."""
+    n = len(graph.ops)
+    eb, ef = np.zeros(n), np.zeros(n)
+    if compiled:
+        return eb, ef
+    uses: dict[str, int] = {}
+    for op in graph.ops:
+        if not needs_grad[op.index]:
+            continue
+        for v in set(op.inputs):
+            if grad_val.get(v, False):
+                uses[v] = uses.get(v, 0) + 1
+        if kind[op.index] == GEMM and any(len(graph.params[p].shape) == 1 and graph.params[p].requires_grad
+                                          for p in op.params if p in graph.params):
+            nb = sum(t.numel for t in op.outputs) * low_size
+            if any(is_batchy(t, graph.batch_size) for t in op.outputs):
+                eb[op.index] += nb
+            else:
+                ef[op.index] += nb
+    for v, u in uses.items():
+        if u < 2 or v not in vinfo:
+            continue
+        size, vb, numel, producer = vinfo[v]
+        if producer < 0:
+            continue
+        if vb:
+            eb[producer] += 3.0 * (u - 1) * numel * size
+        else:
+            ef[producer] += 3.0 * (u - 1) * numel * size
+    return eb, ef
 
 
 def _dropout_p(node) -> Optional[float]:
@@ -449,6 +510,12 @@ def op_times(table: OpCostTable, profile: DeviceProfile, batch: Optional[float] 
     live = table.kind != FREE
     fwd = np.where(live, np.maximum(comp_f, byt / bw) + profile.op_overhead, 0.0)
     bwd = np.where(live & table.needs_grad, np.maximum(comp_b, bbyt / bw) + 2 * profile.op_overhead, 0.0)
+    if table.cast_b is not None:   # separate cast kernels: their time adds to the GEMM's
+        cast = (table.cast_b * s + table.cast_f) / bw
+        fwd = fwd + cast
+        bwd = bwd + np.where(table.needs_grad, cast, 0.0)
+    if table.extra_bwd_b is not None:
+        bwd = bwd + (table.extra_bwd_b * s + table.extra_bwd_f) / bw
     return fwd, bwd
 
 
