@@ -182,14 +182,13 @@ def test_dropout_with_p_zero_is_free():
 
 
 def test_eager_autocast_casts_and_backward_extras_priced():
-    """Eager bf16 autocast: a GEMM fed an fp32 value (a layer norm's output) launches a cast kernel of its own,
-    and so does its fp32 weight; in backward a bias gradient is a reduction of its own and a value read by
+    """Eager bf16 autocast: a GEMM fed an fp32 value (a layer norm's output) launches a cast kernel of its own; in
+    backward a bias gradient is a reduction of its own and a value read by
     several ops gets its gradients summed. Compiled (fused) or fp32 runs have none of these."""
     g = capture(*make("bert", batch_size=4))
     prof = get_profile("h200")
     eager = op_cost_table(g, "bf16")
     lin = _ops_named(g, "linear")
-    assert all(eager.cast_f[i] > 0 for i in lin)                        # fp32 weights
     assert any(eager.cast_b[i] > 0 for i in lin)                        # fp32 layer-norm outputs
     assert all(eager.extra_bwd_b[i] > 0 for i in lin)                   # every BERT linear has a bias
     ln = _ops_named(g, "layer_norm")

@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from ..config import Cluster, RanncConfig
+from ..config import Cluster, RanncConfig, compiles
 from ..profile.devices import DeviceProfile
 from .costs import BlockArrays, CostModel
 from .coarsen import layer_key
@@ -111,6 +111,7 @@ class Searcher:
         # ranks of one node step their CPU-side optimizer state at the same time, sharing the host's memory bus:
         # each gets this share of the profile's host rates (a node's rate, measured with one process per node)
         self.host_share = 1.0 / max(1, min(self.gpn, self.G))
+        self.masked_attention = cm.graph.has_masked_attention()
         self.notes: list[str] = []
 
     # ---- configuration space ------------------------------------------------------------
@@ -505,12 +506,11 @@ class Searcher:
     def _variant_key(self, off: str, rc: bool) -> tuple[bool, bool]:
         """Which :meth:`~rannc_hf.planner.costs.CostModel.variant` prices a stage run with offload ``off`` and
         recompute ``rc``: the offload engine computes with bf16 working copies on GPUs (precision bf16), and a
-        stage without recompute runs compiled when ``config.compile`` says so (``auto``: bf16/fp16 on GPUs),
+        stage without recompute runs compiled when ``config.compile`` says so (:func:`~rannc_hf.config.compiles`),
         as the runtime does (checkpointed segments stay eager)."""
         gpu = self.profile.name != "cpu"
         weights = off != "none" and self.precision == "bf16" and gpu
-        c = str(self.config.compile).lower()
-        compiled = not rc and (c == "true" or (c == "auto" and gpu and self.precision in ("bf16", "fp16")))
+        compiled = not rc and compiles(self.config.compile, self.precision, gpu, self.masked_attention)
         return weights, compiled
 
     def _layers_in(self, lo: int, hi: int) -> int:

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from ..capture import capture
 from ..capture.graph import Graph
+from ..config import compiles
 from ..errors import ShapeMismatchError
 from .mesh import Mesh, init_distributed
 from .pipeline import StagePipeline
@@ -179,7 +180,7 @@ class _BuildMixin:
                 starts = [list(s.recompute_starts) for s in lay.plan.stages]
         pipe = StagePipeline(g, cuts, mesh, lay.num_microbatches, lay.schedule, virtual_stages=lay.virtual_stages,
                              model=self.module, precision=self.config.precision, recompute=recompute,
-                             compile_backend=self._compile_backend(train), recompute_starts=starts)
+                             compile_backend=self._compile_backend(train, g), recompute_starts=starts)
         holders: dict[str, list[int]] = {}
         for spec in stage_specs(g, cuts):
             for name in spec.params:
@@ -262,19 +263,21 @@ class _BuildMixin:
 
     @property
     def compile_enabled(self) -> bool:
-        """``config.compile``: ``true``/``false`` as given; ``auto`` compiles on CUDA with bf16/fp16 compute (where
-        ``torch.compile`` pays: 1.56x eager on GPT-2 1.3B, H200) and not on CPU (compile time outweighs the gain)."""
-        c = str(self.config.compile).lower()
-        if c in ("true", "false"):
-            return c == "true"
-        return self.device.type == "cuda" and self.config.precision in ("bf16", "fp16")
+        """``config.compile`` as :func:`~rannc_hf.config.compiles` reads it (``auto``: on CUDA with bf16/fp16
+        compute, unless the model's attention takes a non-causal mask), for the model as planned."""
+        return self._compiles()
 
-    def _compile_backend(self, train: bool = True) -> Optional[str]:
+    def _compiles(self, graph=None) -> bool:
+        plan = getattr(self, "plan", None) or getattr(getattr(self, "layout", None), "plan", None)
+        masked = graph.has_masked_attention() if graph is not None else bool(getattr(plan, "masked_attention", False))
+        return compiles(self.config.compile, self.config.precision, self.device.type == "cuda", masked)
+
+    def _compile_backend(self, train: bool = True, graph=None) -> Optional[str]:
         """The ``torch.compile`` backend, or None when compile is off (``RANNC_HF_COMPILE_BACKEND`` overrides
-        ``inductor``, e.g. ``aot_eager`` for fast CPU tests). ``auto`` leaves evaluation graphs eager: an
-        evaluation runs a few batches, and compiling GPT-2 1.3B's offloaded eval graph cost more than a
-        minute on the H200 (``true`` compiles them too)."""
-        if not self.compile_enabled:
+        ``inductor``, e.g. ``aot_eager`` for fast CPU tests); ``graph``: the captured graph being built. ``auto``
+        leaves evaluation graphs eager: an evaluation runs a few batches, and compiling GPT-2 1.3B's offloaded
+        eval graph cost more than a minute on the H200 (``true`` compiles them too)."""
+        if not self._compiles(graph):
             return None
         if not train and str(self.config.compile).lower() == "auto":
             return None
