@@ -40,11 +40,11 @@ class Case:
 _EAGER = {"compile": "false", "offload": "none", "recompute": "none", "num_microbatches": 1}
 _CAPPED = {"gpu_memory": "24GiB", "step_in_backward": True}
 CASES = [
-    Case("gpt2-1.3b-eager", "gpt2-1.3b", 16, 0.4325, "cost_breakdown_call14 (tenth session)", _EAGER, quick=True),
+    Case("gpt2-1.3b-eager", "gpt2-1.3b", 16, 0.4325, "cost_breakdown_h200.json", _EAGER, quick=True),
     Case("gpt2-2.7b-eager", "gpt2-2.7b", 8, 8 * 1024 / 19687, "single_gpu_h200_v2.json rannc:2.7b:8", _EAGER),
     Case("gpt2-1.3b-compiled", "gpt2-1.3b", 16, 16 * 1024 / 58690, "single_gpu_h200_v2.json rannc-compile:1.3b:16",
          {**_EAGER, "compile": "true"}),
-    Case("bert-large-eager", "bert-large", 32, 0.1100, "cost_breakdown_call14 (tenth session)", _EAGER, quick=True),
+    Case("bert-large-eager", "bert-large", 32, 0.1100, "cost_breakdown_h200.json", _EAGER, quick=True),
     Case("gpt2-2.7b-offload-default", "gpt2-2.7b", 8, 0.7435, "offload_rannc_h200.json defaults_call14", _CAPPED),
     Case("gpt2-1.3b-offload-default", "gpt2-1.3b", 8, 0.274, "offload_rannc_h200.json defaults_call12", _CAPPED),
     Case("gpt2-2.7b-64k-default", "gpt2-2.7b", 64, 3.314, "offload_rannc_h200.json defaults_64k_call13", _CAPPED),

@@ -49,7 +49,12 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
           microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0, mem_margin=None,
           recompute="auto"):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
-    model, cfg = build_model(tiny, size)
+    if size == "bert-large" and not tiny:   # BERT MLM, seq 512 (single_gpu.py's)
+        from single_gpu import build as build_single
+
+        model, cfg, _ = build_single(size, "cpu")
+    else:
+        model, cfg = build_model(tiny, size)
     g = torch.Generator().manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vocab = cfg.vocab_size
@@ -116,7 +121,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/offload_profile"))
-    ap.add_argument("--model", choices=["1.3b", "2.7b"], default="1.3b", help="GPT-2-style size")
+    ap.add_argument("--model", choices=["1.3b", "2.7b", "bert-large"], default="1.3b",
+                    help="GPT-2-style size, or BERT-large MLM (seq 512)")
     ap.add_argument("--batch", type=int, default=8, help="samples per optimizer step (seq 1024)")
     ap.add_argument("--microbatches", type=int, default=None, help="RanncModule micro-batches (default: the plan's)")
     ap.add_argument("--offload", default="auto", help="RanncModule offload mode (default: the plan's)")
@@ -128,7 +134,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-clip", action="store_true", help="no clip_grad_norm_(1.0) (DeepSpeed's anchor does not clip)")
     args = ap.parse_args(argv)
     clip_norm = None if (args.no_clip or args.step_in_backward) else 1.0
-    batch, seq = (2, 64) if args.tiny else (args.batch, 1024)
+    batch, seq = (2, 64) if args.tiny else (args.batch, 512 if args.model == "bert-large" else 1024)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.perf_counter()
     step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
