@@ -194,10 +194,10 @@ def test_eager_autocast_casts_and_backward_extras_priced():
     ln = _ops_named(g, "layer_norm")
     assert any(eager.extra_bwd_b[i] > 0 for i in ln)                    # read by Q, K, V and the residual
     for other in (op_cost_table(g, "bf16", compiled=True), op_cost_table(g, "fp32")):
-        assert not other.cast_b.any() and not other.cast_f.any()
+        assert not other.cast_b.any()
     assert not op_cost_table(g, "bf16", compiled=True).extra_bwd_b.any()
     f0, b0 = op_times(eager, prof, 4)
-    eager.cast_b = eager.cast_f = eager.extra_bwd_b = eager.extra_bwd_f = None
+    eager.cast_b = eager.extra_bwd_b = eager.extra_bwd_f = None
     f1, b1 = op_times(eager, prof, 4)
     assert f0.sum() > f1.sum() and b0.sum() > b1.sum()
 

@@ -108,12 +108,11 @@ class OpCostTable:
     needs_grad: np.ndarray    #: the op is on the gradient path
     batch_size: int
     precision: str
-    #: eager autocast: bytes of the casts to the compute dtype a GEMM or attention op launches for its fp32
-    #: activations (read 4 + write 2 a value; the same again for their gradients in backward), batch part and fixed.
+    #: eager autocast: bytes (at the capture batch) of the casts to the compute dtype a GEMM or attention op
+    #: launches for its fp32 activations (read 4 + write 2 a value; the same again for their gradients in backward).
     #: Weight casts (12 bytes a parameter and micro-batch) are not priced: they moved a 64-GPU plan's prediction by
     #: 40% and no multi-micro-batch measurement says how much of them autocast's cache hides
     cast_b: Optional[np.ndarray] = None
-    cast_f: Optional[np.ndarray] = None
     #: backward bytes of kernels of their own beside an op's gradient: summing the gradients of a value several
     #: ops read (charged to its producer) and reducing a GEMM's output gradient into its bias gradient
     extra_bwd_b: Optional[np.ndarray] = None
@@ -183,7 +182,6 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
     batchy = np.zeros(n, dtype=bool)
     needs_grad = np.zeros(n, dtype=bool)
     cast_b = np.zeros(n)
-    cast_f = np.zeros(n)
     casts = precision != "fp32" and not compiled   # inductor fuses the casts into the producers
 
     # value name -> (itemsize, batchy, numel, producer index) ; graph inputs have producer -1
@@ -314,7 +312,7 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
                 _mark_saved(r, vinfo, saved_b, saved_f, marks, cast)
     extra_b, extra_f = _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size, compiled)
     return OpCostTable(kind, flops, bwd_flops, bytes_b, bytes_f, bwd_b, bwd_f, saved_b, saved_f, out_b, out_f,
-                       batchy, needs_grad, graph.batch_size, precision, cast_b, cast_f, extra_b, extra_f)
+                       batchy, needs_grad, graph.batch_size, precision, cast_b, extra_b, extra_f)
 
 
 def _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size: int,
@@ -508,7 +506,7 @@ def op_times(table: OpCostTable, profile: DeviceProfile, batch: Optional[float] 
     fwd = np.where(live, np.maximum(comp_f, byt / bw) + profile.op_overhead, 0.0)
     bwd = np.where(live & table.needs_grad, np.maximum(comp_b, bbyt / bw) + 2 * profile.op_overhead, 0.0)
     if table.cast_b is not None:   # separate cast kernels: their time adds to the GEMM's
-        cast = (table.cast_b * s + table.cast_f) / bw
+        cast = table.cast_b * s / bw
         fwd = fwd + cast
         bwd = bwd + np.where(table.needs_grad, cast, 0.0)
     if table.extra_bwd_b is not None:
