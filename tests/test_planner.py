@@ -389,17 +389,17 @@ def test_offload_priced_as_the_runtime_steps_it_on_shared_hosts(monkeypatch):
     assert predicted(2, True) < predicted(2, False)
 
 
-def test_compile_auto_leaves_masked_encoder_attention_eager():
-    """``compile: auto`` compiles on GPUs with bf16, except models whose attention takes a non-causal mask (BERT
+def test_compile_auto_leaves_encoders_eager():
+    """``compile: auto`` compiles on GPUs with bf16, except models whose attention is not causal (BERT
     ran 0.88x eager compiled on an H200); the planner prices stages by the same rule and records it in the plan."""
     from rannc_hf.config import compiles
     from rannc_hf.planner.costs import CostModel
     from rannc_hf.planner.search import Searcher
 
     assert compiles("auto", "bf16", True) and not compiles("auto", "bf16", False)
-    assert not compiles("auto", "fp32", True) and not compiles("auto", "bf16", True, masked_attention=True)
-    assert compiles("true", "fp32", False, masked_attention=True) and not compiles("false", "bf16", True)
-    assert graph("bert").has_masked_attention() and not graph("gpt2").has_masked_attention()
+    assert not compiles("auto", "fp32", True) and not compiles("auto", "bf16", True, bidirectional_attention=True)
+    assert compiles("true", "fp32", False, bidirectional_attention=True) and not compiles("false", "bf16", True)
+    assert graph("bert").has_bidirectional_attention() and not graph("gpt2").has_bidirectional_attention()
     keys = {}
     for fam in ("gpt2", "bert"):
         s = Searcher(CostModel.build(graph(fam), "h200", "bf16"), Cluster(num_gpus=1, device="h200"),
@@ -408,4 +408,4 @@ def test_compile_auto_leaves_masked_encoder_attention_eager():
     assert keys == {"gpt2": (False, True), "bert": (False, False)}
     model, batch = make("bert", batch_size=8)
     p = rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=1, device="h200"), progress=False)
-    assert p.masked_attention and Plan.from_dict(p.to_dict()).masked_attention
+    assert p.bidirectional_attention and Plan.from_dict(p.to_dict()).bidirectional_attention

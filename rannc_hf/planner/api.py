@@ -175,7 +175,7 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
             p.baselines[name] = min(t, p.baselines.get(name, t))
     p.cost_source = source
     p.split_min_out_features = graph.split_min_out_features
-    p.masked_attention = graph.has_masked_attention()
+    p.bidirectional_attention = graph.has_bidirectional_attention()
     p._graph = graph
     return p
 

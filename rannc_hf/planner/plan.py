@@ -77,7 +77,7 @@ class Plan:
     cost_source: str = ""                                       # analytic | measured
     split_min_out_features: Optional[int] = None  # capture with this (rannc_hf.capture split_head), as planned
     dp_inner: bool = False    # rank layout: a stage's replicas on neighbouring ranks (rannc_hf.runtime.mesh)
-    masked_attention: bool = False   # the graph's attention takes a non-causal mask (compile: auto stays eager)
+    bidirectional_attention: bool = False   # the graph's attention is not causal (an encoder: compile: auto stays eager)
 
     # ---- derived -----------------------------------------------------------------------
     @property
@@ -116,7 +116,7 @@ class Plan:
         return cls(stages=stages, num_microbatches=num_microbatches,
                    batch_size=graph.batch_size * dp_size * num_microbatches, dp_size=dp_size, schedule=schedule,
                    partitioner="manual", model_class=graph.model_class, graph_fingerprint=graph.fingerprint(),
-                   num_ops=len(graph.ops), **{"masked_attention": graph.has_masked_attention(), **kw})
+                   num_ops=len(graph.ops), **{"bidirectional_attention": graph.has_bidirectional_attention(), **kw})
 
     # ---- checks ------------------------------------------------------------------------
     def check_world(self, world_size: int) -> None:

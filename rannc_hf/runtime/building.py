@@ -264,13 +264,14 @@ class _BuildMixin:
     @property
     def compile_enabled(self) -> bool:
         """``config.compile`` as :func:`~rannc_hf.config.compiles` reads it (``auto``: on CUDA with bf16/fp16
-        compute, unless the model's attention takes a non-causal mask), for the model as planned."""
+        compute, unless the model's attention is bidirectional), for the model as planned."""
         return self._compiles()
 
     def _compiles(self, graph=None) -> bool:
         plan = getattr(self, "plan", None) or getattr(getattr(self, "layout", None), "plan", None)
-        masked = graph.has_masked_attention() if graph is not None else bool(getattr(plan, "masked_attention", False))
-        return compiles(self.config.compile, self.config.precision, self.device.type == "cuda", masked)
+        bidi = (graph.has_bidirectional_attention() if graph is not None
+                else bool(getattr(plan, "bidirectional_attention", False)))
+        return compiles(self.config.compile, self.config.precision, self.device.type == "cuda", bidi)
 
     def _compile_backend(self, train: bool = True, graph=None) -> Optional[str]:
         """The ``torch.compile`` backend, or None when compile is off (``RANNC_HF_COMPILE_BACKEND`` overrides

@@ -70,7 +70,7 @@ Semantics
   ``RANNC_HF_FAST_PATH=0`` turns the fast path off.
 * **Compile.** ``config.compile``: ``true`` compiles every stage graph (and the fast-path module) with
   ``torch.compile``; ``auto`` does so on CUDA with bf16/fp16 compute, never on CPU and not for models whose
-  attention takes a non-causal mask (BERT: compiled it ran 0.88x eager on an H200); ``false`` never.
+  attention is bidirectional (encoders; BERT compiled ran 0.88x eager on an H200); ``false`` never.
   ``RANNC_HF_COMPILE_BACKEND`` picks the backend (default ``inductor``).
 * **Forward only / logits.** Under ``torch.no_grad()`` the stages run forward point to point and ``forward``
   returns ``PipelineOutput(loss, logits, outputs)``: the model's other outputs come from the last stage,
