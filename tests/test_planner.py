@@ -409,3 +409,16 @@ def test_compile_auto_leaves_encoders_eager():
     model, batch = make("bert", batch_size=8)
     p = rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=1, device="h200"), progress=False)
     assert p.bidirectional_attention and Plan.from_dict(p.to_dict()).bidirectional_attention
+
+
+def test_attention_backends_export_may_name_are_recognised():
+    """Captured with CUDA tensors, export may name the backend op (flash, efficient, cuDNN) instead of the
+    composite: those are attention too, for the causal flag and for ``compile: auto``'s encoder rule."""
+    import copy
+
+    for fam, bidirectional in (("bert", True), ("gpt2", False)):
+        g = copy.deepcopy(graph(fam))
+        for op in g.ops:
+            if op.target == "aten.scaled_dot_product_attention.default":
+                op.target = "aten._scaled_dot_product_efficient_attention.default"
+        assert g.has_bidirectional_attention() is bidirectional

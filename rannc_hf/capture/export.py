@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from ..errors import CaptureError
 from .analysis import analyse
-from .graph import Graph, InputInfo, Op, ParamInfo, TensorMeta
+from .graph import ATTENTION_OPS, Graph, InputInfo, Op, ParamInfo, TensorMeta, op_base_name
 from .split_head import loss_only, split_large_linears
 
 _SKIP_TARGETS = {"aten._assert_tensor_metadata.default", "aten._assert_scalar.default",
@@ -144,7 +144,8 @@ def _module_path(node: fx.Node) -> str:
 def _is_causal_attention(node: fx.Node, model: nn.Module, module_path: str) -> bool:
     """An attention op whose mask is causal: ``is_causal=True``, or an owning module that says so. HF attention
     modules carry ``is_causal`` and pass a materialized mask under export, but run ``is_causal`` kernels eagerly."""
-    if node.kwargs.get("is_causal") is True or (len(node.args) > 5 and node.args[5] is True):
+    pos = ATTENTION_OPS.get(op_base_name(str(node.target)))
+    if node.kwargs.get("is_causal") is True or (pos is not None and len(node.args) > pos and node.args[pos] is True):
         return True
     try:
         owner = model.get_submodule(module_path) if module_path else None
@@ -311,7 +312,7 @@ def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss",
             params=sorted({getattr_name[n.name] for n in node.all_input_nodes if n.op == "get_attr"}),
             outputs=outs, module=_module_path(node), source=_source(node), is_tuple=is_tuple,
         )
-        op.causal = "scaled_dot_product_attention" in op.target and _is_causal_attention(node, model, op.module)
+        op.causal = op_base_name(op.target) in ATTENTION_OPS and _is_causal_attention(node, model, op.module)
         ops.append(op)
         for p in op.params:
             params[p].users.append(op.index)

@@ -23,6 +23,20 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
+#: fused attention ops as export may name them (the composite, or the backend a device chose) -> the position of
+#: their ``is_causal`` argument
+ATTENTION_OPS = {"scaled_dot_product_attention": 5, "_scaled_dot_product_flash_attention": 4,
+                 "_scaled_dot_product_flash_attention_for_cpu": 4, "_scaled_dot_product_efficient_attention": 6,
+                 "_scaled_dot_product_cudnn_attention": 6, "flex_attention": None}
+
+
+def op_base_name(target: str) -> str:
+    """``"aten.addmm.default"`` -> ``"addmm"``; ``"<built-in function getitem>"`` -> ``"getitem"``."""
+    if target.startswith("<built-in function"):
+        return target.split()[-1].rstrip(">")
+    parts = target.split(".")
+    return parts[-2] if len(parts) >= 3 else parts[-1]
+
 
 @dataclass
 class TensorMeta:
@@ -197,7 +211,7 @@ class Graph:
         against 111 eager on the H200, with 8.6 GiB more memory (dynamo traces HF's padding-mask path, which eager
         skips when nothing is padded); ``compile: auto`` leaves such models eager (:func:`rannc_hf.config.compiles`).
         Capture on real tensors sees no mask there, on the meta device a materialized one: either way not causal."""
-        return any(op.target.split(".")[1:2] == ["scaled_dot_product_attention"] and not op.causal for op in self.ops)
+        return any(op_base_name(op.target) in ATTENTION_OPS and not op.causal for op in self.ops)
 
     @property
     def num_params(self) -> int:

@@ -29,6 +29,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..capture.graph import ATTENTION_OPS, op_base_name
 from .devices import DeviceProfile
 
 # kinds
@@ -43,9 +44,7 @@ _VIEW_OPS = {
 _GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "conv1d", "conv2d", "conv3d", "convolution",
              "_convolution", "conv_transpose1d", "conv_transpose2d", "einsum", "grouped_mm", "grouped_mm_fallback",
              "_grouped_mm", "addbmm", "mv", "dot", "bilinear"}
-_ATTN_OPS = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-             "_scaled_dot_product_flash_attention_for_cpu", "flex_attention"}
+_ATTN_OPS = set(ATTENTION_OPS)
 _FP32_OPS = {"layer_norm", "native_layer_norm", "group_norm", "softmax", "_softmax", "log_softmax", "_log_softmax",
              "cross_entropy_loss", "nll_loss", "nll_loss_nd", "mse_loss", "binary_cross_entropy_with_logits", "pow",
              "exp", "log", "rsqrt", "sum", "mean", "norm", "linalg_vector_norm", "cumsum", "prod", "sqrt",
@@ -79,14 +78,7 @@ _CREATION = {"arange", "zeros", "ones", "full", "empty", "new_ones", "new_zeros"
              "scalar_tensor", "empty_strided", "rand_like", "randn_like"}
 
 
-def base_name(target: str) -> str:
-    """``"aten.addmm.default"`` -> ``"addmm"``; ``"<built-in function getitem>"`` -> ``"getitem"``."""
-    if target.startswith("<built-in function"):
-        return target.split()[-1].rstrip(">")
-    parts = target.split(".")
-    if len(parts) >= 3:
-        return parts[-2]
-    return parts[-1]
+base_name = op_base_name
 
 
 @dataclass
@@ -359,15 +351,6 @@ def _dropout_p(node) -> Optional[float]:
     return float(node.args[1]) if train is not False else 0.0
 
 
-def _is_causal(node) -> bool:
-    """``scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, ...)`` asked for a causal mask."""
-    if node is None:
-        return False
-    if "is_causal" in node.kwargs:
-        return bool(node.kwargs["is_causal"])
-    return len(node.args) > 5 and node.args[5] is True
-
-
 def _add_saved(sb: np.ndarray, sf: np.ndarray, i: int, nbytes: float, is_batchy: bool) -> None:
     if is_batchy:
         sb[i] += nbytes
@@ -459,7 +442,7 @@ def _flops(op, name: str, kind: int, node, graph, out_numel: int) -> float:
             batch = _numel(q[:-2])
             full = 2.0 * batch * q[-2] * k[-2] * (q[-1] + ev)
             # a causal kernel skips the blocks above the diagonal: half the work of a square score matrix
-            return full * 0.5 if (op.causal or _is_causal(node)) and q[-2] == k[-2] else full
+            return full * 0.5 if op.causal and q[-2] == k[-2] else full
         if name == "linear":
             w = shapes[1]
             return 2.0 * _numel(out_shape) * w[-1]
