@@ -11,7 +11,8 @@ import torch
 
 import rannc_hf
 from dist_helpers import accumulated_reference
-from rannc_hf.zoo import loss_of, make_with_batches
+from rannc_hf.capture import capture
+from rannc_hf.zoo import loss_of, make, make_with_batches
 
 BATCH, STEPS, LR = 4, 2, 1e-3
 
@@ -166,3 +167,18 @@ def test_compile_auto_leaves_eval_graphs_eager(monkeypatch, mode, train_backend,
     rm.device = torch.device("cuda", 0)                    # as on a GPU rank; nothing runs on it here
     assert rm._compile_backend(train=True) == train_backend
     assert rm._compile_backend(train=False) == eval_backend
+
+
+@pytest.mark.parametrize("fam, compiled", [("gpt2", True), ("bert", False)])
+def test_compile_auto_as_the_runtime_decides_it_on_a_gpu(fam, compiled):
+    """``compile: auto`` on a CUDA device with bf16: decoders compile, encoders (bidirectional attention) stay
+    eager, from the plan the module was built with (the fast path compiles the user's module, no graph at hand)
+    and from a captured graph (pipeline stages). The device is faked: only the decision is under test."""
+    model, bf = make_with_batches(fam, 0)
+    rm = rannc_hf.RanncModule(model, None, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=1,
+                                                                       precision="bf16"), example_batch=bf(BATCH, 0))
+    assert rm.built and rm.plan.bidirectional_attention is (not compiled)
+    assert not rm.compile_enabled                     # on this CPU: never
+    rm.device = torch.device("cuda")
+    assert rm.compile_enabled is compiled
+    assert (rm._compile_backend(train=True, graph=capture(*make(fam, batch_size=2))) is not None) is compiled
