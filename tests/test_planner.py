@@ -409,6 +409,7 @@ def test_compile_auto_leaves_encoders_eager():
     model, batch = make("bert", batch_size=8)
     p = rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=1, device="h200"), progress=False)
     assert p.bidirectional_attention and Plan.from_dict(p.to_dict()).bidirectional_attention
+    assert any("runs eager" in n for n in p.notes) and "runs eager" in p.summary()
 
 
 def test_attention_backends_export_may_name_are_recognised():
