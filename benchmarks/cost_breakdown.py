@@ -95,14 +95,7 @@ def measured(size: str, mb: int, steps: int, warmup: int, compiled: bool = False
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    step_ms = (time.perf_counter() - t0) / steps * 1e3
+    step_ms = _ms_per_step(step, steps, warmup)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()
@@ -126,15 +119,22 @@ def measured(size: str, mb: int, steps: int, warmup: int, compiled: bool = False
            "by_aten_op_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
     if compiled:
         model = torch.compile(model)
-        for _ in range(warmup + 1):
-            step()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        out["compiled_step_ms"] = (time.perf_counter() - t0) / steps * 1e3
+        out["compiled_step_ms"] = _ms_per_step(step, steps, warmup + 1)   # + 1: the compiling step
     return out
+
+
+def _ms_per_step(step, steps: int, warmup: int) -> float:
+    """Milliseconds per call of ``step`` over ``steps`` calls after ``warmup`` untimed ones (CUDA synchronized)."""
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps * 1e3
 
 
 def main() -> None:

@@ -422,7 +422,8 @@ class Searcher:
         cr = self._lists(a)[4]
         # the runtime steps blocks inside backward only on ranks without replicas or weights tied to other ranks
         # (their gradients are all-reduced after the pass): StageOffload.before_run
-        tied_ranks = set().union(*self._tied_holders(chunks, S).values()) if S > 1 else set()
+        tied = self._tied_holders(chunks, S)
+        tied_ranks = set().union(*tied.values())
         for c, (lo, hi) in enumerate(chunks):
             early = self.config.step_in_backward and dp == 1 and c % S not in tied_ranks
             n_par, buf, names = cm.stage_params(lo, hi)
@@ -496,7 +497,7 @@ class Searcher:
             for r in range(R):
                 ar = ring_allreduce_time(rank_params[r] * 4.0, dp, bw, prof.collective_latency)
                 tails[r] += max(0.0, ar - rank_b[r] / max(1, v))
-            for r, t in self._tied_times(chunks, S, dp, dp_inner).items():
+            for r, t in self._tied_times(tied, S, dp, dp_inner).items():
                 tails[r] += t
             est = estimate(cand.fwd, cand.bwd, M, sch, p2p, v, tails)
             if est < cand.est:
@@ -642,11 +643,12 @@ class Searcher:
                 out[p] = ranks
         return out
 
-    def _tied_times(self, chunks: list[tuple[int, int]], S: int, dp: int = 1,
+    def _tied_times(self, tied: dict[str, set[int]], S: int, dp: int = 1,
                     dp_inner: bool = False) -> dict[int, float]:
-        """Gradient all-reduce time of parameters used by several pipeline ranks (tied embeddings)."""
+        """Gradient all-reduce time of the parameters in ``tied`` (:meth:`_tied_holders`: used by several pipeline
+        ranks, tied embeddings) on each rank."""
         out: dict[int, float] = {}
-        for p, ranks in self._tied_holders(chunks, S).items():
+        for p, ranks in tied.items():
             info = self.cm.graph.params[p]
             spans = S * (dp if dp_inner else 1) > self.gpn   # a replica's pipeline ranks are dp apart when dp-inner
             bw = self.profile.inter_node_bw if spans else self.profile.intra_node_bw
