@@ -6,6 +6,7 @@ Two modes:
     torchrun --nproc_per_node 8 benchmarks/multi_gpu.py run --model gpt-2.7b --partitioners auto even params
     torchrun --nproc_per_node 2 benchmarks/multi_gpu.py run --model gpt-2.7b --num-stages 2 --gpu-memory 12GiB \
         --offload auto --partitioners auto      # offload inside a 2-stage pipeline, each GPU capped
+    ... run ... --profile   # also per rank: engine counters and worker log, one step under torch.profiler
 
 ``predict`` plans every (model, GPU count, partitioner) on the meta device with the H200 cost
 profile and writes ``benchmarks/results/multi_gpu_predicted.json``: what the real run has to
@@ -167,23 +168,37 @@ def run(args) -> int:
         m = rannc_hf.RanncModule(model, opt, config=cfg, example_batch=batch)
         if dev != "cpu":
             torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
-        for i in range(args.warmup + args.steps):
-            if dev != "cpu":
-                torch.cuda.synchronize()
-            dist.barrier()
-            t = time.perf_counter()
+        eng = m._offload.engine if (args.profile and m._offload is not None) else None
+        if eng is not None:
+            eng.timing = dev != "cpu"
+
+        def train_step():
             loss = m(**batch)
             loss = loss.loss if hasattr(loss, "loss") else loss
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            return loss
+
+        times, losses, starts = [], [], []
+        for i in range(args.warmup + args.steps):
+            if i == args.warmup and eng is not None:
+                eng.synchronize()
+                eng.reset_stats()
+                eng.wlog.clear()
+            if dev != "cpu":
+                torch.cuda.synchronize()
+            dist.barrier()
+            t = time.perf_counter()
+            starts.append(t)
+            loss = train_step()
             if dev != "cpu":
                 torch.cuda.synchronize()
             dist.barrier()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t)
             losses.append(float(loss.detach()))
+        profile = _profile_ranks(args, m, eng, train_step, starts[args.warmup], dev) if args.profile else None
         step = sorted(times)[len(times) // 2]
         peak = torch.tensor([torch.cuda.max_memory_allocated() / 2**30 if dev != "cpu" else 0.0], device=dev)
         peaks = [torch.zeros(1, device=dev) for _ in range(dist.get_world_size())]
@@ -194,6 +209,8 @@ def run(args) -> int:
                         "offload": [s.offload for s in m.plan.stages], "gpu_memory": args.gpu_memory,
                         "step_in_backward": args.step_in_backward, "plan": m.plan.summary(),
                         "step_times_s": times, "losses": losses, "loss": losses[-1]})
+        if profile is not None:
+            results[-1]["profile_per_rank"] = profile
         del m, model, opt, loss, batch
         import gc
 
@@ -215,6 +232,50 @@ def run(args) -> int:
     return 0
 
 
+def _profile_ranks(args, m, eng, train_step, t_ref: float, dev: str) -> list:
+    """Per rank: the offload engine's counters and worker log over the timed steps (seconds from the first timed
+    step's start), then one more step under ``torch.profiler`` whose kernel table each rank writes to
+    ``$OUT/profile_rank<r>.txt`` (rank 0 also its Chrome trace, gzipped). Gathered to every rank."""
+    import gzip
+    import shutil
+
+    import torch.distributed as dist
+    from torch.profiler import ProfilerActivity, profile
+
+    rank, out = dist.get_rank(), os.environ.get("OUT") or os.path.join(HERE, "results")
+    mine = {"rank": rank}
+    if eng is not None:
+        st = eng.stats()
+        n = max(1, st.get("steps", 1))
+        whole = ("hidden_fraction", "num_blocks", "resident_peak_blocks", "steps")
+        mine["engine_per_step"] = {k: v / n if isinstance(v, (int, float)) and k not in whole else v
+                                   for k, v in st.items()}
+        mine["worker_log"] = [(k, b, round(q - t_ref, 5), round(a - t_ref, 5), round(z - t_ref, 5))
+                              for k, b, q, a, z in eng.wlog]
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev != "cpu" else [])
+    dist.barrier()
+    with profile(activities=acts) as prof:
+        train_step()
+        if dev != "cpu":
+            torch.cuda.synchronize()
+        if eng is not None:
+            eng.synchronize()
+    key = "self_cuda_time_total" if dev != "cpu" else "self_cpu_time_total"
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"profile_rank{rank}.txt"), "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
+        f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40) + "\n")
+    if rank == 0:
+        trace = os.path.join(out, "trace_rank0.json")
+        prof.export_chrome_trace(trace)
+        with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
+            shutil.copyfileobj(f, g)
+        os.remove(trace)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -234,6 +295,8 @@ def main(argv=None) -> int:
     r.add_argument("--offload", default="auto", help="RanncConfig.offload (auto: the plan's per-stage choice)")
     r.add_argument("--gpu-memory", default=None, help="per-GPU cap, e.g. 12GiB (the model is then built on the host)")
     r.add_argument("--step-in-backward", action="store_true", help="offloaded blocks step inside backward")
+    r.add_argument("--profile", action="store_true",
+                   help="per rank: the offload engine's counters and worker log, and one step under torch.profiler")
     args = ap.parse_args(argv)
     return predict(args) if args.cmd == "predict" else run(args)
 
