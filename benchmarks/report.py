@@ -195,13 +195,16 @@ def offload_rannc() -> str:
     curves = ["| run (30 steps, same batches, bf16) | largest per-step loss difference vs no offload |", "|---|---|"]
     curves += [f"| {k} | {v:.4f} |" for k, v in cv["max_abs_loss_difference_vs_plain"].items()]
     out = "\n".join(rows) + "\n\n" + "\n\n".join(notes) + "\n\n" + "\n".join(curves) + f"\n\n{cv['note']}"
-    big = d.get("largest")
-    if big:
+    bigs = [d[k] for k in d if k.startswith("largest") and isinstance(d[k], dict)]
+    if bigs:
         out += ("\n\n**Largest model on one H200 box** | parameters | GPU-stepped layers | s/step (1 x 1024) | tokens/s | "
-                "GPU peak GiB | host RSS peak GiB\n|---|---|---|---|---|---|---|\n"
-                f"| GPT-2 style, d {big['d']}, {big['layers']} layers | {big['params'] / 1e9:.2f}B | {big['gpu_stepped_layers']} | "
-                f"{sum(big['step_times_s'][1:]) / max(1, len(big['step_times_s']) - 1):.2f} | {big['tokens_per_s']:.0f} | "
-                f"{big['gpu_peak_gib']:.1f} | {big['host_rss_peak_gib']:.1f} |\n\n{big['note']}")
+                "GPU peak GiB | host RSS peak GiB | loss, first -> last step\n|---|---|---|---|---|---|---|---|\n")
+        out += "\n".join(
+            f"| GPT-2 style, d {b['d']}, {b['layers']} layers | {b['params'] / 1e9:.2f}B | {b['gpu_stepped_layers']} | "
+            f"{sum(b['step_times_s'][1:]) / max(1, len(b['step_times_s']) - 1):.2f} | {b['tokens_per_s']:.0f} | "
+            f"{b['gpu_peak_gib']:.1f} | {b['host_rss_peak_gib']:.1f} | {b['losses'][0]:.2f} -> {b['losses'][-1]:.2f} "
+            f"({len(b['losses'])} steps) |" for b in bigs)
+        out += "\n\n" + "\n\n".join(b["note"] for b in bigs)
     return out + "\n\n" + _env_line(d)
 
 
