@@ -151,7 +151,8 @@ def run(args) -> int:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dev = f"cuda:{torch.cuda.current_device()}"
     # under a GPU cap the model may not fit its GPU whole: build it on the host, the runtime places it
-    build_on = "cpu" if args.gpu_memory else dev
+    # (and for runs whose losses are compared with a capped run's: the host and the GPU draw different weights)
+    build_on = "cpu" if (args.gpu_memory or args.build_on == "cpu") else dev
     name = "gpt-tiny" if args.tiny else args.model
     args.batch = args.batch or (8 if name == "gpt-tiny" else 32)
     results = []
@@ -295,6 +296,9 @@ def main(argv=None) -> int:
     r.add_argument("--offload", default="auto", help="RanncConfig.offload (auto: the plan's per-stage choice)")
     r.add_argument("--gpu-memory", default=None, help="per-GPU cap, e.g. 12GiB (the model is then built on the host)")
     r.add_argument("--step-in-backward", action="store_true", help="offloaded blocks step inside backward")
+    r.add_argument("--build-on", default="auto", choices=["auto", "cpu"],
+                   help="where the model is initialised (auto: its GPU, or the host under --gpu-memory); cpu: "
+                        "the same weights as a --gpu-memory run")
     r.add_argument("--profile", action="store_true",
                    help="per rank: the offload engine's counters and worker log, and one step under torch.profiler")
     args = ap.parse_args(argv)
