@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..profile.analytic import OpCostTable, is_batchy, op_cost_table, op_times, out_bytes, saved_bytes
+from ..profile.analytic import OpCostTable, host_times, is_batchy, op_cost_table, op_times, out_bytes, saved_bytes
 from ..profile.devices import DeviceProfile, get_profile
 from .coarsen import coarsen
 
@@ -37,14 +37,20 @@ class BlockArrays:
     saved: np.ndarray       #: activation bytes kept for backward
     peak_out: np.ndarray    #: largest single op output (transient working memory)
     cross: np.ndarray       #: bytes crossing the cut after each block (0 after the last)
+    #: host seconds of the blocks' eager forward and backward (zeros when compiled): a stage's micro-batch takes
+    #: at least their sum (see :func:`~rannc_hf.profile.analytic.host_times`)
+    host_fwd: Optional[np.ndarray] = None
+    host_bwd: Optional[np.ndarray] = None
 
 
 class CostModel:
     """Costs of a graph's block chain on a device profile, rescalable to any microbatch size."""
 
     def __init__(self, graph, blocks: list[tuple[int, int]], table: OpCostTable, profile: DeviceProfile,
-                 precision: str = "bf16", measured: Optional[tuple[np.ndarray, np.ndarray]] = None):
+                 precision: str = "bf16", measured: Optional[tuple[np.ndarray, np.ndarray]] = None,
+                 compiled: bool = False):
         self.graph = graph
+        self.compiled = compiled    #: priced as ``torch.compile`` runs it (no eager host floor)
         self.blocks = blocks
         self.table = table
         self.profile = profile
@@ -114,7 +120,8 @@ class CostModel:
         cm = self._variants.get(key)
         if cm is None or cm.measured is not self.measured:
             table = op_cost_table(self.graph, self.precision, weights_in_compute_dtype=key[0], compiled=key[1])
-            cm = CostModel(self.graph, self.blocks, table, self.profile, self.precision, self.measured)
+            cm = CostModel(self.graph, self.blocks, table, self.profile, self.precision, self.measured,
+                           compiled=key[1])
             self._variants[key] = cm
         return cm
 
@@ -144,6 +151,9 @@ class CostModel:
         cross = self._cross_b[ends] * r + self._cross_f[ends]
         cross[-1] = 0.0
         arr = BlockArrays(f, b, s, po, cross)
+        if not self.compiled and self.measured is None and self.profile.host_launch_s > 0:
+            hf, hb = host_times(t, self.profile)
+            arr.host_fwd, arr.host_bwd = np.add.reduceat(hf, idx), np.add.reduceat(hb, idx)
         self._cache[key] = arr
         return arr
 

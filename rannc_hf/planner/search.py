@@ -442,6 +442,9 @@ class Searcher:
                         av = arrays[key] = cm.variant(*key).at(mb)
                     f, b, sv, po, _ = self._lists(av)
                     F = sum(f[lo:hi + 1]); Bw = sum(b[lo:hi + 1]); A = sum(sv[lo:hi + 1])
+                    if av.host_fwd is not None:   # eager: the host launches kernels no faster than this
+                        F = max(F, float(av.host_fwd[lo:hi + 1].sum()))
+                        Bw = max(Bw, float(av.host_bwd[lo:hi + 1].sum()))
                     seg = choose_boundaries(av.cross[lo:hi], av.saved[lo:hi + 1], k) if rc else None
                     Cin = (seg.kept_bytes if seg else 0.0) + cin  # + the stage's own input
                     maxA = seg.max_segment_bytes if seg else 0.0

@@ -70,7 +70,7 @@ _COMPILED_KEEPS = {"layer_norm", "native_layer_norm", "group_norm", "rms_norm", 
 _NEEDS_NO_INPUT = {"add", "sub", "neg", "clone", "contiguous", "to", "_to_copy", "cat", "copy_", "pad",
                    "constant_pad_nd", "sum", "mean", "dropout", "tanh", "sigmoid", "softmax", "_softmax", "relu",
                    "log_softmax", "_log_softmax", "exp", "rsqrt", "sqrt", "expand", "repeat", "stack", "add_",
-                   "index_select", "masked_fill", "masked_fill_", "where", "scaled_dot_product_attention",
+                   "index_select", "masked_fill", "masked_fill_", "where",
                    "fill_", "zero_", "getitem", "view", "reshape", "transpose", "permute", "unsqueeze", "squeeze",
                    "slice", "select", "alias", "split", "chunk", "detach", "flatten", "unflatten", "narrow"}
 _CREATION = {"arange", "zeros", "ones", "full", "empty", "new_ones", "new_zeros", "new_empty", "new_full",
@@ -300,6 +300,12 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
             for v in set(in_vals):
                 if not _val_is_float(v, graph, vinfo) and name not in ("embedding", "gather", "index"):
                     continue
+                size, vb, numel, _ = vinfo[v]
+                if casts and k in (GEMM, ATTENTION) and size == 4 and vb:
+                    # eager autocast: this op keeps its own low-precision cast of the fp32 value, not the value
+                    # (BERT's Q, K and V each keep one of the layer norm's output)
+                    _add_saved(saved_b, saved_f, i, low_size * numel, vb)
+                    continue
                 r = root_of.get(v, v)
                 _mark_saved(r, vinfo, saved_b, saved_f, marks, cast)
     extra_b, extra_f = _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size, compiled)
@@ -494,6 +500,18 @@ def op_times(table: OpCostTable, profile: DeviceProfile, batch: Optional[float] 
         bwd = bwd + np.where(table.needs_grad, cast, 0.0)
     if table.extra_bwd_b is not None:
         bwd = bwd + (table.extra_bwd_b * s + table.extra_bwd_f) / bw
+    return fwd, bwd
+
+
+def host_times(table: OpCostTable, profile: DeviceProfile) -> tuple[np.ndarray, np.ndarray]:
+    """Host seconds every op costs an eager micro-batch's forward and backward (Python, dispatcher, autograd,
+    autocast, launch: ``profile.host_launch_s`` per kernel; an autocast cast is one more each way). Independent of
+    the micro-batch size: a stage whose kernels are shorter than this waits on the host, not the GPU."""
+    live = table.kind != FREE
+    casts = (table.cast_b > 0) if table.cast_b is not None else np.zeros(len(live), dtype=bool)
+    unit = float(profile.host_launch_s)
+    fwd = np.where(live, unit * (1.0 + casts), 0.0)
+    bwd = np.where(live & table.needs_grad, unit * (1.0 + casts), 0.0)
     return fwd, bwd
 
 
