@@ -9,6 +9,7 @@ beside them.
 
     python benchmarks/memory_probe.py --model bert-large --microbatch 32 16
     python benchmarks/memory_probe.py --model gpt2-2.7b --microbatch 8
+    python benchmarks/memory_probe.py --model bert-large --microbatch 16 --rannc none optimizer:24GiB:0
 
 Writes ``memory_probe_<model>.json`` under ``$OUT`` (or benchmarks/results/). Needs a CUDA GPU for the
 measured half; on CPU it prints the planner's half only.
@@ -50,6 +51,9 @@ def predicted(model_name: str, mb: int) -> dict:
 
 def _site(frames: list) -> str:
     for f in frames:
+        if f.get("fx_node_name"):   # RanncModule's captured graph: the aten op's node, numbering dropped
+            return "fx:" + f["fx_node_name"].rstrip("0123456789").rstrip("_")
+    for f in frames:
         name = f.get("filename", "")
         if any(k in name for k in ("transformers/", "torch/nn/functional", "torch/optim", "torch/nn/modules")):
             return f"{name.split('site-packages/')[-1]}:{f.get('line')} {f.get('name')}"
@@ -72,6 +76,50 @@ def live_at_peak(snapshot: dict) -> tuple[float, list]:
     for size, site in at_peak.values():
         by_site[site] += size
     return peak, by_site.most_common(25)
+
+
+def measured_rannc(model_name: str, mb: int, offload: str, cap: str, gpu_step_blocks: str) -> dict:
+    """The same step through RanncModule (eager, one stage, one micro-batch, no recompute, ``offload``, ``cap``)."""
+    from single_gpu import build
+
+    from rannc_hf import RanncConfig, RanncModule
+
+    model, cfg, seq = build(SIZES[model_name], "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (mb, seq))
+    m = RanncModule(model, opt, example_batch={"input_ids": ids, "labels": ids},
+                    config=RanncConfig(num_stages=1, precision="bf16", compile="false", offload=offload,
+                                       recompute="none", num_microbatches=1, gpu_memory=cap,
+                                       gpu_step_blocks=gpu_step_blocks if gpu_step_blocks == "auto"
+                                       else int(gpu_step_blocks)))
+    ids = ids.to(m.device)
+
+    def step():
+        loss = m(input_ids=ids, labels=ids)
+        (loss.loss if hasattr(loss, "loss") else loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    a0 = torch.cuda.memory_allocated()
+    torch.cuda.memory._record_memory_history(max_entries=4_000_000, stacks="python")
+    error = None
+    try:   # two steps recorded: the first allocates the optimizer's state; an out-of-memory is a result too
+        step()
+        step()
+        torch.cuda.synchronize()
+    except Exception as e:
+        error = repr(e)[:1500]
+    snap = torch.cuda.memory._snapshot(augment_with_fx_traces=True)
+    torch.cuda.memory._record_memory_history(enabled=None)
+    peak, sites = live_at_peak(snap)
+    plan = m.plan.stages[0]
+    return {"offload": offload, "cap": cap, "gpu_step_blocks": gpu_step_blocks, "error": error, "start_gib": a0 / GiB,
+            "max_allocated_gib": torch.cuda.max_memory_allocated() / GiB, "trace_peak_gib": (a0 + peak) / GiB,
+            "plan_peak_gib": plan.peak_bytes / GiB,
+            "plan_memory_gib": {k: v / GiB for k, v in plan.memory.items() if isinstance(v, (int, float))},
+            "alive_at_peak_by_site_gib": [(s_, b / GiB) for s_, b in sites]}
 
 
 def measured(model_name: str, mb: int) -> dict:
@@ -121,6 +169,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="bert-large", choices=list(SIZES))
     ap.add_argument("--microbatch", type=int, nargs="+", default=[32])
+    ap.add_argument("--rannc", nargs="*", default=[], metavar="OFFLOAD[:CAP[:GPU_STEP_BLOCKS]]",
+                    help="also through RanncModule, e.g. none optimizer:24GiB:0 (eager, one micro-batch)")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     args = ap.parse_args(argv)
     res = {"model": args.model, "cases": []}
@@ -128,6 +178,14 @@ def main(argv=None) -> int:
         row = {"microbatch": mb, "predicted": predicted(args.model, mb)}
         if torch.cuda.is_available():
             row["measured"] = measured(args.model, mb)
+            for spec in args.rannc:
+                off, cap, gsb = (spec.split(":") + [None, "auto"])[:3]
+                try:
+                    row.setdefault("rannc", []).append(measured_rannc(args.model, mb, off, cap or None, gsb))
+                except Exception as e:   # an out-of-memory is a result too
+                    row.setdefault("rannc", []).append({"offload": off, "cap": cap, "error": repr(e)[:2000]})
+                    torch.cuda.memory._record_memory_history(enabled=None)
+                torch.cuda.empty_cache()
         res["cases"].append(row)
         print(json.dumps(row, indent=1), flush=True)
     from benchmarks.common import write_result

@@ -237,6 +237,7 @@ class _BuildMixin:
         self._attach_offload()
         if self.device.type == "cuda":
             self._release_nonlocal()
+        self._prefer_fused_optimizer()
 
     def _localize_optimizer(self) -> None:
         opt = self.optimizer
@@ -260,6 +261,18 @@ class _BuildMixin:
                 return orig(*args, **kwargs)
 
             opt.step = step
+
+    def _prefer_fused_optimizer(self) -> None:
+        """On CUDA, without offload on this rank and outside fp16 (its scaler), an Adam/AdamW whose
+        implementation the user left to torch steps with the fused kernel (:mod:`.fused_optimizer`)."""
+        from .fused_optimizer import prefer_fused
+
+        if (self.optimizer is None or self.device.type != "cuda" or self._offload is not None
+                or self.config.precision == "fp16"):
+            return
+        if prefer_fused(self.optimizer, "cuda"):
+            log.info("optimizer: %s steps with torch's fused kernel (pass foreach= or fused= to choose)",
+                        type(self.optimizer).__name__)
 
     @property
     def compile_enabled(self) -> bool:

@@ -87,6 +87,7 @@ class _FastPathMixin:
         self._fast = True
         self._fast_fn = self._maybe_compile(self.module)
         self._localize_optimizer()
+        self._prefer_fused_optimizer()
 
     def _autocast(self):
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)

@@ -218,6 +218,7 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         self.optimizer = optimizer
         if optimizer is not None and self.built:
             self._localize_optimizer()
+            self._prefer_fused_optimizer()
         return optimizer
 
     # ---- batch handling ------------------------------------------------------------------
