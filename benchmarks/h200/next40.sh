@@ -1,21 +1,18 @@
 #!/bin/bash
-# H200 x1, ~5 min, every job alone (for the eleventh session). (1) BERT-large mb32's memory, plain and through
+# H200 x1, ~4 min, every job alone (for the eleventh session). (1) BERT-large mb32's memory, plain and through
 # RanncModule eager without offload and with optimizer offload and no GPU-stepped blocks (next39's forced run ran
 # out of memory at 24 GiB against 17.25 predicted): what is alive at the peak, by captured-graph node. (2) BERT-large
-# under 24 GiB: the default plan (now recompute full, one micro-batch) and optimizer offload forced. (3) Eager GPT-2
-# 1.3B, one micro-batch of 16: RanncModule now steps torch's default AdamW with the fused kernel (517 ms in next35).
+# under 24 GiB: the default plan (now recompute full, one micro-batch) and optimizer offload forced.
 source "$(dirname "$0")/lib.sh"
-job memprobe 0 0-15 120 python3 benchmarks/memory_probe.py --model bert-large --microbatch 32 --rannc none optimizer:24GiB:0 --out $OUT/results/memprobe; wait
+job memprobe 0 0-15 110 python3 benchmarks/memory_probe.py --model bert-large --microbatch 32 --rannc none optimizer:24GiB:0 --out $OUT/results/memprobe; wait
 B="python3 benchmarks/offload_profile.py rannc --model bert-large --batch 32 --no-profile --steps 5 --warmup 2"
-job bert_auto 0 0-15 60 $B --out $OUT/results/bert_auto; wait
-job bert_opt 0 0-15 60 $B --offload optimizer --out $OUT/results/bert_opt; wait
-E="python3 benchmarks/offload_profile.py rannc-eager --model 1.3b --batch 16 --offload none --cap 130GiB --recompute none --no-profile --steps 4 --warmup 2"
-job eager_m1 0 0-15 $((330 - SECONDS)) $E --microbatches 1 --out $OUT/results/eager_m1; wait
+job bert_auto 0 0-15 50 $B --out $OUT/results/bert_auto; wait
+job bert_opt 0 0-15 $((225 - SECONDS)) $B --offload optimizer --out $OUT/results/bert_opt; wait
 cat "$OUT/logs/summary.txt"
 for f in $OUT/results/*/offload_profile_rannc*.json; do python3 -c "
 import json; r=json.load(open('$f'))
 print('$f'.split('/')[-2], 'step %.4f pred %.4f tok/s %.0f peak %.2f' % (r['step_time_s'], r['predicted_step_time_s'], r['tokens_per_s'], r.get('max_allocated_gib',0)), r.get('blocks'), [round(x,3) for x in r['step_times_s']])"; done
-grep -h "^0 \|fused\|PlanDoesNotFit" $OUT/logs/bert_*.log $OUT/logs/eager_m1.log | cut -c1-400 | head
+grep -h "^0 \|PlanDoesNotFit" $OUT/logs/bert_*.log | cut -c1-400 | head
 python3 -c "
 import json; d=json.load(open('$OUT/results/memprobe/memory_probe_bert-large.json'))
 for c in d['cases']:
