@@ -185,6 +185,9 @@ def main(argv=None) -> int:
                 except Exception as e:   # an out-of-memory is a result too
                     row.setdefault("rannc", []).append({"offload": off, "cap": cap, "error": repr(e)[:2000]})
                     torch.cuda.memory._record_memory_history(enabled=None)
+                import gc
+
+                gc.collect()   # the module's hooks and engine hold cycles: free its GPU memory before the next
                 torch.cuda.empty_cache()
         res["cases"].append(row)
         print(json.dumps(row, indent=1), flush=True)
