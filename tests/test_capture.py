@@ -130,3 +130,40 @@ def test_inputs_without_common_batch_dim():
         capture(Two(), (torch.randn(3, 2), torch.randn(4, 2)))
     with pytest.raises(CaptureError, match="batch dimension"):
         capture(Two(), (torch.randn(3, 2), torch.tensor(1.0)))
+
+
+def test_constant_all_true_attention_masks_are_dropped_input_masks_kept():
+    """BERT's padding mask built from constants under export masks nothing: attention loses it (as Hugging Face
+    skips it eagerly), so the fused kernels stay usable. A mask computed from an input is kept."""
+    import torch.fx as fx
+
+    from rannc_hf.capture.constant_masks import drop_constant_open_masks
+
+    def masks(g):
+        return [op for op in g.ops if op.target.startswith("aten.scaled_dot_product_attention")]
+
+    model, batch = make("bert", batch_size=2)
+    attn = masks(capture(model, batch))                          # the batch has an attention_mask: kept
+    assert attn and all(len(op.inputs) == 4 for op in attn)
+    no_mask = {k: v for k, v in batch.items() if k != "attention_mask"}
+    attn = masks(capture(model, no_mask))
+    assert attn and all(len(op.inputs) == 3 for op in attn)       # q, k, v: no mask value read
+
+    class Masked(torch.nn.Module):
+        def forward(self, q, keep):
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=keep[:, None, None, :])
+
+    q, keep = torch.randn(2, 1, 4, 8), torch.tensor([[True, True, True, False]] * 2)
+    gm = torch.export.export(Masked(), (q, keep)).module()
+    assert drop_constant_open_masks(gm) == 0
+    assert torch.allclose(gm(q, keep), Masked()(q, keep))
+
+    class Closed(torch.nn.Module):   # constant, but it masks something: kept
+        def forward(self, q):
+            keep = torch.arange(4)[None, :] <= torch.arange(4)[:, None]
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=keep)
+
+    gm = torch.export.export(Closed(), (q,)).module()
+    assert drop_constant_open_masks(gm) == 0
+    assert any(isinstance(n.args[3] if len(n.args) > 3 else n.kwargs.get("attn_mask"), fx.Node)
+               for n in gm.graph.nodes if "scaled_dot_product" in str(n.target))

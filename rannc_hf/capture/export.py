@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from ..errors import CaptureError
 from .analysis import analyse
+from .constant_masks import drop_constant_open_masks
 from .graph import ATTENTION_OPS, Graph, InputInfo, Op, ParamInfo, TensorMeta, op_base_name
 from .split_head import loss_only, split_large_linears
 
@@ -245,6 +246,7 @@ def capture(model: nn.Module, example_batch: Any, *, loss_key: str = "loss",
 
     gm = ep.module()
     _clean(gm)
+    drop_constant_open_masks(gm)   # as Hugging Face does eagerly: attention keeps its fused kernels
     if split_min_out_features:
         cats = split_large_linears(gm, split_min_out_features)
         if not cats:
