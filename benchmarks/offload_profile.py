@@ -47,7 +47,7 @@ def _sync():
 
 def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
           microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0, mem_margin=None,
-          recompute="auto"):
+          recompute="auto", padded: bool = False):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
     if size == "bert-large" and not tiny:   # BERT MLM, seq 512 (single_gpu.py's)
         from single_gpu import build as build_single
@@ -65,6 +65,14 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
         stride = torch.randint(1, 64, (batch, 1), generator=gi)
         return (start + stride * torch.arange(seq)) % vocab
 
+    def extra(ids: torch.Tensor) -> dict:
+        """``--padded``: an attention_mask whose last eighth of every sequence is padding."""
+        if not padded:
+            return {}
+        mask = torch.ones_like(ids)
+        mask[:, -(ids.shape[1] // 8):] = 0
+        return {"attention_mask": mask}
+
     ids = batch_of(0)
     if variant.startswith("rannc") or variant == "plain":
         from rannc_hf import RanncConfig, RanncModule
@@ -77,7 +85,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
                             num_microbatches=microbatches, gpu_step_blocks=gpu_step_blocks,
                             step_in_backward=step_in_backward, recompute=recompute,
                             **({} if mem_margin is None else {"mem_margin": mem_margin}))
-        m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids})
+        m = RanncModule(model, opt, config=cfg_r, example_batch={"input_ids": ids, "labels": ids, **extra(ids)})
         dev = m.device
         eng = m._offload.engine if m._offload is not None else None
         print(m.plan.summary(), flush=True)
@@ -101,7 +109,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
     def step():
         ids = batch_of(counter[0]).to(dev)
         counter[0] += 1
-        loss = fwd(input_ids=ids, labels=ids).loss
+        loss = fwd(input_ids=ids, labels=ids, **extra(ids)).loss
         loss.backward()
         if clip_norm is not None:
             clip(clip_norm)
@@ -131,6 +139,7 @@ def main(argv=None) -> int:
                     help="RanncModule step_in_backward (implies --no-clip: the step runs before clipping could)")
     ap.add_argument("--mem-margin", type=float, default=None, help="RanncModule mem_margin (default: the config's)")
     ap.add_argument("--recompute", default="auto", help="RanncModule recompute: auto (the plan's) | none | full | selective")
+    ap.add_argument("--padded", action="store_true", help="pass an attention_mask with padding (BERT's padded batches)")
     ap.add_argument("--no-clip", action="store_true", help="no clip_grad_norm_(1.0) (DeepSpeed's anchor does not clip)")
     args = ap.parse_args(argv)
     clip_norm = None if (args.no_clip or args.step_in_backward) else 1.0
@@ -139,7 +148,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
                                  args.microbatches, args.gpu_step_blocks, args.step_in_backward, clip_norm,
-                                 args.mem_margin, args.recompute)
+                                 args.mem_margin, args.recompute, args.padded)
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()

@@ -224,7 +224,7 @@ def _session_rows(block: dict) -> list[str]:
     for key, r in block.items():
         if not isinstance(r, dict) or "step_time_s" not in r:
             continue
-        name = "GPT-2 1.3B" if "1.3b" in key else "GPT-2 2.7B"
+        name = "BERT-large" if "bert" in key else "GPT-2 1.3B" if "1.3b" in key else "GPT-2 2.7B"
         if "plan" in r:
             rows.append(_rannc_row(name, r))
         elif key in _PEERS:
