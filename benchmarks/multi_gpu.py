@@ -184,9 +184,7 @@ def run(args) -> int:
         times, losses, starts = [], [], []
         for i in range(args.warmup + args.steps):
             if i == args.warmup and eng is not None:
-                eng.synchronize()
                 eng.reset_stats()
-                eng.wlog.clear()
             if dev != "cpu":
                 torch.cuda.synchronize()
             dist.barrier()

@@ -134,6 +134,9 @@ class _StateMixin:
         return st
 
     def reset_stats(self) -> None:
+        """Count afresh from here: waits for the background work, zeroes the counters, empties the worker log."""
+        self.synchronize()
         for k, v in self._stats.items():
             self._stats[k] = type(v)(0)
+        self.wlog.clear()
 
