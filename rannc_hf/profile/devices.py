@@ -135,7 +135,8 @@ def _h200() -> DeviceProfile:
         # fits both within 9%. GPT-2 1.3B in 8 micro-batches of 2 ran 668 ms a step, 495 priced without it
         host_launch_s=73e-6,
         notes="bf16 GEMM and pinned copies measured on one H200 (DESIGN.md section 7); fp32 = TF32 tensor cores "
-              "(fp32_ieee: torch's default matmul precision, 67 TFLOP/s datasheet at 90%); CPU AdamW rate as measured inside the offload engine")
+              "(fp32_ieee: torch's default matmul precision, 67 TFLOP/s datasheet at 90%); CPU AdamW rate as "
+              "measured inside the offload engine")
 
 
 def _h100() -> DeviceProfile:

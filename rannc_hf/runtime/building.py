@@ -272,7 +272,7 @@ class _BuildMixin:
             return
         if prefer_fused(self.optimizer, "cuda"):
             log.info("optimizer: %s steps with torch's fused kernel (pass foreach= or fused= to choose)",
-                        type(self.optimizer).__name__)
+                     type(self.optimizer).__name__)
 
     @property
     def compile_enabled(self) -> bool:
