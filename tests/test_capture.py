@@ -146,8 +146,10 @@ def test_constant_all_true_attention_masks_are_dropped_input_masks_kept():
     attn = masks(capture(model, batch))                          # the batch has an attention_mask: kept
     assert attn and all(len(op.inputs) == 4 for op in attn)
     no_mask = {k: v for k, v in batch.items() if k != "attention_mask"}
-    attn = masks(capture(model, no_mask))
+    g = capture(model, no_mask)
+    attn = masks(g)
     assert attn and all(len(op.inputs) == 3 for op in attn)       # q, k, v: no mask value read
+    assert not any(op.target.split(".")[1] == "ge" for op in g.ops)   # the mask's own ops are gone
 
     class Masked(torch.nn.Module):
         def forward(self, q, keep):

@@ -89,7 +89,7 @@ def _masks_nothing(mask: torch.Tensor) -> bool:
 def drop_constant_open_masks(gm: fx.GraphModule) -> int:
     """Remove from every attention call of ``gm`` a mask computed from constants that masks nothing; returns
     how many calls changed (the mask's now unused nodes are removed too)."""
-    changed, dropped = 0, []
+    changed, dropped = 0, set()
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or op_base_name(str(node.target)) not in _MASKED_ATTENTION:
             continue
@@ -107,10 +107,10 @@ def drop_constant_open_masks(gm: fx.GraphModule) -> int:
         else:
             node.args = node.args[:3] + (None,) + node.args[4:]
         changed += 1
-        dropped.extend(nodes)
+        dropped.update(nodes)   # several attention calls may share one mask
     if changed:
-        for n in reversed(dropped):   # the masks' own nodes, once nothing reads them
-            if n.graph is gm.graph and not n.users:
+        for n in reversed(list(gm.graph.nodes)):   # the masks' own nodes, once nothing reads them
+            if n in dropped and not n.users:
                 gm.graph.erase_node(n)
         gm.graph.lint()
         gm.recompile()
