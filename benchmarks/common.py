@@ -1,7 +1,8 @@
 """Shared helpers for benchmark scripts: environment facts and JSON result files.
 
-    from benchmarks.common import environment, write_result
+    from benchmarks.common import environment, seconds_per_call, write_result
     write_result("plan_speed", {"cases": [...]})   # -> benchmarks/results/plan_speed.json
+    seconds_per_call(opt.step, calls=10, warmup=3)   # wall time per call, CUDA synchronized
 
 Every result file records the date, the device (GPU name or CPU model), core count and the
 versions of torch / transformers / accelerate / rannc_hf, so numbers are never quoted without
@@ -70,3 +71,21 @@ def write_result(name: str, data: dict, out_dir: str | None = None) -> str:
         json.dump(payload, f, indent=1)
     os.replace(tmp, path)
     return path
+
+
+def seconds_per_call(fn, calls: int, warmup: int = 1, cuda: bool | None = None) -> float:
+    """Wall seconds per call of ``fn`` over ``calls`` calls after ``warmup`` untimed ones; with ``cuda`` (default:
+    when a GPU is present) the device is synchronized before the clock starts and before it stops."""
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if (torch.cuda.is_available() if cuda is None else cuda) else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / calls

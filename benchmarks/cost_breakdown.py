@@ -20,10 +20,11 @@ import json
 import os
 import re
 import sys
-import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (SIGUSR1 stack dumps, versions, timing)
 
 _GEMM = re.compile(r"gemm|nvjet|cutlass|xmma|cublas|_mma_|wgmma", re.I)
 _ATTN = re.compile(r"flash|fmha|attention|mem_eff|efficient_attention", re.I)
@@ -95,7 +96,7 @@ def measured(size: str, mb: int, steps: int, warmup: int, compiled: bool = False
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step_ms = _ms_per_step(step, steps, warmup)
+    step_ms = common.seconds_per_call(step, steps, warmup, cuda=True) * 1e3
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(2):
             step()
@@ -119,22 +120,9 @@ def measured(size: str, mb: int, steps: int, warmup: int, compiled: bool = False
            "by_aten_op_ms": dict(sorted(ops.items(), key=lambda kv: -kv[1]))}
     if compiled:
         model = torch.compile(model)
-        out["compiled_step_ms"] = _ms_per_step(step, steps, warmup + 1)   # + 1: the compiling step
+        # warmup + 1: the compiling step
+        out["compiled_step_ms"] = common.seconds_per_call(step, steps, warmup + 1, cuda=True) * 1e3
     return out
-
-
-def _ms_per_step(step, steps: int, warmup: int) -> float:
-    """Milliseconds per call of ``step`` over ``steps`` calls after ``warmup`` untimed ones (CUDA synchronized)."""
-    import torch
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / steps * 1e3
 
 
 def main() -> None:
@@ -145,8 +133,6 @@ def main() -> None:
     ap.add_argument("--compiled", action="store_true", help="also time torch.compile(model) (GPU)")
     args = ap.parse_args()
     import torch
-
-    import common  # SIGUSR1 stack dumps, versions
 
     out = {"environment": common.environment(), "results": {}}
     for v in args.variants:

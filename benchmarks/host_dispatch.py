@@ -21,30 +21,19 @@ import argparse
 import json
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import torch  # noqa: E402
 
+from benchmarks.common import seconds_per_call  # noqa: E402
+
 STRUCTURES = {"gpt2-1.3b": ("gpt", 24, 1024), "bert-large": ("bert", 24, 512)}   # family, layers, positions
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, dev, steps: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    _sync(dev)
-    t = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    _sync(dev)
-    return (time.perf_counter() - t) / steps
+    return seconds_per_call(fn, steps, warmup, cuda=dev.type == "cuda")
 
 
 def _narrow(structure: str):

@@ -9,6 +9,7 @@ import time
 
 import torch
 
+from benchmarks.common import seconds_per_call
 from rannc_hf.offload.store import _empty_host
 
 N = 78_643_200  # one GPT-2 2.7B layer (12 * 2560**2)
@@ -16,13 +17,7 @@ res = {"threads": torch.get_num_threads()}
 
 
 def t(fn, reps=5):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    return seconds_per_call(fn, reps, warmup=1, cuda=True)
 
 
 h = _empty_host(4 * N, torch.float32, True)

@@ -24,7 +24,7 @@ import time
 from typing import Any, Optional
 
 from ..capture.split_head import DEFAULT_MIN_OUT_FEATURES
-from ..config import Cluster, RanncConfig
+from ..config import Cluster, RanncConfig, compiles
 from ..errors import ConfigError, PlanDoesNotFitError
 from ..units import format_bytes
 from .coarsen import describe
@@ -176,8 +176,9 @@ def _plan_one(model_or_graph: Any, example_batch: Any, cluster: Cluster, config:
     p.cost_source = source
     p.split_min_out_features = graph.split_min_out_features
     p.bidirectional_attention = graph.has_bidirectional_attention()
-    if (p.bidirectional_attention and str(config.compile).lower() == "auto" and cm.profile.name != "cpu"
-            and config.precision in ("bf16", "fp16")):
+    gpu = cm.profile.name != "cpu"
+    if compiles(config.compile, config.precision, gpu) != compiles(config.compile, config.precision, gpu,
+                                                                    p.bidirectional_attention):
         p.notes.append("compile auto: bidirectional attention (an encoder) runs eager; BERT-large compiled ran 0.88x "
                        "eager on an H200 (compile: true forces it)")
     p._graph = graph
