@@ -45,9 +45,18 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _allocator_counters() -> dict:
+    """The caching allocator's cumulative retries and device mallocs/frees: under a cap, retries mean the allocator
+    freed its cache and synchronized to make room."""
+    if not torch.cuda.is_available():
+        return {}
+    st = torch.cuda.memory_stats()
+    return {k: st.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}
+
+
 def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
           microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0, mem_margin=None,
-          recompute="auto", padded: bool = False):
+          recompute="auto", padded: bool = False, compile_mode: str = "auto"):
     """(step function, engine or None, predicted step time or None) for ``variant``."""
     if size == "bert-large" and not tiny:   # BERT MLM, seq 512 (single_gpu.py's)
         from single_gpu import build as build_single
@@ -81,7 +90,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
         cfg_r = RanncConfig(num_stages=1, precision="fp32" if tiny else "bf16",
                             offload="none" if variant == "plain" else ("all" if tiny else offload),
                             gpu_memory=None if (tiny or variant == "plain") else cap,
-                            compile="false" if (tiny or variant == "rannc-eager") else "auto",
+                            compile="false" if (tiny or variant == "rannc-eager") else compile_mode,
                             num_microbatches=microbatches, gpu_step_blocks=gpu_step_blocks,
                             step_in_backward=step_in_backward, recompute=recompute,
                             **({} if mem_margin is None else {"mem_margin": mem_margin}))
@@ -106,15 +115,21 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
         eng, predicted, clip, fwd = h.engine, None, h.clip_grad_norm_, model
     counter = [0]
 
+    from torch.profiler import record_function   # phases, for trace_gaps.py's attribution of idle GPU time
+
     def step():
         ids = batch_of(counter[0]).to(dev)
         counter[0] += 1
-        loss = fwd(input_ids=ids, labels=ids, **extra(ids)).loss
-        loss.backward()
+        with record_function("phase: forward"):
+            loss = fwd(input_ids=ids, labels=ids, **extra(ids)).loss
+        with record_function("phase: backward"):
+            loss.backward()
         if clip_norm is not None:
-            clip(clip_norm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            with record_function("phase: clip"):
+                clip(clip_norm)
+        with record_function("phase: optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss
 
     return step, eng, predicted
@@ -141,6 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("--recompute", default="auto", help="RanncModule recompute: auto (the plan's) | none | full | selective")
     ap.add_argument("--padded", action="store_true", help="pass an attention_mask with padding (BERT's padded batches)")
     ap.add_argument("--no-clip", action="store_true", help="no clip_grad_norm_(1.0) (DeepSpeed's anchor does not clip)")
+    ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                    help="RanncModule compile for the rannc variant (rannc-eager: always false)")
     args = ap.parse_args(argv)
     clip_norm = None if (args.no_clip or args.step_in_backward) else 1.0
     batch, seq = (2, 64) if args.tiny else (args.batch, 512 if args.model == "bert-large" else 1024)
@@ -148,18 +165,22 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     step, eng, predicted = build(args.variant, args.tiny, args.cap, batch, seq, args.model, args.offload,
                                  args.microbatches, args.gpu_step_blocks, args.step_in_backward, clip_norm,
-                                 args.mem_margin, args.recompute, args.padded)
+                                 args.mem_margin, args.recompute, args.padded, args.compile)
     build_s = time.perf_counter() - t0
     if eng is not None:
         eng.timing = torch.cuda.is_available()
-    times, losses, starts = [], [], []
+    times, losses, starts, enqueued = [], [], [], []
+    alloc0 = {}
     for i in range(args.warmup + args.steps):
-        if i == args.warmup and eng is not None:
-            eng.reset_stats()
+        if i == args.warmup:
+            if eng is not None:
+                eng.reset_stats()
+            alloc0 = _allocator_counters()
         _sync()
         t = time.perf_counter()
         starts.append(t)
         loss = step()
+        enqueued.append(time.perf_counter() - t)   # the host's share: ~the step time when the host is the bound
         _sync()
         times.append(time.perf_counter() - t)
         losses.append(float(loss.detach()))
@@ -174,7 +195,8 @@ def main(argv=None) -> int:
     res = {"variant": args.variant, "lr": 2e-4, "clip_grad_norm": clip_norm, "step_in_backward": args.step_in_backward,
            "build_s": build_s, "step_times_s": times, "step_time_s": sum(steady) / len(steady),
            "tokens_per_s": batch * seq * len(steady) / sum(steady), "predicted_step_time_s": predicted,
-           "losses": losses,
+           "losses": losses, "host_enqueue_s": sum(enqueued[args.warmup:]) / len(steady),
+           "allocator_per_step": {k: (v - alloc0.get(k, 0)) / len(steady) for k, v in _allocator_counters().items()},
            "engine_per_step": {k: (v / n if isinstance(v, (int, float)) and k not in ("hidden_fraction", "num_blocks",
                                                                                       "resident_peak_blocks", "steps")
                                    else v) for k, v in st.items()},

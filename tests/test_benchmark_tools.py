@@ -26,3 +26,31 @@ def test_multi_gpu_profile_reports_every_rank(tmp_path):
     for rank in (0, 1):
         assert "Self CPU" in (tmp_path / f"profile_rank{rank}.txt").read_text()
     assert (tmp_path / "trace_rank0.json.gz").stat().st_size > 0
+
+
+def test_trace_gaps_attributes_idle_gpu_time_to_the_host_op_running():
+    """``trace_gaps.py``: busy time is the union over streams, short gaps are summed, and a long gap is charged to
+    the outermost and innermost host ops of the launching thread that were running when it began."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import trace_gaps
+
+    def x(cat, name, ts, dur, tid=1):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid}
+
+    events = [
+        x("user_annotation", "phase: backward", 0, 1000),
+        x("cpu_op", "CheckpointRecompute", 100, 400),
+        x("cpu_op", "aten::mm", 150, 10),
+        x("cuda_runtime", "cudaLaunchKernel", 152, 5),
+        x("cuda_runtime", "cudaLaunchKernel", 600, 5),
+        x("cpu_op", "a thread that launches nothing", 0, 2000, tid=2),
+        x("kernel", "gemm", 0, 100, tid=7),
+        x("kernel", "gemm2", 50, 100, tid=8),        # overlaps the first on another stream: busy 0..150
+        x("kernel", "small", 160, 40, tid=7),        # 10 us gap: launch latency
+        x("gpu_memcpy", "copy", 700, 300, tid=9),    # 500 us gap, starts at 200 inside the recompute
+    ]
+    r = trace_gaps.analyze(events, min_gap_us=20)
+    assert r["span_ms"] == 1.0 and r["gpu_busy_ms"] == 0.49 and abs(r["gpu_idle_ms"] - 0.51) < 1e-12
+    assert r["kernels"] == 3 and r["long_gaps"] == 1 and abs(r["idle_in_short_gaps_ms"] - 0.01) < 1e-12
+    assert r["idle_by_outer_host_op_ms"] == [("phase: backward", 0.5)]
+    assert r["idle_by_inner_host_op_ms"] == [("CheckpointRecompute", 0.5)]
