@@ -57,6 +57,10 @@ _SAVES_OUTPUT = {"tanh", "sigmoid", "softmax", "_softmax", "log_softmax", "_log_
 #: 1.3B, micro-batch 16, H200 (DESIGN.md section 7): eager 37.5k tokens/s, priced 425 ms fwd + bwd (236 GEMM and
 #: attention, 189 the rest); compiled 59.7k tokens/s, 264 ms without its optimizer step: 236 + 189 x 0.15.
 COMPILED_POINTWISE_TRAFFIC = 0.15
+#: a gradient's cast back from the compute dtype to fp32 (autocast's casts, in backward) runs PyTorch's unrolled,
+#: non-vectorized conversion kernel: ~2.0 TB/s on the H200 for 4M-8M elements (BERT-large, twelfth session's
+#: profile) against ~3.9 for the vectorized down-cast of the forward
+UP_CONVERT_SLOWDOWN = 1.9
 # compiled (inductor): pointwise activations whose kept output is recomputed in backward instead
 _POINTWISE_SAVES = {"tanh", "sigmoid", "exp", "rsqrt", "relu", "sqrt", "elu", "hardtanh"}
 # compiled: non-GEMM ops whose inputs stay kept (not recomputable cheaply from elsewhere)
@@ -105,6 +109,13 @@ class OpCostTable:
     #: Weight casts (12 bytes a parameter and micro-batch) are not priced: they moved a 64-GPU plan's prediction by
     #: 40% and no multi-micro-batch measurement says how much of them autocast's cache hides
     cast_b: Optional[np.ndarray] = None
+    #: eager autocast: bytes and kernels of the casts of an op's fp32 parameters to the compute dtype, once per
+    #: micro-batch and parameter (read 4 + write 2 an element; autocast caches a parameter's cast within one
+    #: forward, so a tied weight is cast once), and the same for the gradients of those that train
+    wcast_f: Optional[np.ndarray] = None
+    wcast_n: Optional[np.ndarray] = None
+    wcast_bwd_f: Optional[np.ndarray] = None
+    wcast_bwd_n: Optional[np.ndarray] = None
     #: backward bytes of kernels of their own beside an op's gradient: summing the gradients of a value several
     #: ops read (charged to its producer) and reducing a GEMM's output gradient into its bias gradient
     extra_bwd_b: Optional[np.ndarray] = None
@@ -175,6 +186,9 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
     needs_grad = np.zeros(n, dtype=bool)
     cast_b = np.zeros(n)
     casts = precision != "fp32" and not compiled   # inductor fuses the casts into the producers
+    wcast = [np.zeros(n) for _ in range(4)]          # fwd bytes, fwd kernels, bwd bytes, bwd kernels
+    weight_casts = casts and not weights_in_compute_dtype
+    cast_params: set[str] = set()
 
     # value name -> (itemsize, batchy, numel, producer index) ; graph inputs have producer -1
     vinfo: dict[str, tuple[int, bool, int, int]] = {}
@@ -260,6 +274,17 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
                 size, vb, numel, _ = vinfo[v]
                 if size == 4 and vb and _val_is_float(v, graph, vinfo):
                     cast_b[i] += 6.0 * numel
+        if weight_casts and k in (GEMM, ATTENTION):
+            for pn in op.params:
+                pi = params.get(pn)
+                if pi is None or pn in cast_params or not (_is_float(pi.dtype) and _dtype_bytes(pi.dtype) == 4):
+                    continue
+                cast_params.add(pn)
+                wcast[0][i] += 6.0 * pi.numel
+                wcast[1][i] += 1
+                if pi.requires_grad and not pi.is_buffer:
+                    wcast[2][i] += 6.0 * pi.numel
+                    wcast[3][i] += 1
 
         # FLOPs
         f = _flops(op, name, k, nodes.get(op.name), graph, out_numel)
@@ -310,7 +335,7 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
                 _mark_saved(r, vinfo, saved_b, saved_f, marks, cast)
     extra_b, extra_f = _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size, compiled)
     return OpCostTable(kind, flops, bwd_flops, bytes_b, bytes_f, bwd_b, bwd_f, saved_b, saved_f, out_b, out_f,
-                       batchy, needs_grad, graph.batch_size, precision, cast_b, extra_b, extra_f)
+                       batchy, needs_grad, graph.batch_size, precision, cast_b, *wcast, extra_b, extra_f)
 
 
 def _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size: int,
@@ -497,7 +522,10 @@ def op_times(table: OpCostTable, profile: DeviceProfile, batch: Optional[float] 
     if table.cast_b is not None:   # separate cast kernels: their time adds to the GEMM's
         cast = table.cast_b * s / bw
         fwd = fwd + cast
-        bwd = bwd + np.where(table.needs_grad, cast, 0.0)
+        bwd = bwd + np.where(table.needs_grad, cast * UP_CONVERT_SLOWDOWN, 0.0)
+    if table.wcast_f is not None:
+        fwd = fwd + table.wcast_f / bw + table.wcast_n * profile.op_overhead
+        bwd = bwd + table.wcast_bwd_f * UP_CONVERT_SLOWDOWN / bw + table.wcast_bwd_n * profile.op_overhead
     if table.extra_bwd_b is not None:
         bwd = bwd + (table.extra_bwd_b * s + table.extra_bwd_f) / bw
     return fwd, bwd

@@ -65,14 +65,35 @@ def allreduce_sum_(params: Sequence[torch.Tensor], grads: list[Optional[torch.Te
             grads[i].copy_(t)
 
 
+def _by_device_and_dtype(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    return list(groups.values())
+
+
 def grad_norm_sq(grads: Sequence[Optional[torch.Tensor]], norm_type: float) -> torch.Tensor:
-    """This rank's contribution: sum of |g|^p (or max |g| for inf) over the given gradients, fp32."""
-    gs = [g for g in grads if g is not None]
+    """This rank's contribution: sum of |g|^p (or max |g| for inf) over the given gradients, fp32.
+
+    One ``_foreach_norm`` per device and dtype, as ``torch.nn.utils.clip_grad_norm_`` does: a per-tensor loop cost
+    BERT-large 17-29 ms of host time a step on the H200 (394 norms and 394 scalings), the GPU idle meanwhile."""
+    gs = [g.detach() for g in grads if g is not None]
     if not gs:
         return torch.zeros((), dtype=torch.float32)
-    if math.isinf(norm_type):
-        return torch.stack([g.detach().abs().max().float() for g in gs]).max()
-    return torch.stack([torch.linalg.vector_norm(g.detach().float(), norm_type) for g in gs]).pow(norm_type).sum()
+    parts = []
+    for group in _by_device_and_dtype(gs):
+        norms = torch._foreach_norm(group, norm_type, dtype=torch.float32)
+        parts.append(torch.stack(norms).max() if math.isinf(norm_type) else torch.stack(norms).pow(norm_type).sum())
+    if len(parts) > 1:
+        parts = [p.to(parts[0].device) for p in parts]
+    return torch.stack(parts).max() if math.isinf(norm_type) else torch.stack(parts).sum()
+
+
+def scale_grads_(grads: Sequence[Optional[torch.Tensor]], coef: torch.Tensor) -> None:
+    """In place: every gradient times ``coef`` (a 0-dim tensor: no host sync), one ``_foreach_mul_`` per device and
+    dtype."""
+    for group in _by_device_and_dtype([g for g in grads if g is not None]):
+        torch._foreach_mul_(group, coef.to(group[0].device, group[0].dtype))
 
 
 def global_grad_norm(owned_grads: Sequence[Optional[torch.Tensor]], group: Optional[dist.ProcessGroup],

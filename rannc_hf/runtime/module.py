@@ -108,7 +108,7 @@ from .building import _BuildMixin, _Variant
 from .carry import _CarryGrads, _Payload, finish_new_grads
 from .evaluation import EvalOutput, PipelineOutput, _EvalMixin
 from .fastpath import _FastPathMixin
-from .grads import allreduce_sum_, global_grad_norm, restore_grads, stash_grads
+from .grads import allreduce_sum_, global_grad_norm, restore_grads, scale_grads_, stash_grads
 from .mesh import Mesh, resolve_device
 from .oom import explain_oom
 from .planning import Layout
@@ -399,9 +399,7 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         extra = self._offload.grad_norm_part(var, self._owned, float(norm_type)) if self._offload is not None else None
         total = global_grad_norm(owned, self.mesh.pp_group, float(norm_type), self.device, extra=extra)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for p in var.params:
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
+        scale_grads_([p.grad for p in var.params], coef)
         if self._offload is not None:
             self._offload.scale_grads_(coef)
         return total
