@@ -89,6 +89,17 @@ def grad_norm_sq(grads: Sequence[Optional[torch.Tensor]], norm_type: float) -> t
     return torch.stack(parts).max() if math.isinf(norm_type) else torch.stack(parts).sum()
 
 
+def add_grads_(accumulators: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+    """In place: ``accumulators[i] += grads[i]``, one ``_foreach_add_`` per device and dtype pair."""
+    groups: dict[tuple, tuple[list, list]] = {}
+    for a, g in zip(accumulators, grads):
+        ga, gg = groups.setdefault((a.device, a.dtype, g.device, g.dtype), ([], []))
+        ga.append(a)
+        gg.append(g)
+    for ga, gg in groups.values():
+        torch._foreach_add_(ga, gg)
+
+
 def scale_grads_(grads: Sequence[Optional[torch.Tensor]], coef: torch.Tensor) -> None:
     """In place: every gradient times ``coef`` (a 0-dim tensor: no host sync), one ``_foreach_mul_`` per device and
     dtype."""
