@@ -217,6 +217,45 @@ def test_segmented_recompute_keeps_checkpoints_not_activations():
     assert peaks["segments"] < 0.4 * peaks["whole"]
 
 
+def test_segments_fed_by_gradients_checkpoint_reentrant(monkeypatch):
+    """Segments with an input that requires grad use the reentrant checkpoint (no per-tensor Python hooks; the
+    H200's eager BERT step was bound by them); the first ones, fed token ids only, cannot (its parameters would get no
+    gradient) and stays non-reentrant. Gradients equal the run without recompute exactly."""
+    import torch.utils.checkpoint as ckpt
+    import transformers as tf
+
+    from rannc_hf.runtime.stages import batch_inputs
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=16, vocab_size=64, use_cache=False,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = tf.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    g = capture(model, batch)
+    grads = {}
+    for rc in ("none", "full"):
+        stage = build_stages(g, [], model=model, recompute=rc)[0]
+        model.zero_grad()
+        calls = []
+        real = ckpt.checkpoint
+
+        def recording(fn, *args, use_reentrant=None, **kw):
+            calls.append(use_reentrant)
+            return real(fn, *args, use_reentrant=use_reentrant, **kw)
+
+        monkeypatch.setattr(ckpt, "checkpoint", recording)
+        stage(*batch_inputs(g, batch)).backward()
+        monkeypatch.setattr(ckpt, "checkpoint", real)
+        grads[rc] = [p.grad.clone() for p in model.parameters()]
+        if rc == "full":
+            assert len(calls) == len(stage.segments()) > 2
+            # the segments before the first layer read only ids, positions and masks; every layer's is reentrant
+            assert calls[0] is False and all(calls[-cfg.n_layer:])
+    for a, b in zip(grads["full"], grads["none"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_plan_records_recompute_segments_and_runtime_uses_them(tmp_path):
     """The planner prices recompute with the segments it records in the plan; the stage checkpoints exactly
     those; the plan's JSON keeps them."""
