@@ -5,6 +5,7 @@ engine's host buffers and `params` run as `all` with every block GPU-stepped). P
 
     python benchmarks/offload_gpu_check.py
     python benchmarks/offload_gpu_check.py --rannc-only [--cpu]    # only the RanncModule cases
+    python benchmarks/offload_gpu_check.py --recompute-only [--cpu]   # only RanncModule with recompute="full"
     python benchmarks/offload_gpu_check.py --in-backward-only       # only step_in_backward (no clipping)
     python benchmarks/offload_gpu_check.py --gpu-rest-only          # only the rest group stepped on the GPU
 
@@ -59,7 +60,7 @@ def train(family, mode, dtype=None, recompute=False, fused=False, async_step=Non
     return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, h
 
 
-def train_rannc(family, mode, device):
+def train_rannc(family, mode, device, recompute="none"):
     """RanncModule, one stage, 2 microbatches of a batch of 8 (``mode`` None: the plain model, same chunks);
     Accelerate's ``step(None)`` every other step."""
     import rannc_hf
@@ -71,7 +72,7 @@ def train_rannc(family, mode, device):
         model.to(device)
     else:
         cfg = rannc_hf.RanncConfig(num_stages=1, num_microbatches=2, precision="fp32", offload=mode,
-                                   compile="false", recompute="none")
+                                   compile="false", recompute=recompute)
         model = rannc_hf.RanncModule(model, opt, config=cfg, device=device)
     losses = []
     for s in range(4):
@@ -91,7 +92,7 @@ def train_rannc(family, mode, device):
             losses.append(float(loss))
         opt.step(None) if s % 2 else opt.step()
         opt.zero_grad()
-    if mode is not None:   # the engine is built at the first call
+    if mode not in (None, "none"):   # the engine is built at the first call
         want = os.environ.get("RANNC_HF_OFFLOAD_GPU_STEP_REST") == "1" and device == "cuda"
         if model._offload.engine.gpu_step_rest != want:
             raise AssertionError(f"the engine's gpu_step_rest is {model._offload.engine.gpu_step_rest}, expected {want}")
@@ -122,6 +123,28 @@ def rannc_cases(device, rest=False) -> bool:
     os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", None)
     os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_GRADS", None)
     os.environ.pop("RANNC_HF_OFFLOAD_GPU_STEP_REST", None)
+    return good_all
+
+
+def recompute_cases(device) -> bool:
+    """RanncModule with recompute="full" (segments fed by gradients checkpointed reentrant, offloaded ones not),
+    without offload and with optimizer and all offload, against the plain model."""
+    good_all = True
+    for fam in ("gpt2", "bert"):
+        ref = train_rannc(fam, None, device)
+        for mode in ("none", "optimizer", "all"):
+            try:
+                got = train_rannc(fam, mode, device, recompute="full")
+            except Exception as e:  # noqa: BLE001 - report and go on
+                print(f"RanncModule {fam} {mode} recompute=full: FAIL {type(e).__name__}: {e}\n"
+                      f"{traceback.format_exc()[-3000:]}", flush=True)
+                good_all = False
+                continue
+            dl, dp = differences(ref, got)
+            good = dl < 1e-3 and dp < 1e-3
+            good_all &= good
+            print(f"RanncModule {fam} {mode} recompute=full: loss diff {dl:.2e} param diff {dp:.2e} "
+                  f"{'OK' if good else 'FAIL'}", flush=True)
     return good_all
 
 
@@ -219,12 +242,17 @@ if "--in-backward-only" in sys.argv:
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
+if "--recompute-only" in sys.argv:
+    ok = recompute_cases("cpu" if "--cpu" in sys.argv else "cuda")
+    print("ALL OK" if ok else "SOME FAILED")
+    sys.exit(0 if ok else 1)
+
 if "--rannc-only" in sys.argv:
     ok = rannc_cases("cpu" if "--cpu" in sys.argv else "cuda")
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
-ok = True
+ok = recompute_cases("cuda")
 for fam in ("gpt2", "bert", "cnn"):
     ref = train(fam, None)
     for mode in ("optimizer", "params", "all"):
