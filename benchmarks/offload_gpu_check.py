@@ -130,6 +130,7 @@ def recompute_cases(device) -> bool:
     """RanncModule with recompute="full" (segments fed by gradients checkpointed reentrant, offloaded ones not),
     without offload and with optimizer and all offload, against the plain model."""
     good_all = True
+    os.environ["RANNC_HF_OFFLOAD_GPU_STEP_REST"] = "1" if device == "cuda" else "0"   # the default on each
     for fam in ("gpt2", "bert"):
         ref = train_rannc(fam, None, device)
         for mode in ("none", "optimizer", "all"):
@@ -145,6 +146,7 @@ def recompute_cases(device) -> bool:
             good_all &= good
             print(f"RanncModule {fam} {mode} recompute=full: loss diff {dl:.2e} param diff {dp:.2e} "
                   f"{'OK' if good else 'FAIL'}", flush=True)
+    os.environ.pop("RANNC_HF_OFFLOAD_GPU_STEP_REST", None)
     return good_all
 
 
