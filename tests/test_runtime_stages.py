@@ -256,6 +256,33 @@ def test_segments_fed_by_gradients_checkpoint_reentrant(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_reentrant_segments_under_a_callers_autocast_region_train_every_weight():
+    """Inside a caller's autocast region spanning forward and backward (RanncModule runs the backward inside its
+    forward), a reentrant segment's forward casts weights without autograd: its recomputation must not reuse such
+    a cast (its weights would get no gradient). bf16 on CPU: every gradient equals the run without recompute."""
+    import transformers as tf
+
+    from rannc_hf.runtime.stages import batch_inputs
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=16, vocab_size=64, use_cache=False,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = tf.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    g = capture(model, batch)
+    grads = {}
+    for rc in ("none", "full"):
+        stage = build_stages(g, [], model=model, recompute=rc, precision="bf16")[0]
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stage(*batch_inputs(g, batch)).backward()
+        grads[rc] = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads["full"])
+    for a, b in zip(grads["full"], grads["none"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_plan_records_recompute_segments_and_runtime_uses_them(tmp_path):
     """The planner prices recompute with the segments it records in the plan; the stage checkpoints exactly
     those; the plan's JSON keeps them."""
