@@ -106,12 +106,11 @@ class OpCostTable:
     precision: str
     #: eager autocast: bytes (at the capture batch) of the casts to the compute dtype a GEMM or attention op
     #: launches for its fp32 activations (read 4 + write 2 a value; the same again for their gradients in backward).
-    #: Weight casts (12 bytes a parameter and micro-batch) are not priced: they moved a 64-GPU plan's prediction by
-    #: 40% and no multi-micro-batch measurement says how much of them autocast's cache hides
     cast_b: Optional[np.ndarray] = None
     #: eager autocast: bytes and kernels of the casts of an op's fp32 parameters to the compute dtype, once per
     #: micro-batch and parameter (read 4 + write 2 an element; autocast caches a parameter's cast within one
-    #: forward, so a tied weight is cast once), and the same for the gradients of those that train
+    #: forward, so a tied weight is cast once), and the same for the gradients of those that train. BERT-large's
+    #: profile on the H200 (twelfth session) counted these kernels, one per weight and bias, every micro-batch
     wcast_f: Optional[np.ndarray] = None
     wcast_n: Optional[np.ndarray] = None
     wcast_bwd_f: Optional[np.ndarray] = None

@@ -52,7 +52,9 @@ Semantics
   inf/nan check is all-reduced over every rank and an overflowing step is skipped by all ranks together
   (``optimizer.step`` of the wrapped optimizer becomes a no-op for that step; :attr:`overflow` says so).
 * **Recompute.** A stage whose plan says ``recompute == "full"`` (or ``config.recompute == "full"``)
-  runs under ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved). Note: BatchNorm running
+  runs under ``torch.utils.checkpoint`` in segments, RNG state preserved: reentrant where a segment is fed by
+  gradients (its host cost is one forward), non-reentrant for a stage's first segments, offloaded and compiled
+  ones. Note: BatchNorm running
   statistics are updated again by the recomputation (as with any activation checkpointing).
 * **Changing shapes.** A batch with another shape/dtype signature is captured again and built with the
   same cuts when they fit (cached per signature; all ranks decide alike because they see the same global
