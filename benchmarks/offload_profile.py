@@ -120,7 +120,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
     def step():
         ids = batch_of(counter[0]).to(dev)
         counter[0] += 1
-        with record_function("phase: forward"):
+        with record_function("phase: model call"):   # RanncModule runs forward and backward in it
             loss = fwd(input_ids=ids, labels=ids, **extra(ids)).loss
         with record_function("phase: backward"):
             loss.backward()
