@@ -15,7 +15,8 @@ def test_multi_gpu_profile_reports_every_rank(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            os.path.join(ROOT, "benchmarks", "multi_gpu.py"), "run", "--tiny", "--partitioners", "auto",
            "--num-stages", "2", "--offload", "optimizer", "--steps", "1", "--warmup", "1", "--profile"]
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     (res,) = [f for f in os.listdir(tmp_path) if f.startswith("multi_gpu_") and f.endswith(".json")]
     r = json.load(open(tmp_path / res))["results"][0]
     ranks = r["profile_per_rank"]
