@@ -264,12 +264,15 @@ def _profile_ranks(args, m, eng, train_step, t_ref: float, dev: str) -> list:
     with open(os.path.join(out, f"profile_rank{rank}.txt"), "w") as f:
         f.write(prof.key_averages().table(sort_by=key, row_limit=40) + "\n")
         f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40) + "\n")
-    if rank == 0:
-        trace = os.path.join(out, "trace_rank0.json")
-        prof.export_chrome_trace(trace)
+    from trace_gaps import summarize_trace
+
+    trace = os.path.join(out, f"trace_rank{rank}.json")
+    prof.export_chrome_trace(trace)
+    mine["gpu_gaps"] = summarize_trace(trace)   # GPU busy vs idle, idle charged to host ops (None on CPU)
+    if rank == 0:   # one rank's trace is kept
         with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
             shutil.copyfileobj(f, g)
-        os.remove(trace)
+    os.remove(trace)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return everyone

@@ -229,8 +229,16 @@ def main(argv=None) -> int:
     dev_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=dev_key, row_limit=30), flush=True)
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30), flush=True)
+    from trace_gaps import summarize_trace
+
     trace = os.path.join(args.out, f"trace_{args.variant}.json")
     prof.export_chrome_trace(trace)
+    gaps = summarize_trace(trace)   # GPU busy vs idle over the two profiled steps (None on CPU)
+    if gaps is not None:
+        print("GPU busy vs idle (trace_gaps.py):", json.dumps(gaps, indent=1), flush=True)
+        res["gpu_gaps_two_steps"] = gaps
+        with open(os.path.join(args.out, f"offload_profile_{args.variant}.json"), "w") as f:
+            json.dump(res, f, indent=1, default=str)
     with open(trace, "rb") as f, gzip.open(trace + ".gz", "wb") as g:
         shutil.copyfileobj(f, g)
     os.remove(trace)

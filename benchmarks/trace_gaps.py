@@ -18,6 +18,7 @@ import gzip
 import json
 import sys
 from collections import defaultdict
+from typing import Optional
 
 _GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 
@@ -54,7 +55,7 @@ def analyze(events: list, min_gap_us: float = 20.0, top: int = 12) -> dict:
     gpu = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0))) for e in events
            if e.get("ph") == "X" and e.get("cat") in _GPU_CATS]
     if not gpu:
-        raise SystemExit("no GPU activity in the trace (a CPU-only profile?): nothing to analyze")
+        raise ValueError("no GPU activity in the trace (a CPU-only profile?): nothing to analyze")
     busy = _union(gpu)
     span = busy[-1][1] - busy[0][0]
     busy_us = sum(b - a for a, b in busy)
@@ -93,6 +94,14 @@ def analyze(events: list, min_gap_us: float = 20.0, top: int = 12) -> dict:
             "idle_by_outer_host_op_ms": top_of(outer), "idle_by_inner_host_op_ms": top_of(inner)}
 
 
+def summarize_trace(path: str, min_gap_us: float = 20.0, top: int = 12) -> Optional[dict]:
+    """:func:`analyze` of the Chrome trace at ``path``; ``None`` when it recorded no GPU activity (a CPU run)."""
+    try:
+        return analyze(load_events(path), min_gap_us, top)
+    except ValueError:
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("trace")
@@ -100,7 +109,10 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json", default=None, help="also write the summary here")
     args = ap.parse_args(argv)
-    res = analyze(load_events(args.trace), args.min_gap_us, args.top)
+    try:
+        res = analyze(load_events(args.trace), args.min_gap_us, args.top)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     res["trace"] = args.trace
     print(json.dumps(res, indent=1))
     if args.json:

@@ -24,12 +24,13 @@ def test_multi_gpu_profile_reports_every_rank(tmp_path):
     for p in ranks:
         e = p["engine_per_step"]
         assert e["mode"] == "optimizer" and e["h2d_bytes"] > 0 and e["d2h_bytes"] > 0
+        assert "gpu_gaps" in p and p["gpu_gaps"] is None   # trace_gaps.py's summary; a CPU run has no GPU side
     for rank in (0, 1):
         assert "Self CPU" in (tmp_path / f"profile_rank{rank}.txt").read_text()
     assert (tmp_path / "trace_rank0.json.gz").stat().st_size > 0
 
 
-def test_trace_gaps_attributes_idle_gpu_time_to_the_host_op_running():
+def test_trace_gaps_attributes_idle_gpu_time_to_the_host_op_running(tmp_path):
     """``trace_gaps.py``: busy time is the union over streams, short gaps are summed, and a long gap is charged to
     the outermost and innermost host ops of the launching thread that were running when it began."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
@@ -55,3 +56,8 @@ def test_trace_gaps_attributes_idle_gpu_time_to_the_host_op_running():
     assert r["kernels"] == 3 and r["long_gaps"] == 1 and abs(r["idle_in_short_gaps_ms"] - 0.01) < 1e-12
     assert r["idle_by_outer_host_op_ms"] == [("phase: backward", 0.5)]
     assert r["idle_by_inner_host_op_ms"] == [("CheckpointRecompute", 0.5)]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    assert trace_gaps.summarize_trace(str(path)) == trace_gaps.analyze(events, min_gap_us=20)
+    path.write_text(json.dumps({"traceEvents": [e for e in events if e["cat"] in ("cpu_op", "user_annotation")]}))
+    assert trace_gaps.summarize_trace(str(path)) is None    # a CPU run: nothing to say about the GPU
