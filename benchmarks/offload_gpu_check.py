@@ -99,6 +99,20 @@ def train_rannc(family, mode, device, recompute="none"):
     return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
 
 
+def _checked(label: str, ref, run) -> bool:
+    """Run ``run()``, compare it with ``ref`` (loss and parameters within 1e-3) and print one line; an exception
+    is reported as a failure and the check goes on."""
+    try:
+        got = run()
+    except Exception as e:  # noqa: BLE001 - report and go on
+        print(f"{label}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
+        return False
+    dl, dp = differences(ref, got)
+    good = dl < 1e-3 and dp < 1e-3
+    print(f"{label}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}", flush=True)
+    return good
+
+
 def rannc_cases(device, rest=False) -> bool:
     """Each family and mode: the two micro-batches' gradients summed on the device and on the host, and with
     GPU-stepped blocks keeping their gradients on the device."""
@@ -109,17 +123,8 @@ def rannc_cases(device, rest=False) -> bool:
         for mode, (acc, dg) in itertools.product(("optimizer", "params", "all"), (("1", "0"), ("0", "0"), ("1", "1"))):
             os.environ["RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE"] = acc
             os.environ["RANNC_HF_OFFLOAD_DEVICE_GRADS"] = dg   # GPU-stepped blocks keep their gradients
-            try:
-                got = train_rannc(fam, mode, device)
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg} gpu-rest={rest}: FAIL {type(e).__name__}: {e}\n{traceback.format_exc()[-3000:]}", flush=True)
-                good_all = False
-                continue
-            dl, dp = differences(ref, got)
-            good = dl < 1e-3 and dp < 1e-3
-            good_all &= good
-            print(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg} gpu-rest={rest}: loss diff {dl:.2e} param diff {dp:.2e} {'OK' if good else 'FAIL'}",
-                  flush=True)
+            good_all &= _checked(f"RanncModule {fam} {mode} device-accumulate={acc} device-grads={dg} gpu-rest={rest}",
+                                 ref, lambda: train_rannc(fam, mode, device))
     os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", None)
     os.environ.pop("RANNC_HF_OFFLOAD_DEVICE_GRADS", None)
     os.environ.pop("RANNC_HF_OFFLOAD_GPU_STEP_REST", None)
@@ -134,18 +139,8 @@ def recompute_cases(device) -> bool:
     for fam in ("gpt2", "bert"):
         ref = train_rannc(fam, None, device)
         for mode in ("none", "optimizer", "all"):
-            try:
-                got = train_rannc(fam, mode, device, recompute="full")
-            except Exception as e:  # noqa: BLE001 - report and go on
-                print(f"RanncModule {fam} {mode} recompute=full: FAIL {type(e).__name__}: {e}\n"
-                      f"{traceback.format_exc()[-3000:]}", flush=True)
-                good_all = False
-                continue
-            dl, dp = differences(ref, got)
-            good = dl < 1e-3 and dp < 1e-3
-            good_all &= good
-            print(f"RanncModule {fam} {mode} recompute=full: loss diff {dl:.2e} param diff {dp:.2e} "
-                  f"{'OK' if good else 'FAIL'}", flush=True)
+            good_all &= _checked(f"RanncModule {fam} {mode} recompute=full", ref,
+                                 lambda: train_rannc(fam, mode, device, recompute="full"))
     os.environ.pop("RANNC_HF_OFFLOAD_GPU_STEP_REST", None)
     return good_all
 

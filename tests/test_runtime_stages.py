@@ -217,22 +217,28 @@ def test_segmented_recompute_keeps_checkpoints_not_activations():
     assert peaks["segments"] < 0.4 * peaks["whole"]
 
 
+def _tiny_gpt2_captured(n_layer: int):
+    """(model, batch, captured graph) of a seeded 32-wide GPT-2 without dropout, batch 2 x 16."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GPT2Config(n_embd=32, n_layer=n_layer, n_head=4, n_positions=16, vocab_size=64, use_cache=False,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = tf.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    batch = {"input_ids": ids, "labels": ids}
+    return model, batch, capture(model, batch)
+
+
 def test_segments_fed_by_gradients_checkpoint_reentrant(monkeypatch):
     """Segments with an input that requires grad use the reentrant checkpoint (no per-tensor Python hooks; the
     H200's eager BERT step was bound by them); the first ones, fed token ids only, cannot (its parameters would get no
     gradient) and stays non-reentrant. Gradients equal the run without recompute exactly."""
     import torch.utils.checkpoint as ckpt
-    import transformers as tf
 
     from rannc_hf.runtime.stages import batch_inputs
 
-    torch.manual_seed(0)
-    cfg = tf.GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=16, vocab_size=64, use_cache=False,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = tf.GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, 64, (2, 16))
-    batch = {"input_ids": ids, "labels": ids}
-    g = capture(model, batch)
+    model, batch, g = _tiny_gpt2_captured(n_layer=4)
     grads = {}
     for rc in ("none", "full"):
         stage = build_stages(g, [], model=model, recompute=rc)[0]
@@ -251,7 +257,7 @@ def test_segments_fed_by_gradients_checkpoint_reentrant(monkeypatch):
         if rc == "full":
             assert len(calls) == len(stage.segments()) > 2
             # the segments before the first layer read only ids, positions and masks; every layer's is reentrant
-            assert calls[0] is False and all(calls[-cfg.n_layer:])
+            assert calls[0] is False and all(calls[-model.config.n_layer:])
     for a, b in zip(grads["full"], grads["none"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -260,17 +266,9 @@ def test_reentrant_segments_under_a_callers_autocast_region_train_every_weight()
     """Inside a caller's autocast region spanning forward and backward (RanncModule runs the backward inside its
     forward), a reentrant segment's forward casts weights without autograd: its recomputation must not reuse such
     a cast (its weights would get no gradient). bf16 on CPU: every gradient equals the run without recompute."""
-    import transformers as tf
-
     from rannc_hf.runtime.stages import batch_inputs
 
-    torch.manual_seed(0)
-    cfg = tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=16, vocab_size=64, use_cache=False,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = tf.GPT2LMHeadModel(cfg)
-    ids = torch.randint(0, 64, (2, 16))
-    batch = {"input_ids": ids, "labels": ids}
-    g = capture(model, batch)
+    model, batch, g = _tiny_gpt2_captured(n_layer=3)
     grads = {}
     for rc in ("none", "full"):
         stage = build_stages(g, [], model=model, recompute=rc, precision="bf16")[0]

@@ -81,6 +81,7 @@ class CostModel:
             seen |= names
         self._cross_b, self._cross_f = _crossing_parts(graph)
         self._cache: dict[float, BlockArrays] = {}
+        self._host: Optional[tuple[np.ndarray, np.ndarray]] = None
         self.layer_prefixes = layer_prefixes(graph.params)
         self._outside: dict[tuple[int, int], int] = {}
         self._variants: dict[tuple[bool, bool], "CostModel"] = {}
@@ -152,10 +153,16 @@ class CostModel:
         cross[-1] = 0.0
         arr = BlockArrays(f, b, s, po, cross)
         if not self.compiled and self.measured is None and self.profile.host_launch_s > 0:
-            hf, hb = host_times(t, self.profile)
-            arr.host_fwd, arr.host_bwd = np.add.reduceat(hf, idx), np.add.reduceat(hb, idx)
+            arr.host_fwd, arr.host_bwd = self._host_per_block()
         self._cache[key] = arr
         return arr
+
+    def _host_per_block(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per block host seconds of an eager forward and backward: the same at every micro-batch size (cached)."""
+        if self._host is None:
+            hf, hb = host_times(self.table, self.profile)
+            self._host = (np.add.reduceat(hf, self._starts), np.add.reduceat(hb, self._starts))
+        return self._host
 
     # ---- exact per-stage facts ----------------------------------------------------------
     def stage_params(self, b0: int, b1: int) -> tuple[int, int, set[str]]:
