@@ -316,6 +316,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                 self._order.append(self._where[id(p)])
         self.optimizer: Optional[torch.optim.Optimizer] = None
         self._inner: list[Optional[torch.optim.Optimizer]] = []
+        self._flat: dict = {}
         self._inner_groups: list[list[int]] = []
         if optimizer is not None:
             self.set_optimizer(optimizer)
@@ -378,6 +379,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         check_supported(optimizer)
         self.optimizer = optimizer
         self._inner, self._inner_groups = [], []
+        self._flat = {}   # block index -> FlatStep or None, made at the block's first CPU step (stepping._cpu_step)
         for g in self.groups:
             host_of = {id(p): hp for p, hp in zip(g.params, g.host_params)}
             inner = build_inner_optimizer(optimizer, host_of, g.params,

@@ -16,7 +16,9 @@ from typing import Optional
 
 import torch
 
+from ..config import env_flag
 from ..errors import OffloadError
+from .flat_step import FlatStep
 from .optimizer import sync_hyperparams
 from .store import ParamGroup, _empty_host
 
@@ -82,7 +84,7 @@ class _StepMixin:
             sync_hyperparams(self.optimizer, inner, self._inner_groups[gi])
             if self.step_on_cpu or not self.cuda:
                 g.attach_host_grads()
-                inner.step()
+                self._cpu_step(g, inner, g.has_grad)
                 g.detach_host_grads()
             else:
                 self._device_step(g, inner)
@@ -352,7 +354,7 @@ class _StepMixin:
         if fused:
             inner.grad_scale = (1.0 / scale).to(torch.float32)  # the kernel divides grads by it
         try:
-            inner.step()
+            self._cpu_step(g, inner, has)
         finally:
             if fused:
                 del inner.grad_scale
@@ -377,6 +379,16 @@ class _StepMixin:
             self._stats["step_time_s"] += t1 - t0
         if self.timing:
             self.wlog.append(("step", g.index, t0, t0, t1))
+
+    def _cpu_step(self, g: ParamGroup, inner, has: list) -> None:
+        """``inner.step()`` over ``g``'s host masters, as one flat tensor per param group where it applies
+        (:mod:`~rannc_hf.offload.flat_step`; ``RANNC_HF_OFFLOAD_FLAT_STEP=0`` turns it off)."""
+        flat = self._flat.get(g.index, False)
+        if flat is False:
+            flat = self._flat[g.index] = (FlatStep.build(g, inner) if env_flag("RANNC_HF_OFFLOAD_FLAT_STEP") is not False
+                                          else None)
+        if flat is None or not flat.step(has):
+            inner.step()
 
     def _device_step(self, g: ParamGroup, inner: torch.optim.Optimizer) -> None:
         m = g.master.to(self.device, non_blocking=True)
