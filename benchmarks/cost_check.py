@@ -59,7 +59,7 @@ CASES = [
          "rannc_2.7b_default (744 in the tenth session)", _CAPPED),
     Case("gpt2-1.3b-offload-default", "gpt2-1.3b", 8, 0.3121, "offload_rannc_h200.json ab_call18 (274 ms in the ninth "
          "session's defaults_call12; the same plan ran 300 ms at the session-start commit in the same call)", _CAPPED),
-    Case("gpt2-1.3b-offload-m8", "gpt2-1.3b", 8, 0.7106, "offload_rannc_h200.json flat_call20 gpt_m8 (8 micro-batches "
+    Case("gpt2-1.3b-offload-m8", "gpt2-1.3b", 8, 0.7106, "offload_rannc_h200.json flat_call20 gpt2_1.3b_m8 (8 micro-batches "
          "of 1, clipped)", {"gpu_memory": "24GiB", "num_microbatches": 8}, unpriced_s=_CLIP_1_3B),
     Case("gpt2-2.7b-64k-default", "gpt2-2.7b", 64, 3.314, "offload_rannc_h200.json defaults_64k_call13", _CAPPED),
     Case("gpt2-1.3b-eager-m1", "gpt2-1.3b", 16, 0.4999, "offload_rannc_h200.json bert_call17 gpt2_1.3b_eager_m1",
