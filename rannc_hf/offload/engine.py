@@ -262,6 +262,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
             g.dev_master = None   # the rest group stepped on the device: its fp32 master there (made by its first step)
             g.n_req = sum(1 for p in g.params if p.requires_grad)
             g.round, g.round_set, g.round_direct = [], set(), set()
+            g.pending, g.pending_bytes = [], 0   # (j, gradient, first) queued for the copy stream (_flush_pending)
             g.arrived = set()   # parameters with a gradient since zero_grad (main thread's view)
             g.fold_fut = g.step_fut = g.step_event = g.gnorm = g.round_start_event = None
             g.dev_norms, g.dev_norms_ok = [], True
