@@ -57,8 +57,8 @@ CASES = [
     Case("bert-large-eager", "bert-large", 32, 0.1100, "cost_breakdown_h200.json", _EAGER, quick=True),
     Case("gpt2-2.7b-offload-default", "gpt2-2.7b", 8, 0.7454, "offload_rannc_h200.json bert_call16 "
          "rannc_2.7b_default (744 in the tenth session; 807 in the thirteenth's flat_call21 on a slower host)", _CAPPED),
-    Case("gpt2-1.3b-offload-default", "gpt2-1.3b", 8, 0.3121, "offload_rannc_h200.json ab_call18 (274 ms in the ninth "
-         "session's defaults_call12; the same plan ran 300 ms at the session-start commit in the same call)", _CAPPED),
+    Case("gpt2-1.3b-offload-default", "gpt2-1.3b", 8, 0.2946, "offload_rannc_h200.json batched_call22 gpt2_1.3b_new "
+         "(312 at the commit before in the same call; 274 in the ninth session, 300-363 in the twelfth)", _CAPPED),
     Case("gpt2-1.3b-offload-m8", "gpt2-1.3b", 8, 0.7106, "offload_rannc_h200.json flat_call20 gpt2_1.3b_m8 (8 micro-batches "
          "of 1, clipped)", {"gpu_memory": "24GiB", "num_microbatches": 8}, unpriced_s=_CLIP_1_3B),
     Case("gpt2-2.7b-64k-default", "gpt2-2.7b", 64, 3.314, "offload_rannc_h200.json defaults_64k_call13", _CAPPED),
@@ -72,9 +72,9 @@ CASES = [
          "bert_call17 on a noisier host)",
          {"gpu_memory": "24GiB", "num_microbatches": 2, "recompute": "none", "offload": "none"},
          unpriced_s=_CLIP_BERT),
-    Case("bert-large-24GiB-optimizer", "bert-large", 32, (0.1951 + 0.1697) / 2, "offload_rannc_h200.json flat_call19 "
-         "and flat_call20 bert_flat: 195 and 170 ms, the same code in two calls (host enqueue 187 and 149 ms: "
-         "host-bound, the host's speed moves); 190-235 with the per-parameter CPU step",
+    Case("bert-large-24GiB-optimizer", "bert-large", 32, (0.1708 + 0.1659) / 2, "offload_rannc_h200.json "
+         "batched_call22 bert_new and bert_new2: 171 and 166 ms (the code before the gradient queue ran 219 and 188 in "
+         "the same call; 190-235 before the flat step: host-bound, the host's speed moves)",
          {"gpu_memory": "24GiB", "offload": "optimizer"}, unpriced_s=_CLIP_BERT),
     Case("bert-large-24GiB-optimizer-m2", "bert-large", 32, 0.2111, "offload_rannc_h200.json flat_call20 bert_m2",
          {"gpu_memory": "24GiB", "offload": "optimizer", "num_microbatches": 2}, unpriced_s=_CLIP_BERT),
