@@ -131,8 +131,10 @@ class FlatStep:
             for j in js:
                 hp = self.g.host_params[j]
                 st = self.inner.state.get(hp)
-                if st:
+                if st and torch.is_tensor(st["step"]):
                     st["step"].fill_(new)
+                elif st:
+                    st["step"] = torch.tensor(new, dtype=torch.float32)
                 else:
                     o = self.g.offsets[j] - a
                     self.inner.state[hp] = {"step": torch.tensor(new, dtype=torch.float32),

@@ -1,5 +1,6 @@
-"""Offload engine, gradients: each gradient goes to the host as it is produced (on CUDA, folded and
-its norm taken on a worker thread while backward goes on); norms, scaling and clipping.
+"""Offload engine, gradients: each gradient goes to the host as it is produced (on CUDA, a block's gradients
+are queued and sent together when its last one arrives, then folded on a worker thread while backward goes on);
+norms, scaling and clipping.
 
 :class:`_GradientMixin` is mixed into :class:`~rannc_hf.offload.engine.OffloadEngine` and works on the engine's state
 (``self.groups``, ``self.blocks``, streams, ...); see the engine module for the whole picture::
@@ -210,9 +211,9 @@ class _GradientMixin:
 
     def _flush_pending(self, g: ParamGroup) -> None:
         """Issue the copies to the host of the gradients ``_send`` queued for ``g``: their norms in one foreach
-        kernel on the compute stream, then one switch to the copy stream for all of them. Per gradient this was
-        a norm kernel, a stream wait and a stream switch: about 290 us of Python and launches each, profiled,
-        for BERT-large's 390 gradients a step on the backward thread (benchmarks/h200/next51.sh)."""
+        kernel on the compute stream, then one switch to the copy stream for all of them. Before, each gradient
+        had its own norm kernel, stream wait and stream switch, and its whole hook took about 290 us of the backward
+        thread (BERT-large's 390 gradients a step, profiled: benchmarks/h200/next51.sh)."""
         pend = g.pending
         if not pend:
             return
