@@ -7,8 +7,13 @@ the idle time grouped by the host operation that was running when each gap began
 phase: a module's forward, ``autograd::engine::evaluate_function: ...`` in backward, the optimizer) and the
 innermost one (which call). Gaps shorter than ``--min-gap-us`` are launch latency and are summed, not attributed.
 
+``--inside OP`` instead breaks down the host time of every call of one host op (on whichever thread runs it): its
+mean duration, the part no child op covers (Python, hooks), and its direct children per call. That is how the
+offload engine's gradient hook was found to take 290 us per gradient on BERT-large's backward thread.
+
     python benchmarks/trace_gaps.py out/next45/results/m2/trace_rannc.json.gz
     python benchmarks/trace_gaps.py TRACE --top 20 --json gaps.json
+    python benchmarks/trace_gaps.py TRACE --inside torch::autograd::AccumulateGrad
 """
 
 from __future__ import annotations
@@ -94,6 +99,44 @@ def analyze(events: list, min_gap_us: float = 20.0, top: int = 12) -> dict:
             "idle_by_outer_host_op_ms": top_of(outer), "idle_by_inner_host_op_ms": top_of(inner)}
 
 
+def inside(events: list, op: str, top: int = 12) -> dict:
+    """Host time of the calls of host op ``op`` (Chrome trace events, microseconds): calls, mean and percentile
+    durations, the mean time no direct child covers, and per direct child its time and count per call."""
+    host = [e for e in events if e.get("ph") == "X" and e.get("cat") not in _GPU_CATS]
+    calls = [e for e in host if e.get("name") == op]
+    if not calls:
+        raise ValueError(f"no host op named {op!r} in the trace")
+    by_thread: dict = defaultdict(list)
+    for e in host:
+        by_thread[(e.get("pid"), e.get("tid"))].append(e)
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (float(e["ts"]), -float(e.get("dur", 0))))
+    children: dict = defaultdict(lambda: [0, 0.0])
+    uncovered = 0.0
+    for c in calls:
+        t0, t1 = float(c["ts"]), float(c["ts"]) + float(c.get("dur", 0))
+        covered_to = t0
+        for e in by_thread[(c.get("pid"), c.get("tid"))]:
+            a = float(e["ts"])
+            if e is c or a < t0:
+                continue
+            if a >= t1:
+                break
+            if a >= covered_to:   # a direct child: not inside the previous child
+                b = min(t1, a + float(e.get("dur", 0)))
+                children[e["name"]][0] += 1
+                children[e["name"]][1] += b - a
+                uncovered += a - covered_to
+                covered_to = b
+        uncovered += max(0.0, t1 - covered_to)
+    n = len(calls)
+    durs = sorted(float(c.get("dur", 0)) for c in calls)
+    kids = sorted(children.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"op": op, "calls": n, "mean_us": sum(durs) / n, "p50_us": durs[n // 2], "p90_us": durs[(9 * n) // 10],
+            "uncovered_us_per_call": uncovered / n,
+            "children_per_call": [(k, round(v[1] / n, 3), round(v[0] / n, 3)) for k, v in kids]}
+
+
 def summarize_trace(path: str, min_gap_us: float = 20.0, top: int = 12) -> Optional[dict]:
     """:func:`analyze` of the Chrome trace at ``path``; ``None`` when it recorded no GPU activity (a CPU run)."""
     try:
@@ -108,9 +151,11 @@ def main(argv=None) -> int:
     ap.add_argument("--min-gap-us", type=float, default=20.0)
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--json", default=None, help="also write the summary here")
+    ap.add_argument("--inside", default=None, metavar="OP", help="break down the host time of host op OP instead")
     args = ap.parse_args(argv)
     try:
-        res = analyze(load_events(args.trace), args.min_gap_us, args.top)
+        events = load_events(args.trace)
+        res = inside(events, args.inside, args.top) if args.inside else analyze(events, args.min_gap_us, args.top)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     res["trace"] = args.trace

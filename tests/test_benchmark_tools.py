@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -61,3 +63,27 @@ def test_trace_gaps_attributes_idle_gpu_time_to_the_host_op_running(tmp_path):
     assert trace_gaps.summarize_trace(str(path)) == trace_gaps.analyze(events, min_gap_us=20)
     path.write_text(json.dumps({"traceEvents": [e for e in events if e["cat"] in ("cpu_op", "user_annotation")]}))
     assert trace_gaps.summarize_trace(str(path)) is None    # a CPU run: nothing to say about the GPU
+
+
+def test_trace_gaps_inside_breaks_down_one_host_op():
+    """``trace_gaps.py --inside OP``: per call of OP, the time its direct children take (nested ones count once, in
+    their parent) and the rest, on the thread each call ran on."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import trace_gaps
+
+    def x(name, ts, dur, tid=1, cat="cpu_op"):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid}
+
+    events = [
+        x("AccumulateGrad", 0, 100), x("aten::norm", 10, 30), x("aten::empty", 15, 5), x("aten::to", 50, 35),
+        x("AccumulateGrad", 200, 50), x("aten::to", 210, 10),
+        x("aten::to", 20, 60, tid=2),                  # another thread: not a child
+        x("AccumulateGrad", 300, 40, tid=2),           # a call on another thread, no children
+        x("gemm", 0, 500, tid=7, cat="kernel"),
+    ]
+    r = trace_gaps.inside(events, "AccumulateGrad")
+    assert r["calls"] == 3 and r["mean_us"] == (100 + 50 + 40) / 3
+    assert r["children_per_call"] == [("aten::to", 15.0, round(2 / 3, 3)), ("aten::norm", 10.0, round(1 / 3, 3))]
+    assert r["uncovered_us_per_call"] == ((100 - 30 - 35) + (50 - 10) + 40) / 3
+    with pytest.raises(ValueError, match="no host op"):
+        trace_gaps.inside(events, "nothing")
