@@ -126,3 +126,29 @@ def test_engine_flat_step_trains_and_checkpoints_like_per_parameter(monkeypatch)
     assert got[2] == 2 * blocks
     for k in ref[0]:
         torch.testing.assert_close(got[0][k], ref[0][k], **TOL)
+
+
+def test_flat_state_saves_to_safetensors_like_separate_tensors(monkeypatch, tmp_path):
+    """With the flat step, each parameter's state is a view of its block's flat buffer: the reliability
+    checkpoint's safetensors file must still take them (disjoint views of one storage) and give the values back."""
+    from safetensors.torch import load_file, save_file
+
+    from rannc_hf.reliability.checkpoint import _opt_to_files
+
+    monkeypatch.setenv("RANNC_HF_OFFLOAD_FLAT_STEP", "1")
+    model, batch_fn = zoo.make_with_batches("bert", 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    h = offload_module(model, opt, "all", device="cpu", async_step=True, cpu_fused=True)
+    zoo.loss_of(model(**batch_fn(4, 0))).backward()
+    opt.step()
+    h.engine.synchronize()
+    assert sum(f.steps for f in h.engine._flat.values() if f is not None) > 0
+    osd = h.engine.optimizer_state_dict()
+    shared = [v for st in osd["state"].values() for k, v in st.items() if k == "exp_avg" and v._base is not None]
+    assert shared   # the case this test is about: views, not separate tensors
+    tensors, index = _opt_to_files(osd)
+    save_file(tensors, str(tmp_path / "optimizer.safetensors"))
+    back = load_file(str(tmp_path / "optimizer.safetensors"))
+    for i, (k, st) in enumerate(sorted(osd["state"].items())):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(back[f"{i}.{key}"], st[key], rtol=0, atol=0)
