@@ -118,7 +118,7 @@ def inside(events: list, op: str, top: int = 12) -> dict:
         covered_to = t0
         for e in by_thread[(c.get("pid"), c.get("tid"))]:
             a = float(e["ts"])
-            if e is c or a < t0:
+            if e is c or a < t0 or (a == t0 and float(e.get("dur", 0)) > t1 - t0):   # itself, or an op around it
                 continue
             if a >= t1:
                 break

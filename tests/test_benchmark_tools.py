@@ -75,6 +75,7 @@ def test_trace_gaps_inside_breaks_down_one_host_op():
         return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "pid": 0, "tid": tid}
 
     events = [
+        x("evaluate_function: AccumulateGrad", 0, 120),   # an op around the call, starting with it: not a child
         x("AccumulateGrad", 0, 100), x("aten::norm", 10, 30), x("aten::empty", 15, 5), x("aten::to", 50, 35),
         x("AccumulateGrad", 200, 50), x("aten::to", 210, 10),
         x("aten::to", 20, 60, tid=2),                  # another thread: not a child
