@@ -90,10 +90,17 @@ def test_flat_step_needs_consecutive_groups_and_falls_back_per_parameter():
         torch.testing.assert_close(hp[j].detach(), p.detach(), **TOL)
 
 
-def _run(flat_env, monkeypatch, resume_from=None, steps=3):
+def _decay_groups(model):
+    """Transformers' Trainer's grouping: weight decay on matrices, none on biases and norms (they alternate)."""
+    ps = list(model.parameters())
+    return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def _run(flat_env, monkeypatch, resume_from=None, steps=3, groups=False):
     monkeypatch.setenv("RANNC_HF_OFFLOAD_FLAT_STEP", flat_env)
     model, batch_fn = zoo.make_with_batches("bert", 0)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(_decay_groups(model) if groups else model.parameters(), lr=1e-2, weight_decay=0.1)
     h = offload_module(model, opt, "all", device="cpu", prefetch_blocks=1, async_step=True,
                        cpu_fused=True)   # on a CPU device the engine keeps the user's kernel by default
     if resume_from is not None:
@@ -152,3 +159,19 @@ def test_flat_state_saves_to_safetensors_like_separate_tensors(monkeypatch, tmp_
     for i, (k, st) in enumerate(sorted(osd["state"].items())):
         for key in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(back[f"{i}.{key}"], st[key], rtol=0, atol=0)
+
+
+def test_decay_groups_step_flat_after_the_engine_orders_blocks_by_group(monkeypatch):
+    """The engine lays each block out in the optimizer's order, so interleaved decay / no-decay groups become two
+    runs of the flat buffer: every block steps flat, and training equals the per-parameter step."""
+    got = _run("1", monkeypatch, groups=True)
+    ref = _run("0", monkeypatch, groups=True)
+    assert got[2] == 3 * 5 and ref[2] == 0
+    for k in ref[0]:
+        torch.testing.assert_close(got[0][k], ref[0][k], **TOL)
+    model, _ = zoo.make_with_batches("bert", 0)
+    plain_opt = torch.optim.AdamW(_decay_groups(model), lr=1e-2)
+    h = offload_module(model, plain_opt, "all", device="cpu", async_step=True, cpu_fused=True)
+    for g, inner in zip(h.engine.groups, h.engine._inner):
+        if inner is not None:
+            assert len(inner.param_groups) == 2 and FlatStep.build(g, inner) is not None

@@ -235,6 +235,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:
             check_supported(optimizer)
+            block_lists, rest_list = self._by_param_group(block_lists, rest_list, optimizer)
             known = {id(p) for ps in block_lists for p in ps} | {id(p) for p in rest_list}
             missing = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in known]
             if missing:
@@ -325,6 +326,20 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         _ENGINES[self.id] = weakref.ref(self)
 
     # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _by_param_group(block_lists: list, rest_list: list, optimizer: torch.optim.Optimizer) -> tuple[list, list]:
+        """Each block's parameters in the optimizer's order (param group, then place in the group; unoptimized
+        ones last, in their order), so that every group is one run of a block's flat buffer, in the order the
+        CPU step lists it, and can be stepped flat (``flat_step.py``): the usual decay / no-decay groups alternate a
+        layer's weights and biases."""
+        rank = {id(p): (k, i) for k, ug in enumerate(optimizer.param_groups) for i, p in enumerate(ug["params"])}
+        last = (len(optimizer.param_groups), 0)
+
+        def order(ps: list) -> list:
+            return sorted(ps, key=lambda p: rank.get(id(p), last))
+
+        return [order(ps) for ps in block_lists], order(rest_list)
+
     @staticmethod
     def _partition(blocks, rest):
         count: dict[int, int] = {}

@@ -9,7 +9,9 @@ same either way, and the padding stays zero (zero gradient, zero state, zero wei
 The per-parameter optimizer (``inner``) stays the owner of the state: its ``exp_avg`` / ``exp_avg_sq`` become views
 of the flat buffers, so ``state_dict`` / ``load_state_dict`` and a per-parameter fallback step see the same
 numbers. A step runs flat when each inner param group's parameters are consecutive in the block, every one of
-them has a gradient and all share one step count; otherwise it runs per parameter::
+them has a gradient and all share one step count; otherwise it runs per parameter. The engine lays each block out
+in the optimizer's order when it is built with the optimizer, so interleaved groups (weight decay on matrices,
+none on biases and norms) are consecutive; an optimizer given later (``set_optimizer``) keeps the module order::
 
     >>> import torch
     >>> from rannc_hf.offload.store import ParamGroup
