@@ -8,6 +8,7 @@ engine's host buffers and `params` run as `all` with every block GPU-stepped). P
     python benchmarks/offload_gpu_check.py --recompute-only [--cpu]   # only RanncModule with recompute="full"
     python benchmarks/offload_gpu_check.py --in-backward-only       # only step_in_backward (no clipping)
     python benchmarks/offload_gpu_check.py --gpu-rest-only          # only the rest group stepped on the GPU
+    python benchmarks/offload_gpu_check.py --groups-only            # only decay / no-decay groups (flat CPU step)
 
 Every case with ``rest``/``gpu-rest=True`` steps the rest group (embeddings, head) on the GPU (``gpu_step_rest``;
 RanncModule through ``RANNC_HF_OFFLOAD_GPU_STEP_REST=1``).
@@ -32,13 +33,19 @@ def differences(ref, got) -> tuple[float, float]:
     return dl, dp
 
 
+def decay_groups(model):
+    """transformers' Trainer's grouping: weight decay on matrices, none on biases and norms (they alternate)."""
+    ps = list(model.parameters())
+    return [{"params": [p for p in ps if p.dim() >= 2]}, {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+
+
 def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, stream_blocks=0,
-          device_grads=False, rest=False):
+          device_grads=False, rest=False, groups=False):
     torch.manual_seed(0)
     model, bf = zoo.make_with_batches(family, 0)
     if recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(decay_groups(model) if groups else model.parameters(), lr=1e-2, weight_decay=0.1)
     if mode is None:
         model.cuda()
         h = None
@@ -234,6 +241,27 @@ if "--gpu-rest-only" in sys.argv:
     print("ALL OK" if ok else "SOME FAILED")
     sys.exit(0 if ok else 1)
 
+def group_cases() -> bool:
+    """Decay / no-decay param groups with the fused CPU step: the engine lays blocks out by group and steps them
+    flat (offload/flat_step.py); GPU-stepped blocks and the rest group on the GPU too."""
+    ok = True
+    ref = train("gpt2", None, groups=True)
+    for mode, k, rest in (("optimizer", 0, False), ("all", 0, False), ("optimizer", 2, True), ("all", 1, True)):
+        got = train("gpt2", mode, recompute=True, fused=True, dev_blocks=k, rest=rest, groups=True)
+        flat = sum(f.steps for f in got[2].engine._flat.values() if f is not None)
+        dl, dp = differences(ref, got)
+        good = dl < 1e-3 and dp < 1e-3 and flat > 0
+        ok &= good
+        print(f"gpt2 {mode} decay groups gpu-step={k} rest-on-gpu={rest}: flat steps {flat} loss diff {dl:.2e} "
+              f"param diff {dp:.2e} {'OK' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+if "--groups-only" in sys.argv:
+    ok = group_cases()
+    print("ALL OK" if ok else "SOME FAILED")
+    sys.exit(0 if ok else 1)
+
 if "--in-backward-only" in sys.argv:
     ok = in_backward_cases()
     print("ALL OK" if ok else "SOME FAILED")
@@ -280,4 +308,5 @@ print("bf16 all losses", [round(x, 3) for x in got[0]], "ref", [round(x, 3) for 
 ok &= rannc_cases("cuda")
 ok &= in_backward_cases()
 ok &= gpu_rest_cases()
+ok &= group_cases()
 print("ALL OK" if ok else "SOME FAILED")
