@@ -56,11 +56,12 @@ CASES = [
          {**_EAGER, "compile": "true"}),
     Case("bert-large-eager", "bert-large", 32, 0.1100, "cost_breakdown_h200.json", _EAGER, quick=True),
     Case("gpt2-2.7b-offload-default", "gpt2-2.7b", 8, 0.7454, "offload_rannc_h200.json bert_call16 "
-         "rannc_2.7b_default (744 in the tenth session; 807 in the thirteenth's flat_call21 on a slower host)", _CAPPED),
+         "rannc_2.7b_default (744 in the tenth session; 807 in the thirteenth's flat_call21 on a slower host)",
+         _CAPPED),
     Case("gpt2-1.3b-offload-default", "gpt2-1.3b", 8, 0.2946, "offload_rannc_h200.json batched_call22 gpt2_1.3b_new "
          "(312 at the commit before in the same call; 274 in the ninth session, 300-363 in the twelfth)", _CAPPED),
-    Case("gpt2-1.3b-offload-m8", "gpt2-1.3b", 8, 0.7106, "offload_rannc_h200.json flat_call20 gpt2_1.3b_m8 (8 micro-batches "
-         "of 1, clipped)", {"gpu_memory": "24GiB", "num_microbatches": 8}, unpriced_s=_CLIP_1_3B),
+    Case("gpt2-1.3b-offload-m8", "gpt2-1.3b", 8, 0.7106, "offload_rannc_h200.json flat_call20 gpt2_1.3b_m8 "
+         "(8 micro-batches of 1, clipped)", {"gpu_memory": "24GiB", "num_microbatches": 8}, unpriced_s=_CLIP_1_3B),
     Case("gpt2-2.7b-64k-default", "gpt2-2.7b", 64, 3.314, "offload_rannc_h200.json defaults_64k_call13", _CAPPED),
     Case("gpt2-1.3b-eager-m1", "gpt2-1.3b", 16, 0.4999, "offload_rannc_h200.json bert_call17 gpt2_1.3b_eager_m1",
          {**_EAGER, "gpu_memory": "130GiB"}, unpriced_s=_CLIP_1_3B),

@@ -36,7 +36,8 @@ def differences(ref, got) -> tuple[float, float]:
 def decay_groups(model):
     """transformers' Trainer's grouping: weight decay on matrices, none on biases and norms (they alternate)."""
     ps = list(model.parameters())
-    return [{"params": [p for p in ps if p.dim() >= 2]}, {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
+    return [{"params": [p for p in ps if p.dim() >= 2]},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
 
 
 def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, stream_blocks=0,

@@ -201,7 +201,8 @@ def main(argv=None) -> int:
     steady = times[args.warmup:]
     st = eng.stats() if eng is not None else {}
     n = max(1, st.get("steps", 1))
-    res = {"variant": args.variant, "lr": 2e-4, "clip_grad_norm": clip_norm, "step_in_backward": args.step_in_backward, "decay_groups": args.decay_groups,
+    res = {"variant": args.variant, "lr": 2e-4, "clip_grad_norm": clip_norm, "step_in_backward": args.step_in_backward,
+           "decay_groups": args.decay_groups,
            "build_s": build_s, "step_times_s": times, "step_time_s": sum(steady) / len(steady),
            "tokens_per_s": batch * seq * len(steady) / sum(steady), "predicted_step_time_s": predicted,
            "losses": losses, "host_enqueue_s": sum(enqueued[args.warmup:]) / len(steady),
