@@ -89,3 +89,11 @@ def seconds_per_call(fn, calls: int, warmup: int = 1, cuda: bool | None = None) 
         fn()
     sync()
     return (time.perf_counter() - t0) / calls
+
+
+def decay_param_groups(model, weight_decay: float) -> list:
+    """transformers' Trainer's grouping, as the benchmarks use it: ``weight_decay`` on matrices, none on biases and
+    norms (which alternate with the matrices in every layer)."""
+    ps = list(model.parameters())
+    return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from rannc_hf import zoo  # noqa: E402
 from rannc_hf.offload import offload_module  # noqa: E402
+from common import decay_param_groups  # noqa: E402  (this directory is on sys.path when run as a script)
 
 
 def differences(ref, got) -> tuple[float, float]:
@@ -33,20 +34,14 @@ def differences(ref, got) -> tuple[float, float]:
     return dl, dp
 
 
-def decay_groups(model):
-    """transformers' Trainer's grouping: weight decay on matrices, none on biases and norms (they alternate)."""
-    ps = list(model.parameters())
-    return [{"params": [p for p in ps if p.dim() >= 2]},
-            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, stream_blocks=0,
           device_grads=False, rest=False, groups=False):
     torch.manual_seed(0)
     model, bf = zoo.make_with_batches(family, 0)
     if recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(decay_groups(model) if groups else model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = torch.optim.AdamW(decay_param_groups(model, 0.1) if groups else model.parameters(), lr=1e-2,
+                            weight_decay=0.1)
     if mode is None:
         model.cuda()
         h = None

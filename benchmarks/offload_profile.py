@@ -54,13 +54,6 @@ def _allocator_counters() -> dict:
     return {k: st.get(k, 0) for k in ("num_alloc_retries", "num_device_alloc", "num_device_free", "num_ooms")}
 
 
-def _param_groups(model) -> list:
-    """transformers' Trainer's grouping: weight decay 0.01 on matrices, none on biases and norms (they alternate)."""
-    ps = list(model.parameters())
-    return [{"params": [p for p in ps if p.dim() >= 2], "weight_decay": 0.01},
-            {"params": [p for p in ps if p.dim() < 2], "weight_decay": 0.0}]
-
-
 def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = "1.3b", offload: str = "auto",
           microbatches=None, gpu_step_blocks="auto", step_in_backward=False, clip_norm=1.0, mem_margin=None,
           recompute="auto", padded: bool = False, compile_mode: str = "auto", decay_groups: bool = False):
@@ -93,7 +86,7 @@ def build(variant: str, tiny: bool, cap: str, batch: int, seq: int, size: str = 
     if variant.startswith("rannc") or variant == "plain":
         from rannc_hf import RanncConfig, RanncModule
 
-        opt = torch.optim.AdamW(_param_groups(model) if decay_groups else model.parameters(), lr=2e-4)
+        opt = torch.optim.AdamW(common.decay_param_groups(model, 0.01) if decay_groups else model.parameters(), lr=2e-4)
         cfg_r = RanncConfig(num_stages=1, precision="fp32" if tiny else "bf16",
                             offload="none" if variant == "plain" else ("all" if tiny else offload),
                             gpu_memory=None if (tiny or variant == "plain") else cap,
@@ -163,7 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recompute", default="auto", help="RanncModule recompute: auto (the plan's) | none | full | selective")
     ap.add_argument("--padded", action="store_true", help="pass an attention_mask with padding (BERT's padded batches)")
     ap.add_argument("--decay-groups", action="store_true", help="AdamW with the Trainer's decay / no-decay param "
-                    "groups (RanncModule variants) instead of one group")
+                    "groups (weight decay 0.01 on matrices; RanncModule variants) instead of one group")
     ap.add_argument("--no-clip", action="store_true", help="no clip_grad_norm_(1.0) (DeepSpeed's anchor does not clip)")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                     help="RanncModule compile for the rannc variant (rannc-eager: always false)")
