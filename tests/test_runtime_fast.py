@@ -112,6 +112,40 @@ def test_compile_true_matches_eager(monkeypatch, m):
     assert not rannc_hf.RanncModule(torch.nn.Linear(2, 2), config=rannc_hf.RanncConfig(precision="bf16")).compile_enabled
 
 
+def test_compiled_encoder_runs_the_captured_graph(monkeypatch):
+    """Compiled, an encoder's own forward would build the all-true padding mask eager skips (fp32 math attention on
+    the H200); the fast path steps aside and the captured graph, that mask dropped, is compiled and trains the same
+    model as the single-process run. A causal model (GPT-2) keeps the fast path."""
+    monkeypatch.setenv("RANNC_HF_COMPILE_BACKEND", "aot_eager")
+
+    def unmasked(bf):   # input_ids and labels only, as in a packed pretraining batch
+        return lambda b, s: {k: v for k, v in bf(b, s).items() if k != "attention_mask"}
+
+    model, bf = make_with_batches("bert", 0)
+    bf = unmasked(bf)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(num_stages=1, precision="fp32", compile="true"))
+    losses = []
+    for step in range(STEPS):
+        loss = loss_of(rm(**bf(BATCH, step)))
+        loss.backward()
+        rm.clip_grad_norm_(1.0)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+    assert rm.plan.bidirectional_attention and not rm._fast and rm._primary is not None
+    stage = rm._primary.pipe.modules[0]
+    assert stage.compiled is not None
+    attn = [n for n in stage.gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert attn and all(len(n.args) < 4 or n.args[3] is None for n in attn)   # no mask reaches attention
+    ref_model, ref_bf = make_with_batches("bert", 0)
+    ref_losses, _ = accumulated_reference(ref_model, unmasked(ref_bf), STEPS, BATCH, 1, LR)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+    _close(rm.state_dict(), ref_model.state_dict(), rtol=1e-4, atol=1e-5)
+    rm_gpt, _, _ = _rannc("gpt2", 1, steps=1, compile="true")
+    assert rm_gpt._fast and not rm_gpt.plan.bidirectional_attention
+
+
 def test_eval_forward_returns_logits():
     model, bf = make_with_batches("gpt2", 0)
     rm = rannc_hf.RanncModule(model, None, config=rannc_hf.RanncConfig(num_stages=1, num_microbatches=2,

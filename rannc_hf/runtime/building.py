@@ -112,7 +112,8 @@ class _BuildMixin:
             self._decide(tensors, other, B)
             if self._fast_eligible():
                 self._build_fast(tensors, other, B, train)
-                return None
+                if self._fast:
+                    return None
         rows = self._check_batch(B)
         mb = rows // self.layout.num_microbatches
         example = {k: v[:mb] for k, v in tensors.items()}

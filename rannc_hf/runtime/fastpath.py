@@ -13,6 +13,7 @@ holds the RanncModule methods (``_fast_eligible``, ``_build_fast``, ``_fast_forw
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -21,6 +22,8 @@ import torch.distributed as dist
 from .carry import _CarryGrads, _Payload, finish_new_grads
 from .evaluation import PipelineOutput, _float_loss, _loss_value, _merge_outputs
 from .grads import restore_grads, stash_grads
+
+log = logging.getLogger(__name__)
 
 
 class _FastPathMixin:
@@ -50,7 +53,8 @@ class _FastPathMixin:
         (``RANNC_HF_FAST_PATH=0`` disables)."""
         lay = self.layout
         return (lay.num_stages == 1 and lay.dp_size == 1 and not self._wants_offload()
-                and not self._wants_recompute() and os.environ.get("RANNC_HF_FAST_PATH", "1") != "0")
+                and not self._wants_recompute() and not getattr(self, "_fast_declined", False)
+                and os.environ.get("RANNC_HF_FAST_PATH", "1") != "0")
 
     def _build_fast(self, tensors: dict, other: dict, B: int, train: bool) -> None:
         """The plan (the planner's, a saved one checked against a capture, or a one-stage plan of a capture),
@@ -80,6 +84,11 @@ class _FastPathMixin:
             else:
                 self.plan = Plan.from_cuts(g, [], num_microbatches=lay.num_microbatches, dp_size=1,
                                            schedule=lay.schedule)
+        if self._compiled_encoder():
+            log.info("fast path declined: compiled, the model's own forward builds the all-true padding mask that "
+                     "eager attention skips (fp32 math attention); the captured graph, mask dropped, is compiled instead")
+            self._fast_declined = True
+            return
         pf = self.config.plan_file
         if pf and not os.path.exists(pf) and dist.get_rank() == 0:
             self.plan.save(pf)
@@ -88,6 +97,15 @@ class _FastPathMixin:
         self._fast_fn = self._maybe_compile(self.module)
         self._localize_optimizer()
         self._prefer_fused_optimizer()
+
+    def _compiled_encoder(self) -> bool:
+        """Compile is on for a model whose attention is bidirectional (an encoder). Its own forward, traced by dynamo,
+        takes Hugging Face's traced-mask branch (transformers 5.17: an all-true ``[B, 1, S, S]`` mask expanded with
+        stride 0), and attention with that mask ran the fp32 math kernel on the H200 (BERT-large 130 ms a step against
+        109 eager, 32.9 GiB against 24.3; ``benchmarks/h200/sdpa_rannc.py``). The captured graph has such masks
+        dropped (:mod:`rannc_hf.capture.constant_masks`), so compiled encoders run it rather than the fast path."""
+        plan = getattr(self, "plan", None)
+        return bool(getattr(plan, "bidirectional_attention", False)) and self._compiles()
 
     def _autocast(self):
         dt = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.precision)
