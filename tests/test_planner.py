@@ -391,27 +391,29 @@ def test_offload_priced_as_the_runtime_steps_it_on_shared_hosts(monkeypatch):
     assert predicted(2, True) < predicted(2, False)
 
 
-def test_compile_auto_leaves_encoders_eager():
-    """``compile: auto`` compiles on GPUs with bf16, except models whose attention is not causal (BERT
-    ran 0.88x eager compiled on an H200); the planner prices stages by the same rule and records it in the plan."""
+def test_compile_auto_compiles_encoders_through_their_captured_graph():
+    """``compile: auto`` compiles on GPUs with bf16, encoders included (they run their captured graph compiled, not
+    their own forward); the planner prices their stages compiled, as decoders', and says so in the plan."""
     from rannc_hf.config import compiles
     from rannc_hf.planner.costs import CostModel
     from rannc_hf.planner.search import Searcher
 
     assert compiles("auto", "bf16", True) and not compiles("auto", "bf16", False)
-    assert not compiles("auto", "fp32", True) and not compiles("auto", "bf16", True, bidirectional_attention=True)
-    assert compiles("true", "fp32", False, bidirectional_attention=True) and not compiles("false", "bf16", True)
+    assert not compiles("auto", "fp32", True)
+    assert compiles("true", "fp32", False) and not compiles("false", "bf16", True)
     assert graph("bert").has_bidirectional_attention() and not graph("gpt2").has_bidirectional_attention()
     keys = {}
     for fam in ("gpt2", "bert"):
         s = Searcher(CostModel.build(graph(fam), "h200", "bf16"), Cluster(num_gpus=1, device="h200"),
                      RanncConfig(compile="auto"), global_batch=8)
-        keys[fam] = s._variant_key("none", False)
-    assert keys == {"gpt2": (False, True), "bert": (False, False)}
+        keys[fam] = (s._variant_key("none", False), s._variant_key("none", True))
+    assert keys == {"gpt2": ((False, True), (False, False)), "bert": ((False, True), (False, False))}
     model, batch = make("bert", batch_size=8)
     p = rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=1, device="h200"), progress=False)
     assert p.bidirectional_attention and Plan.from_dict(p.to_dict()).bidirectional_attention
-    assert any("runs eager" in n for n in p.notes) and "runs eager" in p.summary()
+    assert any("compiled encoder" in n for n in p.notes) and "captured graph" in p.summary()
+    cpu = rannc_hf.plan(model, batch, cluster=Cluster(num_gpus=1, device="cpu"), progress=False)
+    assert not any("compiled encoder" in n for n in cpu.notes)
 
 
 def test_attention_backends_export_may_name_are_recognised():

@@ -77,7 +77,7 @@ class Plan:
     cost_source: str = ""                                       # analytic | measured
     split_min_out_features: Optional[int] = None  # capture with this (rannc_hf.capture split_head), as planned
     dp_inner: bool = False    # rank layout: a stage's replicas on neighbouring ranks (rannc_hf.runtime.mesh)
-    bidirectional_attention: bool = False   # the graph's attention is not causal (an encoder: compile: auto stays eager)
+    bidirectional_attention: bool = False   # the graph's attention is not causal (an encoder: compiled, it runs the captured graph)
 
     # ---- derived -----------------------------------------------------------------------
     @property

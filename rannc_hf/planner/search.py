@@ -111,7 +111,6 @@ class Searcher:
         # ranks of one node step their CPU-side optimizer state at the same time, sharing the host's memory bus:
         # each gets this share of the profile's host rates (a node's rate, measured with one process per node)
         self.host_share = 1.0 / max(1, min(self.gpn, self.G))
-        self.bidirectional_attention = cm.graph.has_bidirectional_attention()
         self.notes: list[str] = []
 
     # ---- configuration space ------------------------------------------------------------
@@ -514,7 +513,7 @@ class Searcher:
         as the runtime does (checkpointed segments stay eager)."""
         gpu = self.profile.name != "cpu"
         weights = off != "none" and self.precision == "bf16" and gpu
-        compiled = not rc and compiles(self.config.compile, self.precision, gpu, self.bidirectional_attention)
+        compiled = not rc and compiles(self.config.compile, self.precision, gpu)
         return weights, compiled
 
     def _layers_in(self, lo: int, hi: int) -> int:

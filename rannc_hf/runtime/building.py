@@ -181,7 +181,7 @@ class _BuildMixin:
                 starts = [list(s.recompute_starts) for s in lay.plan.stages]
         pipe = StagePipeline(g, cuts, mesh, lay.num_microbatches, lay.schedule, virtual_stages=lay.virtual_stages,
                              model=self.module, precision=self.config.precision, recompute=recompute,
-                             compile_backend=self._compile_backend(train, g), recompute_starts=starts)
+                             compile_backend=self._compile_backend(train), recompute_starts=starts)
         holders: dict[str, list[int]] = {}
         for spec in stage_specs(g, cuts):
             for name in spec.params:
@@ -278,21 +278,18 @@ class _BuildMixin:
     @property
     def compile_enabled(self) -> bool:
         """``config.compile`` as :func:`~rannc_hf.config.compiles` reads it (``auto``: on CUDA with bf16/fp16
-        compute, unless the model's attention is bidirectional), for the model as planned."""
+        compute)."""
         return self._compiles()
 
-    def _compiles(self, graph=None) -> bool:
-        plan = getattr(self, "plan", None) or getattr(getattr(self, "layout", None), "plan", None)
-        bidi = (graph.has_bidirectional_attention() if graph is not None
-                else bool(getattr(plan, "bidirectional_attention", False)))
-        return compiles(self.config.compile, self.config.precision, self.device.type == "cuda", bidi)
+    def _compiles(self) -> bool:
+        return compiles(self.config.compile, self.config.precision, self.device.type == "cuda")
 
-    def _compile_backend(self, train: bool = True, graph=None) -> Optional[str]:
+    def _compile_backend(self, train: bool = True) -> Optional[str]:
         """The ``torch.compile`` backend, or None when compile is off (``RANNC_HF_COMPILE_BACKEND`` overrides
-        ``inductor``, e.g. ``aot_eager`` for fast CPU tests); ``graph``: the captured graph being built. ``auto``
-        leaves evaluation graphs eager: an evaluation runs a few batches, and compiling GPT-2 1.3B's offloaded
-        eval graph cost more than a minute on the H200 (``true`` compiles them too)."""
-        if not self._compiles(graph):
+        ``inductor``, e.g. ``aot_eager`` for fast CPU tests). ``auto`` leaves evaluation graphs eager: an evaluation
+        runs a few batches, and compiling GPT-2 1.3B's offloaded eval graph cost more than a minute on the H200
+        (``true`` compiles them too)."""
+        if not self._compiles():
             return None
         if not train and str(self.config.compile).lower() == "auto":
             return None
