@@ -41,7 +41,14 @@ def single_gpu() -> str:
     files = sorted(glob.glob(os.path.join(RESULTS, "single_gpu_h200*.json")))
     if not files:
         return "_no results yet_"
-    d = _load(os.path.basename(files[-1]))
+    out = _single_gpu_table(_load(os.path.basename(files[-1])))
+    bert = _load("single_gpu_bert_compile_h200.json")
+    if bert:
+        out += "\n\nBERT-large compiled (" + bert.get("note", "") + "):\n\n" + _single_gpu_table(bert)
+    return out
+
+
+def _single_gpu_table(d: dict) -> str:
     rows = ["| variant | tokens/s | MFU | peak GiB | vs peer (tokens/s) | vs peer (memory) |", "|---|---|---|---|---|---|"]
     ratios = d.get("ratios", {})
     for r in d["results"]:
