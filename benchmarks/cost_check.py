@@ -67,18 +67,29 @@ CASES = [
          {**_EAGER, "gpu_memory": "130GiB"}, unpriced_s=_CLIP_1_3B),
     Case("gpt2-1.3b-eager-m8", "gpt2-1.3b", 16, 0.6402, "offload_rannc_h200.json bert_call16 gpt2_1.3b_eager_m8 "
          "(host-bound)", {**_EAGER, "gpu_memory": "130GiB", "num_microbatches": 8}, unpriced_s=_CLIP_1_3B),
-    Case("bert-large-24GiB-default", "bert-large", 32, 0.1462, "offload_rannc_h200.json bert_call17 bert_default "
-         "(recompute full, 1 x 32)", {"gpu_memory": "24GiB"}, quick=True, unpriced_s=_CLIP_BERT),
+    Case("bert-large-compiled", "bert-large", 32, 32 * 512 / 194808, "single_gpu_bert_compile_h200.json "
+         "rannc-compile:bert-large:32 (the captured graph compiled, fourteenth session)", {**_EAGER, "compile": "true"}),
+    Case("bert-large-24GiB-default", "bert-large", 32, 0.0861, "offload_rannc_h200.json bert_compile_call25 "
+         "bert_default_compiled (compile auto: no recompute, no offload, compiled)", {"gpu_memory": "24GiB"},
+         quick=True, unpriced_s=_CLIP_BERT),
+    Case("bert-large-24GiB-eager", "bert-large", 32, (0.1462 + 0.1468) / 2, "offload_rannc_h200.json bert_call17 "
+         "bert_default and bert_compile_call25 bert_default_eager: 146.2 and 146.8 ms (recompute full, 1 x 32; the "
+         "default before encoders compiled)", {"gpu_memory": "24GiB", "compile": "false"}, quick=True,
+         unpriced_s=_CLIP_BERT),
     Case("bert-large-24GiB-m2", "bert-large", 32, 0.1340, "offload_rannc_h200.json bert_call16 bert_m2 (151 in "
          "bert_call17 on a noisier host)",
-         {"gpu_memory": "24GiB", "num_microbatches": 2, "recompute": "none", "offload": "none"},
+         {"gpu_memory": "24GiB", "num_microbatches": 2, "recompute": "none", "offload": "none", "compile": "false"},
          unpriced_s=_CLIP_BERT),
-    Case("bert-large-24GiB-optimizer", "bert-large", 32, (0.1708 + 0.1659) / 2, "offload_rannc_h200.json "
+    Case("bert-large-24GiB-optimizer", "bert-large", 32, 0.1388, "offload_rannc_h200.json bert_compile_call25 "
+         "bert_optimizer_compiled (eager: 171 and 166 ms in batched_call22, 165 and 168 in bert_groups_call23)",
+         {"gpu_memory": "24GiB", "offload": "optimizer"}, unpriced_s=_CLIP_BERT),
+    Case("bert-large-24GiB-optimizer-eager", "bert-large", 32, (0.1708 + 0.1659) / 2, "offload_rannc_h200.json "
          "batched_call22 bert_new and bert_new2: 171 and 166 ms (the code before the gradient queue ran 219 and 188 in "
          "the same call; 190-235 before the flat step: host-bound, the host's speed moves)",
-         {"gpu_memory": "24GiB", "offload": "optimizer"}, unpriced_s=_CLIP_BERT),
+         {"gpu_memory": "24GiB", "offload": "optimizer", "compile": "false"}, unpriced_s=_CLIP_BERT),
     Case("bert-large-24GiB-optimizer-m2", "bert-large", 32, 0.2111, "offload_rannc_h200.json flat_call20 bert_m2",
-         {"gpu_memory": "24GiB", "offload": "optimizer", "num_microbatches": 2}, unpriced_s=_CLIP_BERT),
+         {"gpu_memory": "24GiB", "offload": "optimizer", "num_microbatches": 2, "compile": "false"},
+         unpriced_s=_CLIP_BERT),
     Case("gpt2-2.7b-pp2-12GiB", "gpt2-2.7b", 16, 2.295, "multi_gpu_offload_pp2_h200.json next30_off12",
          {"num_stages": 2, "gpu_memory": "12GiB"}, gpus=2),
     Case("gpt2-2.7b-pp2-12GiB-sib", "gpt2-2.7b", 16, 2.136, "multi_gpu_offload_pp2_h200.json next30_off12sib",
