@@ -22,8 +22,10 @@ def _reference(fam: str, m: int, steps: int = STEPS):
     return losses, model.state_dict()
 
 
-def _rannc(fam: str, m: int, steps: int = STEPS, **cfg):
+def _rannc(fam: str, m: int, steps: int = STEPS, batches=None, **cfg):
+    """``batches``: wraps the family's batch function (e.g. to drop a key)."""
     model, bf = make_with_batches(fam, 0)
+    bf = batches(bf) if batches is not None else bf
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(
         num_stages=1, num_microbatches=m, precision="fp32", **cfg))
@@ -120,18 +122,7 @@ def test_compiled_encoder_runs_the_captured_graph(monkeypatch):
     def unmasked(bf):   # input_ids and labels only, as in a packed pretraining batch
         return lambda b, s: {k: v for k, v in bf(b, s).items() if k != "attention_mask"}
 
-    model, bf = make_with_batches("bert", 0)
-    bf = unmasked(bf)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR)
-    rm = rannc_hf.RanncModule(model, opt, config=rannc_hf.RanncConfig(num_stages=1, precision="fp32", compile="true"))
-    losses = []
-    for step in range(STEPS):
-        loss = loss_of(rm(**bf(BATCH, step)))
-        loss.backward()
-        rm.clip_grad_norm_(1.0)
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(loss.detach()))
+    rm, opt, losses = _rannc("bert", 1, batches=unmasked, compile="true")
     assert rm.plan.bidirectional_attention and not rm._fast and rm._primary is not None
     stage = rm._primary.pipe.modules[0]
     assert stage.compiled is not None
