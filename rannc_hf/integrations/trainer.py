@@ -17,8 +17,9 @@
 What differs from ``Trainer`` (everything else is the stock Trainer):
 
 - The model is wrapped into a :class:`rannc_hf.RanncModule` in ``_wrap_model``; it is never moved whole onto a
-  device (``place_model_on_device`` is False). ``bf16``/``fp16`` set ``RanncConfig.precision`` (fp32 otherwise);
-  the runtime casts, Accelerate's autocast and grad scaler are not used.
+  device (``place_model_on_device`` is False). ``bf16``/``fp16`` set ``RanncConfig.precision``; with neither,
+  a precision the config states itself is kept (fp32 otherwise). The runtime casts; Accelerate's autocast and
+  grad scaler are not used.
 - ``per_device_train_batch_size`` is the batch of one data-parallel replica (one pipeline). The train
   dataloader is sharded by the replica index: all ranks of one pipeline see the same batch. The total batch
   per optimizer step is ``per_device_train_batch_size * gradient_accumulation_steps * dp_size``.
@@ -48,7 +49,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 
-from ..config import CONFIG_ENV, RanncConfig
+from ..config import CONFIG_ENV, RanncConfig, env_config_values, read_yaml
 from ..errors import CheckpointError, ConfigError
 from .stats import RanncStatsCallback
 
@@ -69,7 +70,8 @@ class RanncTrainingArguments(TrainingArguments):
 
     ``rannc_config`` is a :class:`~rannc_hf.RanncConfig`, a dict of its keys, or the path of a YAML file;
     ``None`` reads ``$RANNC_HF_CONFIG`` / ``RANNC_HF_*`` (``RanncConfig.from_env()``). ``bf16``/``fp16`` decide
-    ``precision`` (``fp32`` when neither is set).
+    ``precision``; with neither set, the precision the config states (YAML/dict key, ``RANNC_HF_PRECISION``) is
+    kept, else ``fp32``.
     """
 
     rannc_config: Optional[Union[str, dict, RanncConfig]] = field(
@@ -92,23 +94,30 @@ class RanncTrainingArguments(TrainingArguments):
 
 
 def resolve_rannc_config(value: Any, bf16: bool = False, fp16: bool = False) -> RanncConfig:
-    """A :class:`RanncConfig` from a config, dict, YAML path or ``None`` (environment), with the Trainer precision."""
-    explicit = value is not None
-    if value is None:
-        cfg = RanncConfig.from_env()
+    """A :class:`RanncConfig` from a config, dict, YAML path or ``None`` (environment), with the Trainer precision.
+
+    The Trainer's ``bf16``/``fp16`` flags win when one is set (with a warning if the config states another
+    precision). With neither set, a precision the config states itself (a YAML or dict key, or
+    ``RANNC_HF_PRECISION``) is kept, and ``fp32`` is used otherwise, as the stock Trainer would.
+    """
+    if value is None or isinstance(value, (str, os.PathLike)):
+        environ = dict(os.environ) if value is None else {**os.environ, CONFIG_ENV: os.fspath(value)}
+        cfg = RanncConfig.from_env(environ)  # validates the file and the variables
+        valid = RanncConfig.valid_keys()
+        stated = env_config_values(valid, lambda path: read_yaml(path, valid) or {}, environ).get("precision")
     elif isinstance(value, RanncConfig):
         cfg = RanncConfig.from_dict(value.to_dict())
+        stated = cfg.precision if cfg.precision != "bf16" else None  # bf16 is also the dataclass default
     elif isinstance(value, dict):
         cfg = RanncConfig.from_dict(value)
-    elif isinstance(value, (str, os.PathLike)):  # the file, with RANNC_HF_<KEY> variables on top
-        cfg = RanncConfig.from_env({**os.environ, CONFIG_ENV: os.fspath(value)})
+        stated = value.get("precision")
     else:
         raise ConfigError(f"rannc_config: expected a RanncConfig, a dict or a YAML path, got {type(value).__name__}")
-    precision = "bf16" if bf16 else "fp16" if fp16 else "fp32"
-    if explicit and cfg.precision != precision and cfg.precision != "bf16":  # bf16 is the RanncConfig default
-        warnings.warn(f"rannc_config precision={cfg.precision!r} is overridden by the Trainer flags "
-                      f"(bf16={bf16}, fp16={fp16}) -> {precision!r}", stacklevel=3)
-    cfg.precision = precision
+    flagged = "bf16" if bf16 else "fp16" if fp16 else None
+    if flagged and stated and stated != flagged:
+        warnings.warn(f"rannc_config precision={stated!r} is overridden by the Trainer flags "
+                      f"(bf16={bf16}, fp16={fp16}) -> {flagged!r}", stacklevel=3)
+    cfg.precision = flagged or stated or "fp32"
     return cfg
 
 
@@ -127,8 +136,12 @@ class RanncTrainer(Trainer):
                  rannc_config: Optional[Union[str, dict, RanncConfig]] = None, **kw):
         if args is None:
             args = RanncTrainingArguments(output_dir="tmp_trainer")
-        cfg_src = rannc_config if rannc_config is not None else getattr(args, "rannc_config", None)
-        self.rannc_config: RanncConfig = resolve_rannc_config(cfg_src, bf16=args.bf16, fp16=args.fp16)
+        if rannc_config is None and isinstance(getattr(args, "rannc_config", None), RanncConfig):
+            # resolved in __post_init__; resolving again would lose the precision a YAML stated
+            self.rannc_config: RanncConfig = RanncConfig.from_dict(args.rannc_config.to_dict())
+        else:
+            cfg_src = rannc_config if rannc_config is not None else getattr(args, "rannc_config", None)
+            self.rannc_config = resolve_rannc_config(cfg_src, bf16=args.bf16, fp16=args.fp16)
         if self.rannc_config.step_in_backward and (args.max_grad_norm or args.gradient_accumulation_steps > 1):
             raise ValueError(
                 f"rannc config step_in_backward=true steps offloaded blocks inside backward, before any clipping or "
