@@ -169,12 +169,13 @@ def train(args) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            running.append(float(loss.detach()))
+            running.append(loss.detach())   # read at the next log: a read per step would stall the host
         stats.on_step_end(targs, None, None)
         step += 1
         bar.update(1)
         if step % args.log_every == 0 or step == args.max_steps:
-            rec = {"step": step, "loss": sum(running) / len(running), "lr": scheduler.get_last_lr()[0],
+            loss_mean = torch.stack(running).float().mean().item()
+            rec = {"step": step, "loss": loss_mean, "lr": scheduler.get_last_lr()[0],
                    "elapsed_s": round(time.time() - t_start, 2)}
             running = []
             rec.update({k: v for k, v in stats.collect().items() if not k.startswith("rannc/stage")})

@@ -29,8 +29,9 @@ key                                       meaning
 ``rannc/tokens_per_s``                    global tokens per second (all replicas)
 ``rannc/samples_per_s``                   global samples per second
 ``rannc/tflops``, ``rannc/mfu``           achieved TFLOP/s of all devices, and MFU against ``num_devices * peak``
-``rannc/step_time_s``                     measured wall time of one optimizer step (mean since the last log,
-                                          slowest rank)
+``rannc/step_time_s``                     measured time of one optimizer step (mean since the last log,
+                                          slowest rank). On a GPU: CUDA events around each step, read at the
+                                          log, so the host never waits for the device between steps
 ``rannc/predicted_step_time_s``           the plan's predicted step time (absent without a plan)
 ``rannc/bubble_fraction``                 pipeline bubble: measured when the runtime reports busy time, else the
                                           plan's prediction, else the analytic ``(S-1)/(M+S-1)``; 0 with one stage
@@ -256,6 +257,8 @@ class RanncStatsCallback(TrainerCallback):
         self._first_tokens = self._first_samples = 0
         self._seen_first = False
         self._t0: Optional[float] = None
+        self._step_start: Optional[torch.cuda.Event] = None
+        self._step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self._history: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -267,27 +270,50 @@ class RanncStatsCallback(TrainerCallback):
         if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def _on_cuda(self) -> bool:
+        return self.device is not None and self.device.type == "cuda" and torch.cuda.is_available()
+
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.synchronize(self.device)
+        if self._on_cuda():
+            if not self._seen_first:  # the first step (capture, planning, compile) is timed apart, by the wall
+                torch.cuda.synchronize(self.device)
+            else:  # later steps: CUDA events, read at the next log, so the host is never stopped in between
+                self._step_start = torch.cuda.Event(enable_timing=True)
+                self._step_start.record()
         self._t0 = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         if self._t0 is None:
             return
-        if self.device is not None and self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.synchronize(self.device)
-        dt = time.perf_counter() - self._t0
+        dt = None
+        if self._on_cuda() and self._step_start is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._step_events.append((self._step_start, end))
+            self._step_start = None
+        else:
+            if self._on_cuda():
+                torch.cuda.synchronize(self.device)
+            dt = time.perf_counter() - self._t0
         self._t0 = None
-        if not self._seen_first:  # capture, planning and compile land here: kept apart from the totals
+        if not self._seen_first:
             self._seen_first = True
-            self._first_step_time = dt
+            self._first_step_time = dt or 0.0
             self._first_tokens, self._first_samples = self._iv_tokens, self._iv_samples
-        self._iv_time += dt
+        if dt is not None:
+            self._iv_time += dt
         self._iv_steps += 1
         busy = self._runtime_busy_time()
         if busy is not None:
             self._iv_busy += busy
+
+    def _read_step_events(self) -> None:
+        """Add the GPU-timeline span of every step since the last read to the interval time (waits once)."""
+        if not self._step_events:
+            return
+        self._step_events[-1][1].synchronize()
+        self._iv_time += sum(start.elapsed_time(end) for start, end in self._step_events) / 1e3
+        self._step_events.clear()
 
     def _first_apart(self) -> bool:
         """Whether the whole-run totals leave the first step (capture, planning, compile) out: after 2+ steps."""
@@ -321,6 +347,7 @@ class RanncStatsCallback(TrainerCallback):
         return "loss" in logs and not any(k.startswith(("eval_", "test_")) for k in logs)
 
     def _local_vector(self) -> torch.Tensor:
+        self._read_step_events()
         stage, dp_rank, _, _ = self._layout()
         cur, peak = device_memory(self.device)
         stage_params = 0
