@@ -150,6 +150,14 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
                         "none: start fresh; or a checkpoint directory")
     r.add_argument("--no_plot", action="store_true", help="do not write loss.png")
     r.add_argument("--report_to", default="none", choices=["none", "tensorboard"], help="where to log metrics")
+    r.add_argument("--profile_steps", type=int, default=0,
+                   help="trace this many steps with torch.profiler (0: off); writes OUTPUT_DIR/profile/")
+    r.add_argument("--profile_start", type=int, default=20,
+                   help="first profiled step (after the first steps' capture, planning and compilation)")
+    r.add_argument("--dataloader_num_workers", type=int, default=0,
+                   help="processes that collate batches (0: the training process does it between steps)")
+    r.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="collate into pinned host memory and copy batches to the GPU without stopping the host")
     return p
 
 

@@ -55,6 +55,21 @@ def _scheduler(args, optimizer):
                          num_training_steps=args.max_steps)
 
 
+def _pin_memory(args) -> bool:
+    """Pinned batches and non-blocking copies on a GPU: a pageable copy makes the host wait for the device."""
+    return bool(getattr(args, "dataloader_pin_memory", True)) and torch.cuda.is_available()
+
+
+def _step_profiler(args):
+    """A :class:`StepProfilerCallback` when ``--profile_steps`` asks for one (steps count from 0 in this run)."""
+    if not getattr(args, "profile_steps", 0):
+        return None
+    from rannc_hf.integrations.step_profiler import StepProfilerCallback
+
+    return StepProfilerCallback(os.path.join(args.output_dir, "profile"), start=args.profile_start,
+                                steps=args.profile_steps)
+
+
 def _optimizer(args, model):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -82,8 +97,12 @@ def train(args) -> dict:
                          f"{args.max_grad_norm}) and --gradient_accumulation_steps 1 (now "
                          f"{args.gradient_accumulation_steps}; accumulate with the config's num_microbatches), or "
                          f"set step_in_backward: false")
+    from accelerate.utils import DataLoaderConfiguration
+
+    pin = _pin_memory(args)
     accelerator = RanncAccelerator(rannc_plugin=plugin,
                                    gradient_accumulation_steps=args.gradient_accumulation_steps,
+                                   dataloader_config=DataLoaderConfiguration(non_blocking=pin),
                                    log_with=None if args.report_to == "none" else args.report_to,
                                    project_dir=args.output_dir)
     set_seed(args.seed)
@@ -99,8 +118,10 @@ def train(args) -> dict:
     kind = "clm" if args.kind == "gpt" else "mlm"
     collate = make_collator(tokenizer, kind, seq_len=args.seq_len, mlm_probability=getattr(args, "mlm_probability", 0.15),
                             seed=args.seed)
-    train_dl = make_dataloader(data["train"], collate, args.per_device_batch_size, shuffle=True, seed=args.seed)
-    eval_dl = make_dataloader(data["validation"], collate, args.per_device_batch_size, shuffle=False)
+    loader = dict(num_workers=args.dataloader_num_workers, pin_memory=pin)
+    train_dl = make_dataloader(data["train"], collate, args.per_device_batch_size, shuffle=True, seed=args.seed,
+                               **loader)
+    eval_dl = make_dataloader(data["validation"], collate, args.per_device_batch_size, shuffle=False, **loader)
 
     # ---- model, optimizer, schedule: exactly as on one GPU
     model = _build_model(args.kind, config, getattr(args, "nsp", False))
@@ -122,6 +143,7 @@ def train(args) -> dict:
                                                         plan=plan, num_params=n_params)
     targs = SimpleNamespace(device=accelerator.device, output_dir=args.output_dir)
     stats.on_train_begin(targs, None, None)
+    profiler = _step_profiler(args)
 
     # ---- the loop
     history: list[dict] = []
@@ -154,6 +176,8 @@ def train(args) -> dict:
     while step < args.max_steps:
         maybe_kill(step, args.output_dir)   # fault-injection hook for tests (RANNC_HF_TEST_KILL_AT_STEP)
         stats.on_step_begin(targs, None, None)
+        if profiler is not None:
+            profiler.on_step_begin(targs, None, None)
         for _ in range(args.gradient_accumulation_steps):
             try:
                 batch = next(data_iter)
@@ -170,6 +194,12 @@ def train(args) -> dict:
                 scheduler.step()
                 optimizer.zero_grad()
             running.append(loss.detach())   # read at the next log: a read per step would stall the host
+        if profiler is not None:
+            profiler.on_step_end(targs, None, None)
+            if profiler.summary_path and not getattr(profiler, "_announced", False):
+                profiler._announced = True
+                log(f"profile of steps {args.profile_start}..{args.profile_start + args.profile_steps - 1}: "
+                    f"{profiler.summary_path} (Chrome trace: {profiler.trace_path})")
         stats.on_step_end(targs, None, None)
         step += 1
         bar.update(1)
@@ -196,6 +226,8 @@ def train(args) -> dict:
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             save_checkpoint(accelerator, ckpt_root, step, keep=2, extra={"history": history})
     bar.close()
+    if profiler is not None:
+        profiler.on_train_end(targs, None, None)   # the run ended inside the profiled window: keep what was traced
     final_eval = evaluate(model, eval_dl, accelerator, args.eval_batches)
     history.append({"step": step, "eval_loss": final_eval})
     log(f"final eval_loss {final_eval:.4f} (perplexity {math.exp(min(final_eval, 50)):.1f})")
@@ -251,8 +283,10 @@ def train_with_trainer(args) -> dict:
     model = _build_model(args.kind, config, getattr(args, "nsp", False))
     collate = make_collator(tokenizer, "clm" if args.kind == "gpt" else "mlm", seq_len=args.seq_len, seed=args.seed)
     targs = _trainer_args(args)
+    profiler = _step_profiler(args)
     trainer = RanncTrainer(model=model, args=targs, train_dataset=data["train"],
-                           eval_dataset=data["validation"], data_collator=collate, processing_class=tokenizer)
+                           eval_dataset=data["validation"], data_collator=collate, processing_class=tokenizer,
+                           callbacks=[profiler] if profiler is not None else None)
     trainer.train()
     metrics = trainer.evaluate()
     trainer.save_model(args.output_dir)
@@ -280,4 +314,6 @@ def _trainer_args(args):
         eval_steps=args.eval_every or None, save_strategy="steps" if args.save_every else "no",
         save_steps=args.save_every or 500, report_to=[] if args.report_to == "none" else [args.report_to],
         seed=args.seed, dataloader_drop_last=True, remove_unused_columns=False,
+        dataloader_num_workers=args.dataloader_num_workers, dataloader_pin_memory=_pin_memory(args),
+        accelerator_config={"non_blocking": _pin_memory(args)},
     )

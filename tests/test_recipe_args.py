@@ -1,5 +1,6 @@
 """Recipe arguments that need no training run to check, and the divergence guard (one short CPU run)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,21 @@ def test_step_in_backward_with_clipping_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"--max_grad_norm 0 \(now 1.0\)"):
         train(args)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_trainer_path_with_workers_and_profile(tmp_path):
+    """``--trainer`` runs the recipe through RanncTrainer; collator workers and the step profiler go with it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANNC_HF_CACHE=str(tmp_path / "cache"))
+    env.pop("RANNC_HF_CONFIG", None)
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "recipes", "gpt", "pretrain.py"), "--trainer", "--max_steps", "12",
+           "--log_every", "4", "--eval_every", "0", "--eval_batches", "4", "--corpus_max_chars", "200000",
+           "--output_dir", str(out), "--no_plot", "--profile_steps", "2", "--profile_start", "3",
+           "--dataloader_num_workers", "1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    history = json.loads((out / "history.json").read_text())
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    assert "over 2 training step(s), 3..4" in (out / "profile" / "steps_3-4.txt").read_text()
+    assert (out / "profile" / "steps_3-4.json.gz").exists()

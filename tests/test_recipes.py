@@ -64,7 +64,10 @@ def test_gpt_recipe_trains_and_saves(tmp_path, cache_dir):
 
 def test_bert_recipe_trains_and_saves(tmp_path, cache_dir):
     out = str(tmp_path / "bert")
-    r = _launch("bert/pretrain.py", out, cache_dir, steps=40)
+    r = _launch("bert/pretrain.py", out, cache_dir, steps=40, extra=("--profile_steps", "2", "--profile_start", "5"))
+    assert os.path.exists(os.path.join(out, "profile", "steps_5-6.txt")), r["log"][-2000:]
+    assert os.path.exists(os.path.join(out, "profile", "steps_5-6.json.gz"))
+    assert "profile of steps 5..6" in r["log"]
     train = [h["loss"] for h in r["history"] if "loss" in h]
     assert train[-1] < train[0] - 0.8, train
     from transformers import BertForPreTraining

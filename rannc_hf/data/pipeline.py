@@ -616,12 +616,13 @@ def make_collator(tokenizer: "PreTrainedTokenizerBase", kind: Literal["clm", "ml
 
 def make_dataloader(dataset, collator: Callable, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                     num_replicas: int = 1, rank: int = 0, num_workers: int = 0,
-                    shuffle_buffer: int = 10_000) -> "torch.utils.data.DataLoader":
+                    pin_memory: bool = False, shuffle_buffer: int = 10_000) -> "torch.utils.data.DataLoader":
     """A ``DataLoader`` of fixed-shape batches (``drop_last=True``), sharded over ``num_replicas`` ranks.
 
     Map-style datasets use a (``DistributedSampler`` when sharded) seeded shuffle; streaming
     ``IterableDataset``s are split with ``split_dataset_by_node`` and shuffled with a buffer. For
-    sharded map-style data call ``loader.sampler.set_epoch(epoch)`` each epoch.
+    sharded map-style data call ``loader.sampler.set_epoch(epoch)`` each epoch. ``pin_memory=True``
+    collates into page-locked memory, so a ``non_blocking`` copy to the GPU does not stall the host.
     """
     import torch
     from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
@@ -638,7 +639,8 @@ def make_dataloader(dataset, collator: Callable, batch_size: int, *, shuffle: bo
             ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
         if num_replicas > 1:
             ds = split_dataset_by_node(ds, rank=rank, world_size=num_replicas)
-        return DataLoader(ds, batch_size=batch_size, collate_fn=collator, drop_last=True, num_workers=num_workers)
+        return DataLoader(ds, batch_size=batch_size, collate_fn=collator, drop_last=True, num_workers=num_workers,
+                          pin_memory=pin_memory)
     if len(dataset) < batch_size * num_replicas:
         raise DataError(f"the dataset has {len(dataset)} examples, fewer than one batch of {batch_size} x "
                         f"{num_replicas} replicas; use more data or a smaller batch")
@@ -650,4 +652,4 @@ def make_dataloader(dataset, collator: Callable, batch_size: int, *, shuffle: bo
     else:
         sampler = SequentialSampler(dataset)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collator, drop_last=True,
-                      num_workers=num_workers)
+                      num_workers=num_workers, pin_memory=pin_memory)

@@ -5,5 +5,6 @@
     # shell: rannc-hf launch --rannc_config rannc.yaml --num_processes 4 train.py
 
 Modules: ``accelerate`` (RanncPlugin, RanncAccelerator), ``launch`` (``rannc-hf launch``),
-``checkpoint`` (full-model save in ``save_pretrained`` layout), ``trainer`` (RanncTrainer).
+``checkpoint`` (full-model save in ``save_pretrained`` layout), ``trainer`` (RanncTrainer), ``stats``
+(RanncStatsCallback), ``step_profiler`` (StepProfilerCallback: torch.profiler over a few training steps).
 """
