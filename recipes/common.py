@@ -154,8 +154,9 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
                    help="trace this many steps with torch.profiler (0: off); writes OUTPUT_DIR/profile/")
     r.add_argument("--profile_start", type=int, default=20,
                    help="first profiled step (after the first steps' capture, planning and compilation)")
-    r.add_argument("--dataloader_num_workers", type=int, default=0,
-                   help="processes that collate batches (0: the training process does it between steps)")
+    r.add_argument("--dataloader_num_workers", type=int, default=None,
+                   help="processes that collate batches (default: 2 on a GPU, where collating on the training "
+                        "process costs steps their speed; 0 on a CPU; 0: the training process collates)")
     r.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=True,
                    help="collate into pinned host memory and copy batches to the GPU without stopping the host")
     return p

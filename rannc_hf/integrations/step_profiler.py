@@ -20,6 +20,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import warnings
 from typing import Optional
 
 import torch
@@ -63,7 +64,9 @@ class StepProfilerCallback(TrainerCallback):
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
                 torch.cuda.synchronize()  # the trace starts with the device idle: step boundaries stay sharp
             self._prof = torch.profiler.profile(activities=acts, record_shapes=False)
-            self._prof.__enter__()
+            with warnings.catch_warnings():   # "Profiler clears events at the end of each cycle": one cycle here
+                warnings.filterwarnings("ignore", message=".*clears events.*")
+                self._prof.__enter__()
 
     def on_step_end(self, args, state, control, **kwargs):
         self._step += 1
