@@ -83,3 +83,33 @@ def test_trainer_with_step_in_backward_matches_plain_trainer(tmp_path, monkeypat
         torch.testing.assert_close(sd[k], ref_sd[k], rtol=1e-5, atol=1e-6, msg=k)
     with pytest.raises(ValueError, match="max_grad_norm=0 \\(now 1.0\\)"):
         _train(tmp_path / "clip", "all", max_grad_norm=1.0, step_in_backward=True)
+
+
+@pytest.mark.parametrize("nan_filter", [None, True])
+def test_trainer_logs_a_diverged_loss_as_it_is(tmp_path, nan_filter):
+    """RanncTrainingArguments defaults logging_nan_inf_filter to False: the stock filter reads every step's loss on
+    the host (two device syncs a step) and logs the running mean in place of a NaN. True restores it."""
+    import math
+
+    import torch
+    from trainer_common import ListDataset, tiny_model
+
+    import rannc_hf
+
+    torch.manual_seed(0)
+    cfg = rannc_hf.RanncConfig(num_stages=1, num_microbatches=1, precision="fp32", compile="false")
+    kw = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, logging_steps=1,
+              learning_rate=1e30, lr_scheduler_type="constant", max_grad_norm=0, report_to=[], save_strategy="no",
+              disable_tqdm=True, use_cpu=True, seed=0, dataloader_drop_last=True)
+    if nan_filter is not None:
+        kw["logging_nan_inf_filter"] = nan_filter
+    args = rannc_hf.RanncTrainingArguments(rannc_config=cfg, **kw)
+    assert args.logging_nan_inf_filter is bool(nan_filter)
+    trainer = rannc_hf.RanncTrainer(model=tiny_model("gpt2"), args=args, train_dataset=ListDataset("gpt2", 16))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert math.isfinite(losses[0])
+    if nan_filter:
+        assert all(math.isfinite(x) for x in losses), losses      # hidden behind the running mean
+    else:
+        assert not all(math.isfinite(x) for x in losses[1:]), losses   # the divergence shows
