@@ -28,7 +28,9 @@ TARGET = 0.15
 @dataclass
 class Case:
     name: str
-    model: str            #: ``gpt2-1.3b``, ``gpt2-2.7b`` (offload_profile.py's) or ``bert-large`` (single_gpu.py's)
+    #: ``gpt2-1.3b``, ``gpt2-2.7b`` (offload_profile.py's), ``bert-large`` (single_gpu.py's) or ``bert-recipe``
+    #: (the BERT recipe's BertForPreTraining: padded batches with an attention mask, segments, NSP)
+    model: str
     batch: int            #: samples per optimizer step
     measured_s: float     #: the H200's step time
     source: str           #: where the measurement is recorded
@@ -90,6 +92,12 @@ CASES = [
     Case("bert-large-24GiB-optimizer-m2", "bert-large", 32, 0.2111, "offload_rannc_h200.json flat_call20 bert_m2",
          {"gpu_memory": "24GiB", "offload": "optimizer", "num_microbatches": 2, "compile": "false"},
          unpriced_s=_CLIP_BERT),
+    Case("bert-recipe-24GiB-default", "bert-recipe", 32, 0.0923, "recipes_h200.json bert_loop_default_workers "
+         "(recipes/bert/pretrain.py under rannc_1gpu_offload.yaml, 200 steps, next63; 120.5 ms when the batches "
+         "were collated on the training process)", {"gpu_memory": "24GiB"}, quick=True, unpriced_s=_CLIP_BERT),
+    Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1504, "recipes_h200.json bert_loop_optimizer_workers "
+         "(RANNC_HF_OFFLOAD=optimizer, next63)", {"gpu_memory": "24GiB", "offload": "optimizer"},
+         unpriced_s=_CLIP_BERT),
     Case("gpt2-2.7b-pp2-12GiB", "gpt2-2.7b", 16, 2.295, "multi_gpu_offload_pp2_h200.json next30_off12",
          {"num_stages": 2, "gpu_memory": "12GiB"}, gpus=2),
     Case("gpt2-2.7b-pp2-12GiB-sib", "gpt2-2.7b", 16, 2.136, "multi_gpu_offload_pp2_h200.json next30_off12sib",
@@ -101,6 +109,14 @@ def build(model: str):
     """(meta-device model, vocabulary, sequence length) of a case's model."""
     import torch
 
+    if model == "bert-recipe":
+        from transformers import BertConfig, BertForPreTraining
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cfg = BertConfig.from_json_file(os.path.join(root, "recipes", "configs", "bert-large.json"))
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            return BertForPreTraining(cfg), cfg.vocab_size, 512
     with torch.device("meta"):
         if model.startswith("gpt2-"):
             from trainer_gpu import build_model
@@ -122,9 +138,13 @@ def predict(case: Case) -> float:
 
     model, vocab, seq = build(case.model)
     ids = torch.zeros(case.batch, seq, dtype=torch.long, device="meta")
+    inputs = {"input_ids": ids, "labels": ids}
+    if case.model == "bert-recipe":   # the recipe's collated batch: a padding mask, segments, NSP labels
+        inputs.update(attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids),
+                      next_sentence_label=torch.zeros(case.batch, dtype=torch.long, device="meta"))
     cfg = rannc_hf.RanncConfig(**{"num_stages": 1, "precision": "bf16", **case.config})
     cluster = Cluster(num_gpus=case.gpus, device="h200", host_memory="125GiB" if case.gpus == 1 else "251GiB")
-    p = rannc_hf.plan(model, {"input_ids": ids, "labels": ids}, cluster=cluster, config=cfg, progress=False)
+    p = rannc_hf.plan(model, inputs, cluster=cluster, config=cfg, progress=False)
     return float(p.predicted_step_time) + case.unpriced_s
 
 

@@ -178,6 +178,34 @@ def test_causal_attention_priced_at_half_the_flops():
     assert t.flops[i] == pytest.approx(full / 2)
 
 
+class _Attention(torch.nn.Module):
+    def __init__(self, heads: int, width: int = 256):
+        super().__init__()
+        self.heads, self.qkv = heads, torch.nn.Linear(width, 3 * width)
+
+    def forward(self, x):
+        b, s, w = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).square().mean()
+
+
+def test_narrow_attention_heads_run_slower_on_gpu_profiles():
+    """On the H200 fused attention reaches its efficiency at head dim 128 and proportionally less below it (the
+    BERT-large recipe's head-dim-64 attention ran 110 TFLOP/s forward under torch.profiler): the same FLOPs in
+    heads of 64 take twice as long. The CPU profile has no such dependence."""
+    x = torch.randn(2, 1024, 256)   # long enough to be compute-bound on the H200
+    times = {}
+    for heads in (2, 4):   # head dims 128 and 64, the same FLOPs
+        g = capture(_Attention(heads), (x,))
+        t = op_cost_table(g, "bf16")
+        (i,) = _ops_named(g, "scaled_dot_product_attention")
+        assert t.head_dim[i] == 256 // heads
+        times[heads] = {name: op_times(t, get_profile(name), 64)[0][i] for name in ("h200", "cpu")}
+        assert t.flops[i] == pytest.approx(2.0 * 2 * heads * 1024 * 1024 * 2 * (256 // heads))
+    assert times[4]["h200"] > 1.9 * times[2]["h200"]
+    assert times[4]["cpu"] == pytest.approx(times[2]["cpu"])
+
+
 def test_dropout_with_p_zero_is_free():
     """``aten.dropout`` returns its input when p is 0 (the zoo's models): no kernel, no mask kept."""
     from rannc_hf.profile.analytic import FREE

@@ -119,6 +119,9 @@ class OpCostTable:
     #: ops read (charged to its producer) and reducing a GEMM's output gradient into its bias gradient
     extra_bwd_b: Optional[np.ndarray] = None
     extra_bwd_f: Optional[np.ndarray] = None
+    #: attention ops' query head dimension (0 for other ops or when unknown): narrow heads run slower
+    #: (``DeviceProfile.attention_head_dim``)
+    head_dim: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.kind)
@@ -183,6 +186,7 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
     out_f = np.zeros(n)
     batchy = np.zeros(n, dtype=bool)
     needs_grad = np.zeros(n, dtype=bool)
+    head_dim = np.zeros(n)
     cast_b = np.zeros(n)
     casts = precision != "fp32" and not compiled   # inductor fuses the casts into the producers
     wcast = [np.zeros(n) for _ in range(4)]          # fwd bytes, fwd kernels, bwd bytes, bwd kernels
@@ -288,6 +292,10 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
         # FLOPs
         f = _flops(op, name, k, nodes.get(op.name), graph, out_numel)
         flops[i] = f
+        if k == ATTENTION:
+            q_meta = graph.value_meta(op.inputs[0]) if op.inputs else None
+            q_shapes = _shapes(nodes[op.name], graph) if op.name in nodes else [q_meta.shape] if q_meta else []
+            head_dim[i] = q_shapes[0][-1] if q_shapes and q_shapes[0] else 0
         if ng:
             if k == GEMM:
                 w_grad = 1.0 if p_req or any(grad_val.get(v, False) for v in op.inputs[1:]) else 0.0
@@ -334,7 +342,7 @@ def op_cost_table(graph, precision: str = "bf16", weights_in_compute_dtype: bool
                 _mark_saved(r, vinfo, saved_b, saved_f, marks, cast)
     extra_b, extra_f = _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size, compiled)
     return OpCostTable(kind, flops, bwd_flops, bytes_b, bytes_f, bwd_b, bwd_f, saved_b, saved_f, out_b, out_f,
-                       batchy, needs_grad, graph.batch_size, precision, cast_b, *wcast, extra_b, extra_f)
+                       batchy, needs_grad, graph.batch_size, precision, cast_b, *wcast, extra_b, extra_f, head_dim)
 
 
 def _extra_backward_bytes(graph, kind, needs_grad, vinfo, grad_val, low_size: int,
@@ -507,7 +515,11 @@ def op_times(table: OpCostTable, profile: DeviceProfile, batch: Optional[float] 
     half = gemm_half_flops * peak / 790e12  # a GEMM of this many FLOPs runs at half the peak on the device
     fl = table.flops * s
     bfl = table.bwd_flops * s
-    rate = np.where(table.kind == ATTENTION, peak * profile.attention_efficiency, peak)
+    attn_rate = peak * profile.attention_efficiency
+    if profile.attention_head_dim and table.head_dim is not None:
+        narrow = np.where(table.head_dim > 0, np.minimum(1.0, table.head_dim / profile.attention_head_dim), 1.0)
+        attn_rate = attn_rate * narrow
+    rate = np.where(table.kind == ATTENTION, attn_rate, peak)
     is_mm = (table.kind == GEMM) | (table.kind == ATTENTION)
     eff_f = np.where(is_mm, fl / (fl + half + 1e-30), 1.0)
     eff_b = np.where(is_mm, bfl / (bfl + half + 1e-30), 1.0)

@@ -40,6 +40,9 @@ class DeviceProfile:
     collective_latency: float = 20e-6  #: seconds per all-reduce step
     gemm_efficiency: float = 1.0     #: fraction of ``flops`` large GEMMs reach (1.0: ``flops`` is measured GEMM)
     attention_efficiency: float = 0.6  #: fraction of GEMM FLOP/s fused attention reaches
+    #: fused attention reaches ``attention_efficiency`` at this head dimension and proportionally less below it
+    #: (the softmax's share of the work grows as the head narrows); 0: no dependence on the head dimension
+    attention_head_dim: int = 0
     bw_efficiency: float = 0.8       #: fraction of ``mem_bw`` elementwise kernels reach
     op_overhead: float = 4e-6        #: launch/dispatch seconds per kernel
     cpu_adam_params_per_s: float = 4.0e9  #: host optimizer throughput (fused AdamW), parameters/s
@@ -135,6 +138,11 @@ def _h200() -> DeviceProfile:
         # (eleventh session, benchmarks/host_dispatch.py): 73 us per kernel counted as host_times() counts them
         # fits both within 9%. GPT-2 1.3B in 8 micro-batches of 2 ran 668 ms a step, 495 priced without it
         host_launch_s=73e-6,
+        # BERT-large (head dim 64, seq 512, batch 32, padded) under torch.profiler (sixteenth session, next62): the
+        # cuDNN attention kernels ran 110 TFLOP/s forward and 167 backward (2.5x), 19.6 ms a step where head-dim-
+        # independent pricing gave 7.6: the recipe's step was predicted 74.6 ms and ran 92.3. GPT-2 1.3B (head dim
+        # 128) keeps its pricing
+        attention_head_dim=128,
         notes="bf16 GEMM and pinned copies measured on one H200 (DESIGN.md section 7); fp32 = TF32 tensor cores "
               "(fp32_ieee: torch's default matmul precision, 67 TFLOP/s datasheet at 90%); CPU AdamW rate as "
               "measured inside the offload engine")
@@ -146,6 +154,7 @@ def _h100() -> DeviceProfile:
         mem_bw=3.35e12, memory=80 * 2**30,
         h2d_bw=55e9, d2h_bw=55e9, duplex_bw=101e9, intra_node_bw=450e9, inter_node_bw=50e9,
         host_launch_s=73e-6,   # assumed: the H200 box's host
+        attention_head_dim=128,  # as the H200 (the same Hopper attention kernels)
         notes="H100 SXM, scaled from the H200 measurement by datasheet ratios")
 
 
