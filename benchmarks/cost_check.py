@@ -95,6 +95,9 @@ CASES = [
     Case("bert-recipe-24GiB-default", "bert-recipe", 32, 0.0923, "recipes_h200.json bert_loop_default_workers "
          "(recipes/bert/pretrain.py under rannc_1gpu_offload.yaml, 200 steps, next63; 120.5 ms when the batches "
          "were collated on the training process)", {"gpu_memory": "24GiB"}, quick=True, unpriced_s=_CLIP_BERT),
+    Case("bert-recipe-24GiB-trainer", "bert-recipe", 32, 0.0955, "recipes_h200.json bert_trainer_default (the same "
+         "plan through RanncTrainer, next64; 105.7 ms in next63 with the stock per-step NaN check)",
+         {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_BERT),
     Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1504, "recipes_h200.json bert_loop_optimizer_workers "
          "(RANNC_HF_OFFLOAD=optimizer, next63)", {"gpu_memory": "24GiB", "offload": "optimizer"},
          unpriced_s=_CLIP_BERT),
