@@ -92,15 +92,16 @@ CASES = [
     Case("bert-large-24GiB-optimizer-m2", "bert-large", 32, 0.2111, "offload_rannc_h200.json flat_call20 bert_m2",
          {"gpu_memory": "24GiB", "offload": "optimizer", "num_microbatches": 2, "compile": "false"},
          unpriced_s=_CLIP_BERT),
-    Case("bert-recipe-24GiB-default", "bert-recipe", 32, 0.0923, "recipes_h200.json bert_loop_default_workers "
-         "(recipes/bert/pretrain.py under rannc_1gpu_offload.yaml, 200 steps, next63; 120.5 ms when the batches "
-         "were collated on the training process)", {"gpu_memory": "24GiB"}, quick=True, unpriced_s=_CLIP_BERT),
-    Case("bert-recipe-24GiB-trainer", "bert-recipe", 32, 0.0955, "recipes_h200.json bert_trainer_default (the same "
-         "plan through RanncTrainer, next64; 105.7 ms in next63 with the stock per-step NaN check)",
-         {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_BERT),
-    Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1504, "recipes_h200.json bert_loop_optimizer_workers "
-         "(RANNC_HF_OFFLOAD=optimizer, next63)", {"gpu_memory": "24GiB", "offload": "optimizer"},
-         unpriced_s=_CLIP_BERT),
+    Case("bert-recipe-24GiB-default", "bert-recipe", 32, 0.0923,
+         "recipes_h200.json 'bert-large (loop, default plan, 2 collator workers)' (recipes/bert/pretrain.py under "
+         "rannc_1gpu_offload.yaml, 200 steps, next63; 120.5 ms when the batches were collated on the training "
+         "process)", {"gpu_memory": "24GiB"}, quick=True, unpriced_s=_CLIP_BERT),
+    Case("bert-recipe-24GiB-trainer", "bert-recipe", 32, 0.0955,
+         "recipes_h200.json 'bert-large (Trainer, default plan)' (the same plan through RanncTrainer, next64; "
+         "105.7 ms in next63 with the stock per-step NaN check)", {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_BERT),
+    Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1504,
+         "recipes_h200.json 'bert-large (loop, offload optimizer, 2 collator workers)' (RANNC_HF_OFFLOAD=optimizer, "
+         "next63)", {"gpu_memory": "24GiB", "offload": "optimizer"}, unpriced_s=_CLIP_BERT),
     Case("gpt2-2.7b-pp2-12GiB", "gpt2-2.7b", 16, 2.295, "multi_gpu_offload_pp2_h200.json next30_off12",
          {"num_stages": 2, "gpu_memory": "12GiB"}, gpus=2),
     Case("gpt2-2.7b-pp2-12GiB-sib", "gpt2-2.7b", 16, 2.136, "multi_gpu_offload_pp2_h200.json next30_off12sib",
