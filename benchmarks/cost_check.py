@@ -28,8 +28,9 @@ TARGET = 0.15
 @dataclass
 class Case:
     name: str
-    #: ``gpt2-1.3b``, ``gpt2-2.7b`` (offload_profile.py's), ``bert-large`` (single_gpu.py's) or ``bert-recipe``
-    #: (the BERT recipe's BertForPreTraining: padded batches with an attention mask, segments, NSP)
+    #: ``gpt2-1.3b``, ``gpt2-2.7b`` (offload_profile.py's), ``bert-large`` (single_gpu.py's), ``bert-recipe``
+    #: (the BERT recipe's BertForPreTraining: padded batches with an attention mask, segments, NSP) or
+    #: ``gpt2-recipe`` (the GPT recipe's GPT2LMHeadModel from recipes/configs/gpt2-1.3b.json)
     model: str
     batch: int            #: samples per optimizer step
     measured_s: float     #: the H200's step time
@@ -102,6 +103,9 @@ CASES = [
     Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1504,
          "recipes_h200.json 'bert-large (loop, offload optimizer, 2 collator workers)' (RANNC_HF_OFFLOAD=optimizer, "
          "next63)", {"gpu_memory": "24GiB", "offload": "optimizer"}, unpriced_s=_CLIP_BERT),
+    Case("gpt2-recipe-24GiB-default", "gpt2-recipe", 8, 0.5755, "recipes_h200.json 'gpt2-1.3b (loop, alone, 60 "
+         "steps)' (recipes/gpt/pretrain.py under rannc_1gpu_offload.yaml: offload all, 1 x 8, clipped; steps 30-60 "
+         "of next65)", {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_1_3B),
     Case("gpt2-2.7b-pp2-12GiB", "gpt2-2.7b", 16, 2.295, "multi_gpu_offload_pp2_h200.json next30_off12",
          {"num_stages": 2, "gpu_memory": "12GiB"}, gpus=2),
     Case("gpt2-2.7b-pp2-12GiB-sib", "gpt2-2.7b", 16, 2.136, "multi_gpu_offload_pp2_h200.json next30_off12sib",
@@ -113,6 +117,14 @@ def build(model: str):
     """(meta-device model, vocabulary, sequence length) of a case's model."""
     import torch
 
+    if model == "gpt2-recipe":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        cfg = GPT2Config.from_json_file(os.path.join(root, "recipes", "configs", "gpt2-1.3b.json"))
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            return GPT2LMHeadModel(cfg), cfg.vocab_size, 1024
     if model == "bert-recipe":
         from transformers import BertConfig, BertForPreTraining
 
