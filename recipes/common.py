@@ -178,6 +178,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("seq_len", "per_device_batch_size", "max_steps", "gradient_accumulation_steps", "log_every"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("profile_steps", "profile_start", "dataloader_num_workers"):
+        if (getattr(args, name, None) or 0) < 0:
+            raise DataError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if getattr(args, "mlm_probability", 0.15) <= 0 or getattr(args, "mlm_probability", 0.15) >= 1:
         raise DataError("--mlm_probability must be in (0, 1)")
     args.model_config = resolve_model_config(args.model_config)

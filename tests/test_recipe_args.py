@@ -64,3 +64,14 @@ def test_trainer_path_with_workers_and_profile(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert "over 2 training step(s), 3..4" in (out / "profile" / "steps_3-4.txt").read_text()
     assert (out / "profile" / "steps_3-4.json.gz").exists()
+
+
+@pytest.mark.parametrize("flag", ["--profile_steps", "--profile_start", "--dataloader_num_workers"])
+def test_negative_profile_and_loader_flags_are_refused(flag):
+    from common import parse_args
+
+    from rannc_hf.data.pipeline import DataError
+
+    with pytest.raises(DataError, match=f"{flag} must be >= 0, got -1"):
+        parse_args("gpt", [flag, "-1"])
+    assert parse_args("gpt", []).dataloader_num_workers is None   # None: 2 on a GPU, 0 on a CPU
