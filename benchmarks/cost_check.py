@@ -113,26 +113,25 @@ CASES = [
 ]
 
 
+#: the recipes' models: config file in recipes/configs, model class, sequence length
+_RECIPE_MODELS = {"gpt2-recipe": ("gpt2-1.3b.json", "GPT2LMHeadModel", 1024),
+                  "bert-recipe": ("bert-large.json", "BertForPreTraining", 512)}
+
+
 def build(model: str):
     """(meta-device model, vocabulary, sequence length) of a case's model."""
     import torch
 
-    if model == "gpt2-recipe":
-        from transformers import GPT2Config, GPT2LMHeadModel
+    if model in _RECIPE_MODELS:
+        import transformers
 
+        config_file, cls_name, seq = _RECIPE_MODELS[model]
+        cls = getattr(transformers, cls_name)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cfg = GPT2Config.from_json_file(os.path.join(root, "recipes", "configs", "gpt2-1.3b.json"))
+        cfg = cls.config_class.from_json_file(os.path.join(root, "recipes", "configs", config_file))
         cfg._attn_implementation = "sdpa"
         with torch.device("meta"):
-            return GPT2LMHeadModel(cfg), cfg.vocab_size, 1024
-    if model == "bert-recipe":
-        from transformers import BertConfig, BertForPreTraining
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        cfg = BertConfig.from_json_file(os.path.join(root, "recipes", "configs", "bert-large.json"))
-        cfg._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            return BertForPreTraining(cfg), cfg.vocab_size, 512
+            return cls(cfg), cfg.vocab_size, seq
     with torch.device("meta"):
         if model.startswith("gpt2-"):
             from trainer_gpu import build_model

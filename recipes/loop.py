@@ -311,6 +311,7 @@ def train_with_trainer(args) -> dict:
 def _trainer_args(args):
     from rannc_hf import RanncTrainingArguments
 
+    pin = _pin_memory(args)
     return RanncTrainingArguments(
         output_dir=args.output_dir, rannc_config=args.rannc_config or os.environ.get("RANNC_HF_CONFIG"),
         per_device_train_batch_size=args.per_device_batch_size, per_device_eval_batch_size=args.per_device_batch_size,
@@ -322,6 +323,6 @@ def _trainer_args(args):
         eval_steps=args.eval_every or None, save_strategy="steps" if args.save_every else "no",
         save_steps=args.save_every or 500, report_to=[] if args.report_to == "none" else [args.report_to],
         seed=args.seed, dataloader_drop_last=True, remove_unused_columns=False,
-        dataloader_num_workers=_num_workers(args), dataloader_pin_memory=_pin_memory(args),
-        accelerator_config={"non_blocking": _pin_memory(args)},
+        dataloader_num_workers=_num_workers(args), dataloader_pin_memory=pin,
+        accelerator_config={"non_blocking": pin},
     )

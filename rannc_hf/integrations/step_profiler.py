@@ -53,10 +53,6 @@ class StepProfilerCallback(TrainerCallback):
         self.summary_path: Optional[str] = None
         self.trace_path: Optional[str] = None
 
-    @property
-    def _active(self) -> bool:
-        return _rank() == 0 and self.start <= self._step < self.start + self.steps
-
     def on_step_begin(self, args, state, control, **kwargs):
         if self._step == self.start and _rank() == 0:
             acts = [torch.profiler.ProfilerActivity.CPU]
@@ -70,18 +66,20 @@ class StepProfilerCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self._step += 1
-        if self._prof is not None and self._step == self.start + self.steps:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self._prof.__exit__(None, None, None)
-            self._write(self._prof)
-            self._prof = None
+        if self._step == self.start + self.steps:
+            self._finish()
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._prof is not None:  # training ended inside the window: keep what was traced
-            self._prof.__exit__(None, None, None)
-            self._write(self._prof)
-            self._prof = None
+        self._finish()   # training ended inside the window: keep what was traced
+
+    def _finish(self) -> None:
+        if self._prof is None:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self._prof.__exit__(None, None, None)
+        self._write(self._prof)
+        self._prof = None
 
     def _write(self, prof: torch.profiler.profile) -> None:
         os.makedirs(self.out_dir, exist_ok=True)
