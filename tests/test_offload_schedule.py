@@ -447,3 +447,49 @@ def test_converting_copy_in_pieces(monkeypatch, numel):
     back = torch.empty(numel, 1, dtype=torch.float32)
     store.copy_cast_(back, half)
     assert torch.equal(back.reshape(-1), half.float())
+
+
+@pytest.mark.parametrize("rest_first", [False, True], ids=["gpu-pipe-first", "rest-first (RANNC_HF_OFFLOAD_REST_FIRST)"])
+def test_step_queues_the_gpu_pipe_before_the_rest_groups_host_step(monkeypatch, rest_first):
+    """After backward the GPU-stepped blocks are queued first (microseconds of host work), then the main thread steps
+    the rest group on the CPU while the GPU pipe runs, then the worker takes the CPU-stepped blocks. The GPT recipe's
+    rest group (107M parameters) stepped first used to leave the GPU idle for its whole step. The rest step runs on
+    the engine's host-step thread count (the main thread's own may be 1 under torchrun), which is restored after."""
+    if rest_first:
+        monkeypatch.setenv("RANNC_HF_OFFLOAD_REST_FIRST", "1")
+    torch.manual_seed(0)
+    blocks = [[torch.nn.Parameter(torch.randn(6, 6))] for _ in range(4)]
+    rest = [torch.nn.Parameter(torch.randn(10, 6))]
+    params = [p for b in blocks for p in b] + rest
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    eng = OffloadEngine(blocks, device="cpu", mode="optimizer", optimizer=opt, rest=rest, async_step=True,
+                        device_step_blocks=2, cpu_threads=3, check_memory=False)
+    order, threads = [], []
+    dev_step, host_step = eng._device_step_async, eng._step_group
+
+    def on_device(g, *a, **k):
+        order.append(("gpu", g.index))
+        return dev_step(g, *a, **k)
+
+    def on_host(g, *a, **k):
+        order.append(("cpu", g.index))
+        if g is eng.rest:
+            threads.append(torch.get_num_threads())
+        return host_step(g, *a, **k)
+
+    monkeypatch.setattr(eng, "_device_step_async", on_device)
+    monkeypatch.setattr(eng, "_step_group", on_host)
+    before = torch.get_num_threads()
+    sum((p * p).sum() for p in params).backward()
+    eng.step()
+    eng.synchronize()
+    main = [o for o in order if o != ("cpu", 2) and o != ("cpu", 3)]   # the worker's steps interleave freely
+    gpu, rest_step = [("gpu", 0), ("gpu", 1)], [("cpu", 4)]
+    assert main == (rest_step + gpu if rest_first else gpu + rest_step)
+    assert sorted(order) == sorted(gpu + rest_step + [("cpu", 2), ("cpu", 3)])
+    if not rest_first:   # the worker gets the CPU blocks only after the rest group's step
+        assert order.index(("cpu", 4)) < min(order.index(("cpu", 2)), order.index(("cpu", 3)))
+    assert threads == [3] and torch.get_num_threads() == before
+    st = eng.stats()
+    assert st["rest_step_time_s"] > 0 and st["main_thread_threads"] == before and st["host_step_threads"] == 3
+    eng.close()

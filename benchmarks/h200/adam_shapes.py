@@ -18,15 +18,19 @@ LAYERS = {
     "bert_layer": [(1024, 1024), (1024,)] * 4 + [(4096, 1024), (4096,), (1024, 4096), (1024,)] + [(1024,)] * 4,
     "gpt2_1.3b_layer": [(6144, 2048), (6144,), (2048, 2048), (2048,), (8192, 2048), (8192,), (2048, 8192), (2048,)]
     + [(2048,)] * 4,
+    # the recipe's resident group: embeddings (50257 x 2048, tied head), positions (2048 x 2048), final norm
+    "gpt2_1.3b_rest": [(50257, 2048), (2048, 2048), (2048,), (2048,)],
 }
 
 
-def optimizer(shapes, flat: bool):
+def optimizer(shapes, flat: bool, grad_scale: bool = False):
     n = sum(torch.Size(s).numel() for s in shapes)
     ps = [torch.nn.Parameter(torch.randn(n))] if flat else [torch.nn.Parameter(torch.randn(s)) for s in shapes]
     for p in ps:
         p.grad = torch.randn_like(p) * 1e-3
     opt = torch.optim.AdamW(ps, lr=1e-4, fused=True)
+    if grad_scale:   # what the engine binds for a clipped step (the kernel divides the gradients by it)
+        opt.grad_scale = torch.tensor(1.25)
     opt.step()
     return opt, n
 
@@ -93,6 +97,7 @@ def main():
     ap.add_argument("--loads", default=None, help="comma-separated of none, python, dma, python+dma (default: all "
                     "that apply; the thread sweep runs for none and python+dma, the others at all cores)")
     ap.add_argument("--threads", default=None, help="comma-separated thread counts to sweep (default 1,2,4,8,N/2,N)")
+    ap.add_argument("--grad-scale", action="store_true", help="step with a grad_scale, as a clipped engine step does")
     a = ap.parse_args()
     loads = (a.loads.split(",") if a.loads else
              ["none", "python"] + (["dma", "python+dma"] if torch.cuda.is_available() else []))
@@ -100,13 +105,13 @@ def main():
     for layer in a.layers.split(","):
         shapes = LAYERS[layer]
         for flat in (bool(int(f)) for f in a.flat.split(",")):
-            opt, n = optimizer(shapes, flat)
+            opt, n = optimizer(shapes, flat, a.grad_scale)
             for load in loads:
                 for th in sweep if (load in ("none", "python+dma") or a.threads) else [cores]:
                     torch.set_num_threads(th)
                     with Load(load):
                         s = median_step_s(opt)
-                    print(json.dumps({"layer": layer, "flat": flat, "load": load, "threads": th, "params": n,
+                    print(json.dumps({"layer": layer, "flat": flat, "load": load, "threads": th, "params": n, "grad_scale": a.grad_scale,
                                       "ms": round(s * 1e3, 3), "params_per_s": round(n / s / 1e9, 3)}), flush=True)
             torch.set_num_threads(cores)
 

@@ -43,6 +43,10 @@ Values from other ranks are gathered with ``torch.distributed.all_gather`` of fl
 pickling); every rank computes the same dict. FLOPs per step come from ``plan.flops_per_step`` when the
 plan has them, else ``6 * parameters * tokens``. Peak FLOP/s come from ``rannc_hf.profile.devices`` when
 that module knows the device, or from ``peak_tflops=``; without either MFU is left out.
+
+When the module offloads, the end-of-training summary (printed, and ``rannc_stats.json``'s ``offload``) adds the
+offload engine's per-step means on the writing rank: bytes to and from the GPU, the host optimizer step and the
+resident group's share of it, the step's thread count and the host store's size (:func:`offload_summary`).
 """
 
 from __future__ import annotations
@@ -134,6 +138,24 @@ def _count_batch(inputs: Any) -> tuple[int, int]:
             return 0, 0
         return int(t.shape[0]), 0
     return int(t.shape[0]) if t.dim() > 0 else 1, int(t.numel())
+
+
+def offload_summary(module) -> Optional[dict]:
+    """Per-step means of ``module``'s offload engine counters (this rank's stages), or None without offload:
+    bytes each way, the host optimizer step (after backward, and the resident group's part of it on the main
+    thread), host store size. Counted from the engine's start, the first (compiling) step included."""
+    fn = getattr(module, "offload_stats", None)
+    st = fn() if callable(fn) else None
+    if not st:
+        return None
+    n = max(1, int(st.get("steps", 0)))
+    return {"mode": st.get("mode"), "stage_modes": st.get("stage_modes"), "steps": int(st.get("steps", 0)),
+            "h2d_gb_per_step": st.get("h2d_bytes", 0) / n / 1e9, "d2h_gb_per_step": st.get("d2h_bytes", 0) / n / 1e9,
+            "host_step_ms": st.get("step_time_s", 0.0) / n * 1e3,
+            "rest_step_ms": st.get("rest_step_time_s", 0.0) / n * 1e3,
+            "host_step_threads": int(st.get("host_step_threads", 0)),
+            "early_block_steps_per_step": st.get("early_block_steps", 0) / n,
+            "host_gib": st.get("host_bytes", 0) / 2**30}
 
 
 def analytic_bubble(num_stages: int, num_microbatches: int) -> float:
@@ -505,6 +527,9 @@ class RanncStatsCallback(TrainerCallback):
                 "flops_per_step": float(getattr(plan, "flops_per_step", 0.0) or 0.0)},
             "history": self._history,
         }
+        off = offload_summary(self.module)
+        if off is not None:
+            summary["offload"] = off
         self.summary = summary
         is_main = state is None or state.is_world_process_zero
         if is_main and self.print_summary:
@@ -533,4 +558,10 @@ class RanncStatsCallback(TrainerCallback):
                 + f", bubble {t.get('bubble_fraction', 0.0):.0%}, {t.get('tokens_per_s', 0.0):.1f} tokens/s")
         table = _fmt_table(rows, ["stage", "replicas", "peak GiB", "now GiB", "tokens/s", "samples/s", "TFLOP/s",
                                   "MFU"])
+        off = summary.get("offload")
+        if off:
+            table += (f"\noffload (rank 0's stages, mean of {off['steps']} steps): {off['h2d_gb_per_step']:.2f} GB to "
+                      f"the GPU and {off['d2h_gb_per_step']:.2f} GB back a step, host step "
+                      f"{off['host_step_ms']:.1f} ms (resident group {off['rest_step_ms']:.1f} ms on "
+                      f"{off['host_step_threads']} threads), host store {off['host_gib']:.2f} GiB")
         return head + "\n" + table

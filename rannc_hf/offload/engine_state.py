@@ -129,6 +129,7 @@ class _StateMixin:
         st["hidden_fraction"] = (max(0.0, 1.0 - st["stall_time_s"] / st["copy_time_s"])
                                  if st["copy_time_s"] > 0 else 1.0)
         st["host_bytes"] = sum(g.host_bytes() for g in self.groups)
+        st["host_step_threads"] = self.cpu_threads
         st["mode"] = self.mode
         st["num_blocks"] = self.num_blocks
         return st

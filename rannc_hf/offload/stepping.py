@@ -50,6 +50,22 @@ def _state_buffer(g: ParamGroup, key: str) -> torch.Tensor:
     return host
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """``torch.set_num_threads(n)`` for the calling thread inside the block, the old count after. The rest group
+    steps on the main thread, whose count is whatever the process got (``OMP_NUM_THREADS=1`` under ``torchrun``),
+    not the step pool's :func:`~rannc_hf.offload.engine.host_step_threads`."""
+    old = torch.get_num_threads()
+    if n <= 0 or n == old:
+        yield old
+        return
+    torch.set_num_threads(n)
+    try:
+        yield old
+    finally:
+        torch.set_num_threads(old)
+
+
 def _scaled_step(g: ParamGroup, inner, scale) -> None:
     """``inner.step()`` over ``g``'s host parameters as they are bound (device views in a GPU step), the clip
     coefficient ``scale`` (or None) applied to their gradients first; the gradients are unbound after."""
@@ -118,7 +134,11 @@ class _StepMixin:
             bwd_done.record(torch.cuda.current_stream(self.device))
         t0 = time.perf_counter()
         on_gpu = [g for g in self.blocks if g.device_step or g.stream_step]   # forward order: the GPU pipe's
-        order = [self.rest] + [g for g in self.blocks if not (g.device_step or g.stream_step)] + on_gpu
+        on_cpu = [g for g in self.blocks if not (g.device_step or g.stream_step)]
+        # the GPU pipe first (its copies and kernels are queued in microseconds), so that it runs while the main
+        # thread steps the rest group on the CPU; RANNC_HF_OFFLOAD_REST_FIRST=1 restores the old order to compare
+        rest_first = bool(env_flag("RANNC_HF_OFFLOAD_REST_FIRST"))
+        order = [self.rest] + on_cpu + on_gpu if rest_first else on_gpu + [self.rest] + on_cpu
         for g in order:
             gi = g.index
             inner = self._inner[gi]
@@ -130,8 +150,12 @@ class _StepMixin:
             if g is self.rest and g.device_step:
                 self._gpu_rest_step(g, inner, has, scale)
             elif g is self.rest:
-                self._step_group(g, inner, has, scale, bwd_done)
+                t_rest = time.perf_counter()
+                with _torch_threads(self.cpu_threads) as before:
+                    self._step_group(g, inner, has, scale, bwd_done)
                 self._wait_group_step_now(g)
+                self._stats["rest_step_time_s"] += time.perf_counter() - t_rest
+                self._stats["main_thread_threads"] = before
             elif g.device_step or g.stream_step:
                 self._device_step_async(g, inner, has, scale, bwd_done)
             else:

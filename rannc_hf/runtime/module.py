@@ -197,6 +197,12 @@ class RanncModule(_BuildMixin, _FastPathMixin, _EvalMixin, _StateMixin, nn.Modul
         """fp16: an overflow happened since the last optimizer step (it will be skipped on every rank)."""
         return self.scaler.found_inf
 
+    def offload_stats(self) -> Optional[dict]:
+        """This rank's offload engine counters (bytes each way, host step and rest-group step time, steps; see
+        :meth:`rannc_hf.offload.OffloadEngine.stats`), or None when no local stage offloads. Waits for the
+        engine's background step."""
+        return self._offload.stats() if self._offload is not None else None
+
     def local_parameters(self) -> list[nn.Parameter]:
         """The trainable parameters this rank's stages own (what its optimizer steps)."""
         return list(self._primary.params) if self._primary else list(self.module.parameters())
