@@ -140,22 +140,33 @@ def _count_batch(inputs: Any) -> tuple[int, int]:
     return int(t.shape[0]) if t.dim() > 0 else 1, int(t.numel())
 
 
-def offload_summary(module) -> Optional[dict]:
+def offload_summary(module, since: Optional[dict] = None) -> Optional[dict]:
     """Per-step means of ``module``'s offload engine counters (this rank's stages), or None without offload:
-    bytes each way, the host optimizer step (after backward, and the resident group's part of it on the main
-    thread), host store size. Counted from the engine's start, the first (compiling) step included."""
+    bytes each way, the host optimizer step (its resident-group part, which the next forward waits for, and its
+    CPU-stepped blocks), host store size. Counted from the engine's start, or from the counters ``since`` (the
+    callback passes those after the first step, which builds and compiles)."""
     fn = getattr(module, "offload_stats", None)
     st = fn() if callable(fn) else None
     if not st:
         return None
+    if since:
+        st = {k: (v - since.get(k, 0) if isinstance(v, (int, float)) and k in _OFFLOAD_COUNTERS else v)
+              for k, v in st.items()}
     n = max(1, int(st.get("steps", 0)))
     return {"mode": st.get("mode"), "stage_modes": st.get("stage_modes"), "steps": int(st.get("steps", 0)),
             "h2d_gb_per_step": st.get("h2d_bytes", 0) / n / 1e9, "d2h_gb_per_step": st.get("d2h_bytes", 0) / n / 1e9,
             "host_step_ms": st.get("step_time_s", 0.0) / n * 1e3,
             "rest_step_ms": st.get("rest_step_time_s", 0.0) / n * 1e3,
             "host_step_threads": int(st.get("host_step_threads", 0)),
+            "cpu_block_steps_per_step": st.get("cpu_block_steps", 0) / n,
+            "cpu_block_step_ms": st.get("cpu_block_step_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
             "early_block_steps_per_step": st.get("early_block_steps", 0) / n,
             "host_gib": st.get("host_bytes", 0) / 2**30}
+
+
+#: offload engine counters that add up over steps (the others are states or peaks)
+_OFFLOAD_COUNTERS = frozenset({"h2d_bytes", "d2h_bytes", "step_time_s", "rest_step_time_s", "cpu_block_step_time_s",
+                               "cpu_block_steps", "early_block_steps", "steps"})
 
 
 def analytic_bubble(num_stages: int, num_microbatches: int) -> float:
@@ -278,6 +289,7 @@ class RanncStatsCallback(TrainerCallback):
         self._first_step_time = 0.0
         self._first_tokens = self._first_samples = 0
         self._seen_first = False
+        self._offload_first: Optional[dict] = None   # the offload engine's counters after the first step
         self._t0: Optional[float] = None
         self._step_start: Optional[torch.cuda.Event] = None
         self._step_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
@@ -322,6 +334,8 @@ class RanncStatsCallback(TrainerCallback):
             self._seen_first = True
             self._first_step_time = dt or 0.0
             self._first_tokens, self._first_samples = self._iv_tokens, self._iv_samples
+            fn = getattr(self.module, "offload_stats", None)   # the summary's offload means leave it out too
+            self._offload_first = fn() if callable(fn) else None
         if dt is not None:
             self._iv_time += dt
         self._iv_steps += 1
@@ -527,7 +541,7 @@ class RanncStatsCallback(TrainerCallback):
                 "flops_per_step": float(getattr(plan, "flops_per_step", 0.0) or 0.0)},
             "history": self._history,
         }
-        off = offload_summary(self.module)
+        off = offload_summary(self.module, self._offload_first if first_apart else None)
         if off is not None:
             summary["offload"] = off
         self.summary = summary
@@ -560,8 +574,9 @@ class RanncStatsCallback(TrainerCallback):
                                   "MFU"])
         off = summary.get("offload")
         if off:
-            table += (f"\noffload (rank 0's stages, mean of {off['steps']} steps): {off['h2d_gb_per_step']:.2f} GB to "
+            table += (f"\noffload (this rank's stages, mean of {off['steps']} steps): {off['h2d_gb_per_step']:.2f} GB to "
                       f"the GPU and {off['d2h_gb_per_step']:.2f} GB back a step, host step "
-                      f"{off['host_step_ms']:.1f} ms (resident group {off['rest_step_ms']:.1f} ms on "
-                      f"{off['host_step_threads']} threads), host store {off['host_gib']:.2f} GiB")
+                      f"{off['host_step_ms']:.1f} ms on {off['host_step_threads']} threads (resident group "
+                      f"{off['rest_step_ms']:.1f} ms, {off['cpu_block_steps_per_step']:.0f} CPU-stepped blocks of "
+                      f"{off['cpu_block_step_ms']:.1f} ms), host store {off['host_gib']:.2f} GiB")
         return head + "\n" + table

@@ -50,22 +50,6 @@ def _state_buffer(g: ParamGroup, key: str) -> torch.Tensor:
     return host
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """``torch.set_num_threads(n)`` for the calling thread inside the block, the old count after. The rest group
-    steps on the main thread, whose count is whatever the process got (``OMP_NUM_THREADS=1`` under ``torchrun``),
-    not the step pool's :func:`~rannc_hf.offload.engine.host_step_threads`."""
-    old = torch.get_num_threads()
-    if n <= 0 or n == old:
-        yield old
-        return
-    torch.set_num_threads(n)
-    try:
-        yield old
-    finally:
-        torch.set_num_threads(old)
-
-
 def _scaled_step(g: ParamGroup, inner, scale) -> None:
     """``inner.step()`` over ``g``'s host parameters as they are bound (device views in a GPU step), the clip
     coefficient ``scale`` (or None) applied to their gradients first; the gradients are unbound after."""
@@ -135,8 +119,8 @@ class _StepMixin:
         t0 = time.perf_counter()
         on_gpu = [g for g in self.blocks if g.device_step or g.stream_step]   # forward order: the GPU pipe's
         on_cpu = [g for g in self.blocks if not (g.device_step or g.stream_step)]
-        # the GPU pipe first (its copies and kernels are queued in microseconds), so that it runs while the main
-        # thread steps the rest group on the CPU; RANNC_HF_OFFLOAD_REST_FIRST=1 restores the old order to compare
+        # the GPU pipe first (its copies and kernels are queued in microseconds), so that it runs while the worker
+        # steps the rest group on the CPU; RANNC_HF_OFFLOAD_REST_FIRST=1 restores the old order to compare
         rest_first = bool(env_flag("RANNC_HF_OFFLOAD_REST_FIRST"))
         order = [self.rest] + on_cpu + on_gpu if rest_first else on_gpu + [self.rest] + on_cpu
         for g in order:
@@ -149,13 +133,11 @@ class _StepMixin:
             has = list(g.has_grad)
             if g is self.rest and g.device_step:
                 self._gpu_rest_step(g, inner, has, scale)
-            elif g is self.rest:
-                t_rest = time.perf_counter()
-                with _torch_threads(self.cpu_threads) as before:
-                    self._step_group(g, inner, has, scale, bwd_done)
+            elif g is self.rest:   # on the step worker (its thread count is the engine's, the main thread's
+                t_rest = time.perf_counter()   # may be 1); the next forward starts with these weights: wait
+                self._pool().submit(self._step_group, g, inner, has, scale, bwd_done).result()
                 self._wait_group_step_now(g)
                 self._stats["rest_step_time_s"] += time.perf_counter() - t_rest
-                self._stats["main_thread_threads"] = before
             elif g.device_step or g.stream_step:
                 self._device_step_async(g, inner, has, scale, bwd_done)
             else:
@@ -365,8 +347,8 @@ class _StepMixin:
         g.step_event = None
 
     def _step_group(self, g: ParamGroup, inner, has: list, scale, bwd_done, refresh: bool = True) -> None:
-        """Step ``g`` over its host masters (on the worker, or the main thread for ``rest``); ``has``: which
-        parameters have a gradient; ``refresh``: fill a resident working copy with the new weights."""
+        """Step ``g`` over its host masters on the step worker (``step()`` waits for the rest group's); ``has``:
+        which parameters have a gradient; ``refresh``: fill a resident working copy with the new weights."""
         t0 = time.perf_counter()
         for j, hp in enumerate(g.host_params):
             hp.grad = g.view(g.grad, j) if has[j] else None
@@ -399,8 +381,10 @@ class _StepMixin:
                 self._stats["h2d_bytes"] += g.fill_work()[0]
         g.step_event = ev
         t1 = time.perf_counter()
-        if g is not self.rest:
+        if g is not self.rest:   # the rest group's time is inside step()'s own
             self._stats["step_time_s"] += t1 - t0
+            self._stats["cpu_block_step_time_s"] += t1 - t0
+            self._stats["cpu_block_steps"] += 1
         if self.timing:
             self.wlog.append(("step", g.index, t0, t0, t1))
 
