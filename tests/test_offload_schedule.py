@@ -273,9 +273,14 @@ def test_cost_model_prices_the_gpu_step_pipe_and_streamed_state():
                                   link_bps=55e9, duplex_bps=75e9, cpu_adam_params_per_s=2e9)
     mixed = offload_cost(mode="all", stream_step_fraction=k / 24, **kw)
     assert 0 < k < 24 and mixed.optimizer_time < min(cpu_only.optimizer_time, streamed.optimizer_time) * 0.7
-    rest = 1e8   # embeddings: stepped on the CPU first, outside the GPU-stepped layers
+    rest = 1e8   # embeddings: stepped on the CPU while the GPU steps run (queued first), outside those layers
     with_rest = offload_cost(mode="params", rest_params=rest, **kw)
-    assert with_rest.optimizer_time == pytest.approx((n - rest) * 14 / 75e9 + (n - rest) / 50e9 + rest / 2e9)
+    assert with_rest.optimizer_time == pytest.approx(max((n - rest) * 14 / 75e9 + (n - rest) / 50e9, rest / 2e9))
+    # all: the worker steps the rest group, then the CPU-stepped half, beside the GPU-stepped half's pipe
+    half_rest = offload_cost(mode="all", gpu_step_fraction=0.5, rest_params=rest, **kw)
+    layers = n - rest
+    pipe_half = layers / 2 * 14 / 75e9 + layers / 2 / 50e9
+    assert half_rest.optimizer_time == pytest.approx(max(pipe_half, rest / 2e9 + layers / 2 / 2e9))
 
 
 def test_planner_finds_the_layers_the_engine_offloads():
