@@ -210,6 +210,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self._worker = None
         self._fold_futs: list = []
         self._scale = None        # pending clip coefficient (applied inside the next step)
+        self._inv_scale = None    # (scale, 1 / scale as fp32): the fused CPU kernels' grad_scale for this step
         self._got_grads = False   # a gradient arrived since zero_grad (main-thread flag: no wait on the worker)
         # threads of the CPU step (``RANNC_HF_OFFLOAD_CPU_THREADS`` for sweeps: the step is memory-bound and shares
         # the cores with the main thread and the copies); default: :func:`host_step_threads`

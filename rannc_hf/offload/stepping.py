@@ -112,6 +112,7 @@ class _StepMixin:
                 self._wait_group_step(g)
         scale = self._scale
         self._scale = None
+        self._inv_scale = None   # this step's 1/scale is made by its first CPU-stepped group (_step_group)
         bwd_done = None
         if self.cuda:
             bwd_done = torch.cuda.Event()
@@ -350,17 +351,23 @@ class _StepMixin:
         """Step ``g`` over its host masters on the step worker (``step()`` waits for the rest group's); ``has``:
         which parameters have a gradient; ``refresh``: fill a resident working copy with the new weights."""
         t0 = time.perf_counter()
-        for j, hp in enumerate(g.host_params):
-            hp.grad = g.view(g.grad, j) if has[j] else None
         fused = scale is not None and all(gr.get("fused") for gr in inner.param_groups)
-        if scale is not None and not fused:
-            grads = [hp.grad for hp in g.host_params if hp.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, scale)
-        if fused:
-            inner.grad_scale = (1.0 / scale).to(torch.float32)  # the kernel divides grads by it
+        if fused:   # the kernel divides grads by it; made once per step, not per block (each call waits for the GIL)
+            cached = self._inv_scale
+            if cached is None or cached[0] is not scale:
+                cached = self._inv_scale = (scale, (1.0 / scale).to(torch.float32))
+            inner.grad_scale = cached[1]
         try:
-            self._cpu_step(g, inner, has)
+            # the flat step reads the flat gradient buffer: no per-parameter views to make (each a torch call,
+            # which from this worker thread waits for the GIL again while the main thread runs Python)
+            if not self._flat_step(g, inner, has):
+                for j, hp in enumerate(g.host_params):
+                    hp.grad = g.view(g.grad, j) if has[j] else None
+                if scale is not None and not fused:
+                    grads = [hp.grad for hp in g.host_params if hp.grad is not None]
+                    if grads:
+                        torch._foreach_mul_(grads, scale)
+                inner.step()
         finally:
             if fused:
                 del inner.grad_scale
@@ -389,14 +396,19 @@ class _StepMixin:
             self.wlog.append(("step", g.index, t0, t0, t1))
 
     def _cpu_step(self, g: ParamGroup, inner, has: list) -> None:
-        """``inner.step()`` over ``g``'s host masters, as one flat tensor per param group where it applies
-        (:mod:`~rannc_hf.offload.flat_step`; ``RANNC_HF_OFFLOAD_FLAT_STEP=0`` turns it off)."""
+        """``inner.step()`` over ``g``'s host masters (gradients bound), as one flat tensor per param group where
+        it applies (:mod:`~rannc_hf.offload.flat_step`; ``RANNC_HF_OFFLOAD_FLAT_STEP=0`` turns it off)."""
+        if not self._flat_step(g, inner, has):
+            inner.step()
+
+    def _flat_step(self, g: ParamGroup, inner, has: list) -> bool:
+        """Step ``g`` flat if a :class:`FlatStep` applies this time (made at the block's first CPU step);
+        returns whether it did."""
         flat = self._flat.get(g.index, False)
         if flat is False:
             flat = self._flat[g.index] = (FlatStep.build(g, inner) if env_flag("RANNC_HF_OFFLOAD_FLAT_STEP") is not False
                                           else None)
-        if flat is None or not flat.step(has):
-            inner.step()
+        return flat is not None and flat.step(has)
 
     def _device_step(self, g: ParamGroup, inner: torch.optim.Optimizer) -> None:
         m = g.master.to(self.device, non_blocking=True)
