@@ -222,4 +222,3 @@ class FlatStep:
             for fp in self.flat_params:
                 fp.grad = None
         torch._foreach_add_(self.all_steps, 1)
-

@@ -29,10 +29,10 @@ def set_thread_torch_threads(n: int) -> None:
     """Give the calling thread ``n`` intra-op threads for good (a worker pool's initializer).
 
     ``torch.set_num_threads`` alone does not hold: a thread's first parallel op initialises its count from the
-    value any thread set last, so a DataLoader's pin-memory thread (which sets 1), another pool's initializer or a
-    launcher's ``OMP_NUM_THREADS=1`` left the offload step worker on one core (the GPT-2 1.3B recipe's CPU-stepped
-    blocks ran at 0.7e9 parameters/s, 75 ms a block, with the GPU idle). Reading the count first does that
-    initialisation now, so the count set after it stays."""
+    value any thread set last, so a DataLoader's pin-memory thread (which sets 1) or another pool's initializer
+    running in between left the offload step worker on one core (the GPT-2 1.3B recipe's CPU-stepped blocks ran
+    at 0.7e9 parameters/s, 75 ms a block, with the GPU idle). Reading the count first does that initialisation
+    now, so the count set after it stays."""
     torch.get_num_threads()
     torch.set_num_threads(n)
 
