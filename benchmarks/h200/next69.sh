@@ -1,7 +1,7 @@
 #!/bin/bash
 # H200 x1, ~9.5 min (written in the seventeenth session, not yet run; carry .whl). After next68 the step worker's flat
-# step was cut to 3 torch calls a block (each call from the worker waits for the GIL while the main thread runs
-# Python; 2 cores: 81.6 -> 33.1 ms beside a Python-busy thread). 1. that benchmark on the H200 host; 2. the GPT
+# step was cut to 2 torch calls a block (each call from the worker waits for the GIL while the main thread runs
+# Python; 2 cores: 81.6 -> 27.5 ms beside a Python-busy thread), a later micro-batch's fold to one. 1. that benchmark on the H200 host; 2. the GPT
 # recipe through the loop and RanncTrainer (next67: 446.3 and 394.4 ms, CPU-stepped blocks 67.5 and 28.1 ms);
 # 3. the CUDA check (every engine path equals plain training in fp32; the flat step now calls the fused kernel).
 source "$(dirname "$0")/lib.sh"

@@ -15,9 +15,9 @@ none on biases and norms) are consecutive; an optimizer given later (``set_optim
 
 The step runs on the engine's worker thread beside a main thread that runs Python, and each torch call it makes
 waits to take the GIL back (up to the 5 ms switch interval): after its first step a block calls torch's fused
-kernel directly, once per param group, after one foreach add of the step counts (the flat runs' and each
-parameter's own tensor), with the per-parameter state checked by identity only (``_in_step``). A GPT-style
-layer (12.6M parameters, 2 cores) beside a Python-busy thread: 81.6 -> 33.1 ms a step
+kernel directly, once per param group, after numpy advanced the step counts in place (the flat runs' and each
+parameter's, 0-dim views of one buffer), with the per-parameter state checked by identity only (``_in_step``). A
+GPT-style layer (12.6M parameters, 2 cores) beside a Python-busy thread: 81.6 -> 27.5 ms a step
 (``benchmarks/host_step_gil.py``)::
 
     >>> import torch
@@ -67,8 +67,12 @@ class FlatStep:
         self.views = {j: {k: bufs[k][g.offsets[j] - a:g.offsets[j] - a + g.numels[j]].view(g.host_params[j].shape)
                           for k in self.keys}
                       for (js, a, _), bufs in zip(runs, self.buffers) for j in js}
-        self.step_of = {j: torch.zeros((), dtype=torch.float32) for js, _, _ in runs for j in js}
-        self.flat_steps = [torch.zeros((), dtype=torch.float32) for _ in runs]
+        # all step counts (the flat runs' first, then each parameter's) are 0-dim views of one buffer that numpy
+        # advances in place: numpy keeps the GIL, where a torch call from the worker would wait to take it back
+        self._counts_np, counts = _step_counts(len(runs) + sum(len(js) for js, _, _ in runs))
+        self.flat_steps = [counts[r] for r in range(len(runs))]
+        order = [j for js, _, _ in runs for j in js]
+        self.step_of = {j: counts[len(runs) + i] for i, j in enumerate(order)}
         self.all_steps = self.flat_steps + list(self.step_of.values())
         self.kernel = torch._fused_adamw_ if self._decoupled(inner) else torch._fused_adam_
         self._synced = False   # the last step of this block was a flat one (a per-parameter step moves the counts)
@@ -120,8 +124,7 @@ class FlatStep:
     def _adopt(self, count: float) -> None:
         """Point every parameter's state at the cached views and step tensors, all at ``count`` (after
         :meth:`_common_step` moved the numbers into the flat buffers)."""
-        for t in self.all_steps:
-            t.fill_(count)
+        self._advance(count, absolute=True)
         for j, views in self.views.items():
             st = self.inner.state.setdefault(self.g.host_params[j], {})
             st["step"] = self.step_of[j]
@@ -192,7 +195,7 @@ class FlatStep:
         """One flat step as torch's ``_fused_adam`` runs it on the CPU: the step counts advanced (the flat runs'
         and every parameter's, in one call), then the fused kernel once per param group."""
         scale = getattr(self.inner, "grad_scale", None)
-        torch._foreach_add_(self.all_steps, 1)
+        self._advance(1.0)
         for r, (ig, fp, grad, bufs) in enumerate(zip(self.inner.param_groups, self.flat_params, self.grads,
                                                       self.buffers)):
             beta1, beta2 = ig["betas"]
@@ -221,4 +224,27 @@ class FlatStep:
                 del self.opt.grad_scale
             for fp in self.flat_params:
                 fp.grad = None
-        torch._foreach_add_(self.all_steps, 1)
+        self._advance(1.0)
+
+    def _advance(self, by: float, absolute: bool = False) -> None:
+        """Add ``by`` to every step count (or set them all to it), in place."""
+        if self._counts_np is not None:
+            if absolute:
+                self._counts_np[:] = by
+            else:
+                self._counts_np += by
+        elif absolute:
+            for t in self.all_steps:
+                t.fill_(by)
+        else:
+            torch._foreach_add_(self.all_steps, by)
+
+
+def _step_counts(n: int):
+    """(numpy array or None, fp32 tensor) of ``n`` step counts sharing memory (the tensor alone without numpy)."""
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - torch without numpy
+        return None, torch.zeros(n, dtype=torch.float32)
+    arr = np.zeros(n, dtype=np.float32)
+    return arr, torch.from_numpy(arr)
