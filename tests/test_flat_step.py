@@ -217,20 +217,9 @@ def test_a_steady_flat_step_makes_a_few_torch_calls():
     5 ms switch interval while the main thread runs Python): the GPT-2 recipe's blocks stepped 2.4x slower through
     the accelerate loop than through the Trainer. After its first step a block's flat step makes one per param
     group, the fused kernel (numpy advances the step counts); a clipped step's 1/scale is made once per step."""
-    from torch.overrides import TorchFunctionMode
+    from torch_calls import TorchCalls
 
     from rannc_hf.offload.engine import OffloadEngine
-
-    class Count(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", str(func))
-            if name not in ("__get__", "__set__"):   # attribute access (p.grad = None) holds the GIL
-                self.calls.append(name)
-            return func(*args, **(kwargs or {}))
 
     torch.manual_seed(0)
     blocks = [[torch.nn.Parameter(torch.randn(s)) for s in SHAPES] for _ in range(2)]
@@ -249,7 +238,7 @@ def test_a_steady_flat_step_makes_a_few_torch_calls():
     eng._inv_scale = None
     counts = []
     for g in eng.blocks:
-        with Count() as c:
+        with TorchCalls() as c:
             eng._step_group(g, eng._inner[g.index], has, scale, None)
         counts.append(c.calls)
     getters = {"data_ptr", "element_size"}   # hold the GIL

@@ -96,18 +96,7 @@ def test_a_later_micro_batch_folds_in_a_few_torch_calls_however_many_chunks(fake
     """The fold runs on the engine's worker while backward's hooks run Python: each torch call it makes waits to take
     the GIL back. A later micro-batch's fold is one foreach add over the chunks, not a Python loop of 4 calls a
     chunk (a 12.6M-parameter block: 167 ms beside a Python-busy thread on 2 cores, 22.5 as one call)."""
-    from torch.overrides import TorchFunctionMode
-
-    class Count(TorchFunctionMode):
-        def __init__(self):
-            super().__init__()
-            self.calls = []
-
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            name = getattr(func, "__name__", str(func))
-            if name not in ("__get__", "__set__"):
-                self.calls.append(name)
-            return func(*args, **(kwargs or {}))
+    from torch_calls import TorchCalls
 
     monkeypatch.setattr(grads_mod, "FOLD_CHUNK", 7)   # dozens of chunks over this block
     eng = _engine()
@@ -120,7 +109,7 @@ def test_a_later_micro_batch_folds_in_a_few_torch_calls_however_many_chunks(fake
     g.staging.zero_()
     for j in range(4):
         g.view(g.staging, j).copy_(mb[1][j])
-    with Count() as c:
+    with TorchCalls() as c:
         eng._fold_task(g, [0, 1, 2, 3], _Event())
     assert g.numel > 30 * 7 and c.calls.count("_foreach_add_") == 1 and len(c.calls) <= 4, c.calls
     for j in range(4):

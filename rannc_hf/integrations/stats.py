@@ -145,8 +145,7 @@ def offload_summary(module, since: Optional[dict] = None) -> Optional[dict]:
     bytes each way, the host optimizer step (its resident-group part, which the next forward waits for, and its
     CPU-stepped blocks), host store size. Counted from the engine's start, or from the counters ``since`` (the
     callback passes those after the first step, which builds and compiles)."""
-    fn = getattr(module, "offload_stats", None)
-    st = fn() if callable(fn) else None
+    st = _engine_counters(module)
     if not st:
         return None
     if since:
@@ -162,6 +161,12 @@ def offload_summary(module, since: Optional[dict] = None) -> Optional[dict]:
             "cpu_block_step_ms": st.get("cpu_block_step_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
             "early_block_steps_per_step": st.get("early_block_steps", 0) / n,
             "host_gib": st.get("host_bytes", 0) / 2**30}
+
+
+def _engine_counters(module) -> Optional[dict]:
+    """``module.offload_stats()`` (a RanncModule's offload engine counters), or None without one."""
+    fn = getattr(module, "offload_stats", None)
+    return fn() if callable(fn) else None
 
 
 #: offload engine counters that add up over steps (the others are states or peaks)
@@ -334,8 +339,7 @@ class RanncStatsCallback(TrainerCallback):
             self._seen_first = True
             self._first_step_time = dt or 0.0
             self._first_tokens, self._first_samples = self._iv_tokens, self._iv_samples
-            fn = getattr(self.module, "offload_stats", None)   # the summary's offload means leave it out too
-            self._offload_first = fn() if callable(fn) else None
+            self._offload_first = _engine_counters(self.module)   # the summary's offload means leave it out too
         if dt is not None:
             self._iv_time += dt
         self._iv_steps += 1

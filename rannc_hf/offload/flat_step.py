@@ -37,6 +37,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -69,11 +70,11 @@ class FlatStep:
                       for (js, a, _), bufs in zip(runs, self.buffers) for j in js}
         # all step counts (the flat runs' first, then each parameter's) are 0-dim views of one buffer that numpy
         # advances in place: numpy keeps the GIL, where a torch call from the worker would wait to take it back
-        self._counts_np, counts = _step_counts(len(runs) + sum(len(js) for js, _, _ in runs))
-        self.flat_steps = [counts[r] for r in range(len(runs))]
         order = [j for js, _, _ in runs for j in js]
+        self._counts = np.zeros(len(runs) + len(order), dtype=np.float32)
+        counts = torch.from_numpy(self._counts)
+        self.flat_steps = [counts[r] for r in range(len(runs))]
         self.step_of = {j: counts[len(runs) + i] for i, j in enumerate(order)}
-        self.all_steps = self.flat_steps + list(self.step_of.values())
         self.kernel = torch._fused_adamw_ if self._decoupled(inner) else torch._fused_adam_
         self._synced = False   # the last step of this block was a flat one (a per-parameter step moves the counts)
         self._bound: tuple = ()   # (master, gradient) buffer addresses that flat_params and grads view
@@ -124,7 +125,7 @@ class FlatStep:
     def _adopt(self, count: float) -> None:
         """Point every parameter's state at the cached views and step tensors, all at ``count`` (after
         :meth:`_common_step` moved the numbers into the flat buffers)."""
-        self._advance(count, absolute=True)
+        self._counts[:] = count
         for j, views in self.views.items():
             st = self.inner.state.setdefault(self.g.host_params[j], {})
             st["step"] = self.step_of[j]
@@ -175,7 +176,7 @@ class FlatStep:
         if self._direct():
             self._step_direct()
         else:
-            self._step_through_optimizer(float(self.flat_steps[0]))
+            self._step_through_optimizer(float(self._counts[0]))
         self.steps += 1
         self._synced = True
         return True
@@ -195,7 +196,7 @@ class FlatStep:
         """One flat step as torch's ``_fused_adam`` runs it on the CPU: the step counts advanced (the flat runs'
         and every parameter's, in one call), then the fused kernel once per param group."""
         scale = getattr(self.inner, "grad_scale", None)
-        self._advance(1.0)
+        self._counts += 1
         for r, (ig, fp, grad, bufs) in enumerate(zip(self.inner.param_groups, self.flat_params, self.grads,
                                                       self.buffers)):
             beta1, beta2 = ig["betas"]
@@ -224,27 +225,4 @@ class FlatStep:
                 del self.opt.grad_scale
             for fp in self.flat_params:
                 fp.grad = None
-        self._advance(1.0)
-
-    def _advance(self, by: float, absolute: bool = False) -> None:
-        """Add ``by`` to every step count (or set them all to it), in place."""
-        if self._counts_np is not None:
-            if absolute:
-                self._counts_np[:] = by
-            else:
-                self._counts_np += by
-        elif absolute:
-            for t in self.all_steps:
-                t.fill_(by)
-        else:
-            torch._foreach_add_(self.all_steps, by)
-
-
-def _step_counts(n: int):
-    """(numpy array or None, fp32 tensor) of ``n`` step counts sharing memory (the tensor alone without numpy)."""
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - torch without numpy
-        return None, torch.zeros(n, dtype=torch.float32)
-    arr = np.zeros(n, dtype=np.float32)
-    return arr, torch.from_numpy(arr)
+        self._counts += 1
