@@ -2,6 +2,7 @@
 
     python benchmarks/host_step_gil.py                # writes benchmarks/results/host_step_gil.json
     python benchmarks/host_step_gil.py --repeats 5 --out /tmp/x
+    python benchmarks/host_step_gil.py --switch_us 5000,500    # one run per GIL switch interval
 
 The step worker's kernels run without the GIL, but each torch call it makes hands the GIL back and waits to take
 it again, up to the interpreter's switch interval (5 ms) while another thread runs Python (the training loop
@@ -9,7 +10,9 @@ enqueueing the next forward). The GPT-2 1.3B recipe's CPU-stepped blocks took 67
 loop against 28.1 through RanncTrainer on an H200 host (``h200/next67.sh``). This times
 ``OffloadEngine._step_group`` (what the worker runs per block: clipped, the usual decay / no-decay groups, flat
 step) over a GPT-style layer of 12.6M parameters: alone, beside a Python-busy thread (GIL and a core taken),
-and beside a busy process (a core taken, no GIL), so the GIL's share is the difference of the last two.
+and beside a busy process (a core taken, no GIL), so the GIL's share is the difference of the last two. Each
+run sets the interpreter's switch interval first (the engine lowers it to 0.5 ms while its worker runs:
+``rannc_hf/offload/switch_interval.py``; 5 ms is Python's default).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ def _spin() -> None:
         x += 1
 
 
-def measure(repeats: int) -> dict:
+def measure(repeats: int, switch_us: int) -> dict:
     import torch
 
     from rannc_hf.offload.engine import OffloadEngine
@@ -51,6 +54,7 @@ def measure(repeats: int) -> dict:
     has = [True] * len(g.params)
     scale = torch.tensor(0.9)
     pool = eng._pool()
+    sys.setswitchinterval(switch_us * 1e-6)   # after _pool(), which lowers it
 
     def one() -> float:
         t = time.perf_counter()
@@ -63,7 +67,7 @@ def measure(repeats: int) -> dict:
 
     for _ in range(3):
         pool.submit(one).result()
-    res = {"params": g.numel, "step_threads": threads, "alone_ms": median_ms()}
+    res = {"params": g.numel, "step_threads": threads, "switch_us": switch_us, "alone_ms": median_ms()}
     stop = threading.Event()
 
     def busy() -> None:
@@ -93,13 +97,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=11)
     ap.add_argument("--out", default=None, help="results folder (default: benchmarks/results)")
     ap.add_argument("--label", default="current", help="name of this run in the results file")
+    ap.add_argument("--switch_us", default="5000,500",
+                    help="comma-separated GIL switch intervals in microseconds, one run each (default 5000,500)")
     args = ap.parse_args(argv)
     from benchmarks.common import write_result
 
-    res = measure(args.repeats)
-    print(", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+    runs = {}
+    for us in (int(x) for x in args.switch_us.split(",")):
+        res = measure(args.repeats, us)
+        print(", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()), flush=True)
+        runs[f"{args.label}, switch {us} us"] = res
     path = write_result("host_step_gil", {"what": "the engine's CPU block step beside a Python-busy thread",
-                                          "runs": {args.label: res}}, args.out)
+                                          "runs": runs}, args.out)
     print(path)
     return 0
 

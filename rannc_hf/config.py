@@ -33,6 +33,7 @@ NON_CONFIG_ENV = frozenset({CONFIG_ENV, "RANNC_HF_CACHE", "RANNC_HF_RESULTS",
                             "RANNC_HF_COMPILE_FENCED_SEGMENTS", "RANNC_HF_UNGUARDED_OPEN_BLOCKS",   # experiment switches (env_flag)
                             "RANNC_HF_OFFLOAD_STREAM_STEP", "RANNC_HF_OFFLOAD_DEVICE_ACCUMULATE", "RANNC_HF_OFFLOAD_CPU_THREADS",
                             "RANNC_HF_OFFLOAD_DEVICE_GRADS", "RANNC_HF_OFFLOAD_FLAT_STEP", "RANNC_HF_OFFLOAD_REST_FIRST",
+                            "RANNC_HF_OFFLOAD_SWITCH_US",
                             "RANNC_HF_TEST_KILL_AT_STEP", "RANNC_HF_TEST_KILL_RANK"})   # test hooks (rannc_hf.reliability.testing)
 
 SCHEDULES = ("auto", "gpipe", "1f1b", "interleaved-1f1b")

@@ -76,6 +76,7 @@ from .optimizer import build_inner_optimizer, check_supported, state_bytes_per_p
 from .residency import _ResidencyMixin
 from .stepping import _StepMixin
 from .cost import spread
+from . import switch_interval
 from .store import ParamGroup, check_host_memory, host_need
 
 MODES = ("optimizer", "params", "all")
@@ -208,6 +209,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         # step after it, overlapped with the next forward (which waits block by block)
         self.async_step = (self.cuda and self.step_on_cpu) if async_step is None else bool(async_step and self.step_on_cpu)
         self._worker = None
+        self._switch_token = False   # holds a share of the shortened GIL switch interval (switch_interval.py)
         self._fold_futs: list = []
         self._scale = None        # pending clip coefficient (applied inside the next step)
         self._inv_scale = None    # (scale, 1 / scale as fp32): the fused CPU kernels' grad_scale for this step
@@ -422,6 +424,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+            switch_interval.restore(self._switch_token)
+            self._switch_token = False
         if self._norm_pool is not None:
             self._norm_pool.shutdown(wait=True)
             self._norm_pool = None
