@@ -498,6 +498,7 @@ def test_step_queues_the_gpu_pipe_before_the_rest_groups_host_step(monkeypatch, 
     st = eng.stats()
     assert st["rest_step_time_s"] > 0 and st["host_step_threads"] == 3
     assert st["cpu_block_steps"] == 2 and st["cpu_block_step_time_s"] > 0
+    assert 0 < st["cpu_block_refill_time_s"] < st["cpu_block_step_time_s"]   # resident blocks: new weights copied in
     eng.close()
 
 

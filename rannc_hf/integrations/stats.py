@@ -159,6 +159,7 @@ def offload_summary(module, since: Optional[dict] = None) -> Optional[dict]:
             "host_step_threads": int(st.get("host_step_threads", 0)),
             "cpu_block_steps_per_step": st.get("cpu_block_steps", 0) / n,
             "cpu_block_step_ms": st.get("cpu_block_step_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
+            "cpu_block_refill_ms": st.get("cpu_block_refill_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
             "early_block_steps_per_step": st.get("early_block_steps", 0) / n,
             "host_gib": st.get("host_bytes", 0) / 2**30}
 
@@ -171,7 +172,7 @@ def _engine_counters(module) -> Optional[dict]:
 
 #: offload engine counters that add up over steps (the others are states or peaks)
 _OFFLOAD_COUNTERS = frozenset({"h2d_bytes", "d2h_bytes", "step_time_s", "rest_step_time_s", "cpu_block_step_time_s",
-                               "cpu_block_steps", "early_block_steps", "steps"})
+                               "cpu_block_refill_time_s", "cpu_block_steps", "early_block_steps", "steps"})
 
 
 def analytic_bubble(num_stages: int, num_microbatches: int) -> float:
@@ -582,5 +583,6 @@ class RanncStatsCallback(TrainerCallback):
                       f"the GPU and {off['d2h_gb_per_step']:.2f} GB back a step, host step "
                       f"{off['host_step_ms']:.1f} ms on {off['host_step_threads']} threads (resident group "
                       f"{off['rest_step_ms']:.1f} ms, {off['cpu_block_steps_per_step']:.0f} CPU-stepped blocks of "
-                      f"{off['cpu_block_step_ms']:.1f} ms), host store {off['host_gib']:.2f} GiB")
+                      f"{off['cpu_block_step_ms']:.1f} ms, {off['cpu_block_refill_ms']:.1f} of it refilling the GPU copy), "
+                      f"host store {off['host_gib']:.2f} GiB")
         return head + "\n" + table

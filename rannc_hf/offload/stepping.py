@@ -375,6 +375,7 @@ class _StepMixin:
                 hp.grad = None
         g.mark_shadow_stale()
         ev = None
+        t_fill = time.perf_counter()
         if g.resident and refresh:
             if self.cuda:
                 s = self.h2d_stream
@@ -391,6 +392,7 @@ class _StepMixin:
         if g is not self.rest:   # the rest group's time is inside step()'s own
             self._stats["step_time_s"] += t1 - t0
             self._stats["cpu_block_step_time_s"] += t1 - t0
+            self._stats["cpu_block_refill_time_s"] += t1 - t_fill   # a resident block's new weights to the GPU
             self._stats["cpu_block_steps"] += 1
         if self.timing:
             self.wlog.append(("step", g.index, t0, t0, t1))
