@@ -103,12 +103,12 @@ CASES = [
     Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1504,
          "recipes_h200.json 'bert-large (loop, offload optimizer, 2 collator workers)' (RANNC_HF_OFFLOAD=optimizer, "
          "next63)", {"gpu_memory": "24GiB", "offload": "optimizer"}, unpriced_s=_CLIP_BERT),
-    Case("gpt2-recipe-24GiB-default", "gpt2-recipe", 8, 0.4463, "recipes_h200.json 'gpt2-1.3b (loop, default "
-         "plan)' (recipes/gpt/pretrain.py under rannc_1gpu_offload.yaml: offload all, 1 x 8, clipped; next67, after "
-         "the step worker's thread count fix; 575.5 ms in next65, 813-818 in next66)", {"gpu_memory": "24GiB"},
+    Case("gpt2-recipe-24GiB-default", "gpt2-recipe", 8, 0.4551, "recipes_h200.json 'gpt2-1.3b (loop, default "
+         "plan)' (recipes/gpt/pretrain.py under rannc_1gpu_offload.yaml: offload all, 1 x 8, clipped; next71, the "
+         "current engine; 454.3 in next69, 447.1 in next70, 446.3 in next67, 575.5 in next65)", {"gpu_memory": "24GiB"},
          unpriced_s=_CLIP_1_3B),
-    Case("gpt2-recipe-24GiB-trainer", "gpt2-recipe", 8, 0.3944, "recipes_h200.json 'gpt2-1.3b (Trainer, default "
-         "plan)' (the same plan through RanncTrainer, next67; 390.9 in next66, 397.8 at 14 threads in next68)",
+    Case("gpt2-recipe-24GiB-trainer", "gpt2-recipe", 8, 0.3728, "recipes_h200.json 'gpt2-1.3b (Trainer, default "
+         "plan)' (the same plan through RanncTrainer, next71; 385.3 in next69, 382.4 in next70, 394.4 in next67)",
          {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_1_3B),
     Case("gpt2-2.7b-pp2-12GiB", "gpt2-2.7b", 16, 2.295, "multi_gpu_offload_pp2_h200.json next30_off12",
          {"num_stages": 2, "gpu_memory": "12GiB"}, gpus=2),
