@@ -157,6 +157,9 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
     r.add_argument("--dataloader_num_workers", type=int, default=None,
                    help="processes that collate batches (default: 2 on a GPU, where collating on the training "
                         "process costs steps their speed; 0 on a CPU; 0: the training process collates)")
+    r.add_argument("--adam_fused", action=argparse.BooleanOptionalAction, default=None,
+                   help="the loop's AdamW with torch's fused kernel (default: on a GPU, as RanncTrainer's default "
+                        "adamw_torch_fused; --no-adam_fused: torch's own choice)")
     r.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=True,
                    help="collate into pinned host memory and copy batches to the GPU without stopping the host")
     return p

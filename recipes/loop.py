@@ -78,11 +78,18 @@ def _step_profiler(args):
 
 
 def _optimizer(args, model):
+    """AdamW over decay / no-decay groups, as RanncTrainer builds it: torch's fused kernel on a GPU (the Trainer's
+    default ``adamw_torch_fused``; ``--no-adam_fused`` leaves the choice to torch, which takes ``foreach`` there).
+    With offload the engine steps the GPU-kept blocks with the user's kernel, so this keeps the loop and the
+    Trainer on the same one; on a CPU torch's default."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2))
+    fused = getattr(args, "adam_fused", None)
+    fused = torch.cuda.is_available() if fused is None else fused
+    return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             fused=True if fused else None)
 
 
 def train(args) -> dict:
@@ -325,4 +332,5 @@ def _trainer_args(args):
         seed=args.seed, dataloader_drop_last=True, remove_unused_columns=False,
         dataloader_num_workers=_num_workers(args), dataloader_pin_memory=pin,
         accelerator_config={"non_blocking": pin},
+        **({"optim": "adamw_torch"} if getattr(args, "adam_fused", None) is False else {}),   # torch's own choice
     )

@@ -385,3 +385,30 @@ def test_step_in_backward_matches_plain(family, mode, device_blocks, rest):
     with pytest.raises(OffloadError, match="after it already stepped"):
         zoo.loss_of(model(**batch_fn(BATCH, 8))).backward()
     h.remove()
+
+
+@pytest.mark.parametrize("kernel", ["default", "fused", "capturable"])
+def test_loaded_state_moves_to_the_device_with_step_counts_where_the_kernel_reads_them(kernel):
+    """A resumed device-stepped block: its Adam state goes to the GPU; the step counts too for the fused and
+    capturable kernels (a Trainer's default AdamW is fused), which refuse host step counts among device tensors."""
+    from rannc_hf.offload.engine_state import state_to_device_
+
+    w = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))]
+    opt = torch.optim.AdamW(w, lr=1e-3)
+    for p in w:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    if kernel != "default":   # the flag as the device kernel sees it (capturable needs a GPU to step)
+        opt.param_groups[0][kernel] = True
+    before = [(k, v) for p in w for k, v in opt.state[p].items()]   # kept alive: ids stay unique
+    key_of = {id(v): k for k, v in before}
+    moved = []
+
+    def move(v):
+        moved.append(key_of[id(v)])
+        return v.clone()
+
+    state_to_device_(opt, move)
+    want = {"exp_avg": 2, "exp_avg_sq": 2} | ({} if kernel == "default" else {"step": 2})
+    assert {k: moved.count(k) for k in set(moved)} == want
+    assert all(id(v) not in key_of for p in w for k, v in opt.state[p].items() if k in want)   # the moved copies

@@ -75,3 +75,23 @@ def test_negative_profile_and_loader_flags_are_refused(flag):
     with pytest.raises(DataError, match=f"{flag} must be >= 0, got -1"):
         parse_args("gpt", [flag, "-1"])
     assert parse_args("gpt", []).dataloader_num_workers is None   # None: 2 on a GPU, 0 on a CPU
+
+
+@pytest.mark.parametrize("flags,gpu,fused", [([], True, True), ([], False, None), (["--no-adam_fused"], True, None),
+                                             (["--adam_fused"], False, True)])
+def test_loop_adamw_kernel_matches_the_trainers_default(monkeypatch, flags, gpu, fused):
+    """On a GPU the loop's AdamW is fused like RanncTrainer's default (with offload the engine steps GPU-kept
+    blocks with it); ``--no-adam_fused`` gives torch the choice, and the Trainer path the same (``adamw_torch``)."""
+    import torch
+    from common import parse_args
+    from loop import _optimizer, _trainer_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    args = parse_args("gpt", ["--model_config", "gpt2-tiny"] + flags)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = _optimizer(args, model)
+    assert [g["fused"] for g in opt.param_groups] == [fused, fused]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]   # decay: the weight matrix; the rest not
+    if "--no-adam_fused" in flags:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the arguments would pick a CUDA device
+        assert _trainer_args(args).optim == "adamw_torch"

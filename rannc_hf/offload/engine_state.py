@@ -16,6 +16,22 @@ from ..errors import OffloadError
 from .optimizer import sync_hyperparams
 
 
+def state_to_device_(inner: torch.optim.Optimizer, move) -> None:
+    """Move ``inner``'s loaded state with ``move`` (a tensor to the device), where its device steps will read it.
+
+    A step count stays on the host for torch's default kernels, which read it there; the fused and capturable
+    ones (a Trainer's default AdamW is fused) take it on the parameters' device, as torch's own
+    ``load_state_dict`` places it. Left on the host, the first device step after a resume would hand the fused
+    CUDA kernel a host tensor among device ones."""
+    for group in inner.param_groups:
+        steps_move = bool(group.get("fused") or group.get("capturable"))
+        for hp in group["params"]:
+            st = inner.state.get(hp)
+            for key, v in (st or {}).items():
+                if torch.is_tensor(v) and (key != "step" or steps_move):
+                    st[key] = move(v)
+
+
 class _StateMixin:
     """State access of :class:`~rannc_hf.offload.engine.OffloadEngine`."""
 
@@ -110,10 +126,7 @@ class _StateMixin:
                 groups.append({**{k: v for k, v in ig.items() if k != "params"}, "params": ids})
             inner.load_state_dict({"state": local, "param_groups": groups})
             if (not self.step_on_cpu or self.groups[gi].device_step) and self.cuda:  # state lives on the device
-                for st in inner.state.values():
-                    for key, v in st.items():
-                        if torch.is_tensor(v) and key != "step":
-                            st[key] = v.to(self.device)
+                state_to_device_(inner, lambda v: v.to(self.device))
 
     def stats(self) -> dict:
         """Counters: bytes copied each way, copy and stall time, resident peak, step time."""
