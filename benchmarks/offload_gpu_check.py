@@ -14,6 +14,7 @@ Every case with ``rest``/``gpu-rest=True`` steps the rest group (embeddings, hea
 RanncModule through ``RANNC_HF_OFFLOAD_GPU_STEP_REST=1``).
 """
 
+import copy
 import itertools
 import os
 import sys
@@ -35,13 +36,17 @@ def differences(ref, got) -> tuple[float, float]:
 
 
 def train(family, mode, dtype=None, recompute=False, fused=False, async_step=None, dev_blocks=0, stream_blocks=0,
-          device_grads=False, rest=False, groups=False):
+          device_grads=False, rest=False, groups=False, user_fused=False, reload_at=None):
+    """``user_fused``: the user's AdamW is fused (RanncTrainer's default), which the engine's GPU-stepped blocks
+    then use; ``reload_at``: after that step the optimizer state goes through ``state_dict`` and back, as a resume."""
     torch.manual_seed(0)
     model, bf = zoo.make_with_batches(family, 0)
     if recompute:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if user_fused and mode is None:
+        model.cuda()   # the fused kernel's state is made where the parameters are
     opt = torch.optim.AdamW(decay_param_groups(model, 0.1) if groups else model.parameters(), lr=1e-2,
-                            weight_decay=0.1)
+                            weight_decay=0.1, fused=True if user_fused else None)
     if mode is None:
         model.cuda()
         h = None
@@ -60,6 +65,8 @@ def train(family, mode, dtype=None, recompute=False, fused=False, async_step=Non
         (h.clip_grad_norm_ if h else lambda c: torch.nn.utils.clip_grad_norm_(model.parameters(), c))(1.0)
         opt.step()
         opt.zero_grad()
+        if s == reload_at:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
     return losses, {k: v.detach().float().cpu() for k, v in model.state_dict().items()}, h
 
 
@@ -253,6 +260,25 @@ def group_cases() -> bool:
     return ok
 
 
+def user_fused_cases() -> bool:
+    """The user's AdamW fused (RanncTrainer's default): the GPU-stepped, streamed and rest-on-GPU groups step with
+    the fused CUDA kernel, and a reload of the optimizer state after step 1 (a resume) keeps their step counts
+    on the GPU, where that kernel reads them (engine_state.state_to_device_)."""
+    ok = True
+    ref = train("gpt2", None, user_fused=True, reload_at=1)
+    for mode, k, ns, rest in (("optimizer", 2, 0, False), ("all", 2, 0, False), ("all", 1, 2, False),
+                              ("optimizer", 1, 0, True)):
+        ok &= _checked(f"gpt2 {mode} user-fused gpu-step={k} streamed={ns} rest-on-gpu={rest} reloaded", ref,
+                       lambda: train("gpt2", mode, recompute=True, fused=True, dev_blocks=k, stream_blocks=ns,
+                                     rest=rest, user_fused=True, reload_at=1))
+    return ok
+
+
+if "--user-fused-only" in sys.argv:
+    ok = user_fused_cases()
+    print("ALL OK" if ok else "SOME FAILED")
+    sys.exit(0 if ok else 1)
+
 if "--groups-only" in sys.argv:
     ok = group_cases()
     print("ALL OK" if ok else "SOME FAILED")
@@ -305,4 +331,5 @@ ok &= rannc_cases("cuda")
 ok &= in_backward_cases()
 ok &= gpu_rest_cases()
 ok &= group_cases()
+ok &= user_fused_cases()
 print("ALL OK" if ok else "SOME FAILED")

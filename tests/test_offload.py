@@ -387,10 +387,12 @@ def test_step_in_backward_matches_plain(family, mode, device_blocks, rest):
     h.remove()
 
 
+@pytest.mark.parametrize("steps_only", [False, True])
 @pytest.mark.parametrize("kernel", ["default", "fused", "capturable"])
-def test_loaded_state_moves_to_the_device_with_step_counts_where_the_kernel_reads_them(kernel):
+def test_loaded_state_moves_to_the_device_with_step_counts_where_the_kernel_reads_them(kernel, steps_only):
     """A resumed device-stepped block: its Adam state goes to the GPU; the step counts too for the fused and
-    capturable kernels (a Trainer's default AdamW is fused), which refuse host step counts among device tensors."""
+    capturable kernels (a Trainer's default AdamW is fused), which refuse host step counts among device tensors.
+    A streamed block (``steps_only``) moves its step counts alone."""
     from rannc_hf.offload.engine_state import state_to_device_
 
     w = [torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(2))]
@@ -408,7 +410,7 @@ def test_loaded_state_moves_to_the_device_with_step_counts_where_the_kernel_read
         moved.append(key_of[id(v)])
         return v.clone()
 
-    state_to_device_(opt, move)
-    want = {"exp_avg": 2, "exp_avg_sq": 2} | ({} if kernel == "default" else {"step": 2})
+    state_to_device_(opt, move, steps_only=steps_only)
+    want = ({} if steps_only else {"exp_avg": 2, "exp_avg_sq": 2}) | ({} if kernel == "default" else {"step": 2})
     assert {k: moved.count(k) for k in set(moved)} == want
     assert all(id(v) not in key_of for p in w for k, v in opt.state[p].items() if k in want)   # the moved copies

@@ -16,8 +16,9 @@ from ..errors import OffloadError
 from .optimizer import sync_hyperparams
 
 
-def state_to_device_(inner: torch.optim.Optimizer, move) -> None:
-    """Move ``inner``'s loaded state with ``move`` (a tensor to the device), where its device steps will read it.
+def state_to_device_(inner: torch.optim.Optimizer, move, steps_only: bool = False) -> None:
+    """Move ``inner``'s loaded state with ``move`` (a tensor to the device), where its device steps will read it;
+    ``steps_only``: the step counts alone (a streamed block's other state stays in its host buffers).
 
     A step count stays on the host for torch's default kernels, which read it there; the fused and capturable
     ones (a Trainer's default AdamW is fused) take it on the parameters' device, as torch's own
@@ -28,7 +29,7 @@ def state_to_device_(inner: torch.optim.Optimizer, move) -> None:
         for hp in group["params"]:
             st = inner.state.get(hp)
             for key, v in (st or {}).items():
-                if torch.is_tensor(v) and (key != "step" or steps_move):
+                if torch.is_tensor(v) and (steps_move if key == "step" else not steps_only):
                     st[key] = move(v)
 
 
@@ -125,8 +126,11 @@ class _StateMixin:
                     idx += 1
                 groups.append({**{k: v for k, v in ig.items() if k != "params"}, "params": ids})
             inner.load_state_dict({"state": local, "param_groups": groups})
-            if (not self.step_on_cpu or self.groups[gi].device_step) and self.cuda:  # state lives on the device
+            g = self.groups[gi]
+            if (not self.step_on_cpu or g.device_step) and self.cuda:  # state lives on the device
                 state_to_device_(inner, lambda v: v.to(self.device))
+            elif g.stream_step and self.cuda:   # state streamed in each step, step counts kept on the device
+                state_to_device_(inner, lambda v: v.to(self.device), steps_only=True)
 
     def stats(self) -> dict:
         """Counters: bytes copied each way, copy and stall time, resident peak, step time."""
