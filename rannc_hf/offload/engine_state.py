@@ -22,8 +22,8 @@ def state_to_device_(inner: torch.optim.Optimizer, move, steps_only: bool = Fals
 
     A step count stays on the host for torch's default kernels, which read it there; the fused and capturable
     ones (a Trainer's default AdamW is fused) take it on the parameters' device, as torch's own
-    ``load_state_dict`` places it. Left on the host, the first device step after a resume would hand the fused
-    CUDA kernel a host tensor among device ones."""
+    ``load_state_dict`` places it. Left on the host, the first device step after a resume handed the fused
+    CUDA kernel host step counts beside device tensors."""
     for group in inner.param_groups:
         steps_move = bool(group.get("fused") or group.get("capturable"))
         for hp in group["params"]:
