@@ -17,7 +17,10 @@ from rannc_hf.offload import switch_interval
 
 
 @pytest.fixture
-def interval():
+def interval(monkeypatch):
+    """5 ms to start from, and no shares held (engines other tests left open keep theirs apart)."""
+    monkeypatch.setattr(switch_interval, "_live", set())
+    monkeypatch.setattr(switch_interval, "_saved", None)
     old = sys.getswitchinterval()
     sys.setswitchinterval(0.005)
     yield
@@ -69,7 +72,8 @@ def test_the_environment_sets_or_disables_it(interval, monkeypatch):
 
 def test_a_longer_wish_never_raises_a_shorter_interval(interval):
     sys.setswitchinterval(100e-6)
-    token = switch_interval.shorten(500)
+    share = switch_interval.shorten(500)
     assert sys.getswitchinterval() == pytest.approx(100e-6, abs=2e-6)
-    switch_interval.restore(token)
+    switch_interval.restore(share)
+    switch_interval.restore(share)   # twice: nothing more
     assert sys.getswitchinterval() == pytest.approx(100e-6, abs=2e-6)

@@ -209,7 +209,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         # step after it, overlapped with the next forward (which waits block by block)
         self.async_step = (self.cuda and self.step_on_cpu) if async_step is None else bool(async_step and self.step_on_cpu)
         self._worker = None
-        self._switch_token = False   # holds a share of the shortened GIL switch interval (switch_interval.py)
+        self._switch_share = None   # its part of the shortened GIL switch interval (switch_interval.py)
         self._fold_futs: list = []
         self._scale = None        # pending clip coefficient (applied inside the next step)
         self._inv_scale = None    # (scale, 1 / scale as fp32): the fused CPU kernels' grad_scale for this step
@@ -424,8 +424,8 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-            switch_interval.restore(self._switch_token)
-            self._switch_token = False
+            switch_interval.restore(self._switch_share)
+            self._switch_share = None
         if self._norm_pool is not None:
             self._norm_pool.shutdown(wait=True)
             self._norm_pool = None

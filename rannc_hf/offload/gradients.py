@@ -226,7 +226,7 @@ class _GradientMixin:
             n = self.cpu_threads or torch.get_num_threads()  # a new thread would not inherit set_num_threads
             self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rannc-offload",
                                               initializer=set_thread_torch_threads, initargs=(n,))
-            self._switch_token = switch_interval.shorten()   # the worker's GIL waits (switch_interval.py)
+            self._switch_share = switch_interval.shorten()   # the worker's GIL waits (switch_interval.py)
         return self._worker
 
     def _flush_pending(self, g: ParamGroup) -> None:
