@@ -499,6 +499,13 @@ def test_step_queues_the_gpu_pipe_before_the_rest_groups_host_step(monkeypatch, 
     assert st["rest_step_time_s"] > 0 and st["host_step_threads"] == 3
     assert st["cpu_block_steps"] == 2 and st["cpu_block_step_time_s"] > 0
     assert 0 < st["cpu_block_refill_time_s"] < st["cpu_block_step_time_s"]   # resident blocks: new weights copied in
+    # one worker thread, its tasks one after another: the rest group's and the blocks' steps (and folds) add up
+    assert st["worker_threads"] == 1 and st["worker_overlap_s"] == 0
+    assert st["worker_task_time_s"] > st["cpu_block_step_time_s"]   # the rest group steps there too
+    t = eng._last_task_end + 10.0              # tasks that overlap finished ones are counted, whatever the thread
+    eng._note_worker_task(t, t + 1.0)
+    eng._note_worker_task(t + 0.5, t + 0.75)
+    assert eng._stats["worker_overlap_s"] == pytest.approx(0.25)
     eng.close()
 
 

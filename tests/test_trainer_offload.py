@@ -71,6 +71,7 @@ def test_trainer_with_offload_matches_plain_trainer(tmp_path, mode):
     assert off["h2d_gb_per_step"] == pytest.approx((st["h2d_bytes"] - first["h2d_bytes"]) / 3 / 1e9)
     assert off["host_step_ms"] == pytest.approx((st["step_time_s"] - first["step_time_s"]) / 3 * 1e3)
     assert 0 <= off["cpu_block_refill_ms"] <= off["cpu_block_step_ms"]
+    assert off["worker_threads"] <= 1 and off["worker_overlap_ms"] == 0
 
 
 def test_trainer_with_step_in_backward_matches_plain_trainer(tmp_path, monkeypatch):

@@ -161,6 +161,9 @@ def offload_summary(module, since: Optional[dict] = None) -> Optional[dict]:
             "cpu_block_step_ms": st.get("cpu_block_step_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
             "cpu_block_refill_ms": st.get("cpu_block_refill_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
             "early_block_steps_per_step": st.get("early_block_steps", 0) / n,
+            "worker_busy_ms": st.get("worker_task_time_s", 0.0) / n * 1e3,
+            "worker_overlap_ms": st.get("worker_overlap_s", 0.0) / n * 1e3,
+            "worker_threads": int(st.get("worker_threads", 0)),
             "host_gib": st.get("host_bytes", 0) / 2**30}
 
 
@@ -172,7 +175,8 @@ def _engine_counters(module) -> Optional[dict]:
 
 #: offload engine counters that add up over steps (the others are states or peaks)
 _OFFLOAD_COUNTERS = frozenset({"h2d_bytes", "d2h_bytes", "step_time_s", "rest_step_time_s", "cpu_block_step_time_s",
-                               "cpu_block_refill_time_s", "cpu_block_steps", "early_block_steps", "steps"})
+                               "cpu_block_refill_time_s", "cpu_block_steps", "early_block_steps", "steps",
+                               "worker_task_time_s", "worker_overlap_s"})
 
 
 def analytic_bubble(num_stages: int, num_microbatches: int) -> float:
@@ -584,5 +588,8 @@ class RanncStatsCallback(TrainerCallback):
                       f"{off['host_step_ms']:.1f} ms on {off['host_step_threads']} threads (resident group "
                       f"{off['rest_step_ms']:.1f} ms, {off['cpu_block_steps_per_step']:.0f} CPU-stepped blocks of "
                       f"{off['cpu_block_step_ms']:.1f} ms, {off['cpu_block_refill_ms']:.1f} of it refilling the GPU copy), "
-                      f"host store {off['host_gib']:.2f} GiB")
+                      f"step worker busy {off['worker_busy_ms']:.1f} ms a step"
+                      + (f" ({off['worker_overlap_ms']:.1f} ms of it overlapping, on {off['worker_threads']} threads)"
+                         if off["worker_overlap_ms"] > 0 else "")
+                      + f", host store {off['host_gib']:.2f} GiB")
         return head + "\n" + table

@@ -307,7 +307,10 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
                            resident_peak_blocks=0, resident_peak_bytes=0, copy_time_s=0.0, stall_time_s=0.0,
                            step_time_s=0.0, grad_reduce_time_s=0.0, steps=0, kept_grad_bytes=0,
                            early_block_steps=0, rest_step_time_s=0.0, cpu_block_step_time_s=0.0,
-                           cpu_block_refill_time_s=0.0, cpu_block_steps=0)
+                           cpu_block_refill_time_s=0.0, cpu_block_steps=0, worker_task_time_s=0.0,
+                           worker_overlap_s=0.0)
+        self._worker_idents: set[int] = set()   # threads that ran step-worker tasks (_note_worker_task)
+        self._last_task_end = 0.0
         for b in self.blocks:  # start released: blocks arrive when first needed
             if b.offload:
                 b.release()

@@ -147,6 +147,7 @@ class _StateMixin:
                                  if st["copy_time_s"] > 0 else 1.0)
         st["host_bytes"] = sum(g.host_bytes() for g in self.groups)
         st["host_step_threads"] = self.cpu_threads
+        st["worker_threads"] = len(self._worker_idents)
         st["mode"] = self.mode
         st["num_blocks"] = self.num_blocks
         return st
@@ -156,5 +157,6 @@ class _StateMixin:
         self.synchronize()
         for k, v in self._stats.items():
             self._stats[k] = type(v)(0)
+        self._worker_idents.clear()
         self.wlog.clear()
 

@@ -11,6 +11,7 @@ norms, scaling and clipping.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Optional
 
@@ -301,8 +302,19 @@ class _GradientMixin:
             g.gnorm = None
         t1 = time.perf_counter()
         self._stats["grad_reduce_time_s"] += t1 - t0
+        self._note_worker_task(tw, t1)
         if self.timing:
             self.wlog.append(("fold", g.index, tw, t0, t1))
+
+    def _note_worker_task(self, t0: float, t1: float) -> None:
+        """Count a step-worker task that ran from ``t0`` to ``t1`` (perf_counter): its time, the thread that ran it,
+        and any overlap with tasks that finished before it, which one worker thread cannot have (a check on the
+        counters themselves: the GPT recipe's loop reported more worker time than wall time)."""
+        self._worker_idents.add(threading.get_ident())
+        if t0 < self._last_task_end:
+            self._stats["worker_overlap_s"] += min(t1, self._last_task_end) - t0
+        self._last_task_end = max(self._last_task_end, t1)
+        self._stats["worker_task_time_s"] += t1 - t0
 
     def _host_norms(self, groups: list) -> None:
         """Per-group gradient norms of host fp32 buffers, chunks spread over single-threaded workers

@@ -394,6 +394,7 @@ class _StepMixin:
             self._stats["cpu_block_step_time_s"] += t1 - t0
             self._stats["cpu_block_refill_time_s"] += t1 - t_fill   # a resident block's new weights to the GPU
             self._stats["cpu_block_steps"] += 1
+        self._note_worker_task(t0, t1)
         if self.timing:
             self.wlog.append(("step", g.index, t0, t0, t1))
 
