@@ -152,14 +152,15 @@ def offload_summary(module, since: Optional[dict] = None) -> Optional[dict]:
         st = {k: (v - since.get(k, 0) if isinstance(v, (int, float)) and k in _OFFLOAD_COUNTERS else v)
               for k, v in st.items()}
     n = max(1, int(st.get("steps", 0)))
+    blocks = max(1, st.get("cpu_block_steps", 0))
     return {"mode": st.get("mode"), "stage_modes": st.get("stage_modes"), "steps": int(st.get("steps", 0)),
             "h2d_gb_per_step": st.get("h2d_bytes", 0) / n / 1e9, "d2h_gb_per_step": st.get("d2h_bytes", 0) / n / 1e9,
             "host_step_ms": st.get("step_time_s", 0.0) / n * 1e3,
             "rest_step_ms": st.get("rest_step_time_s", 0.0) / n * 1e3,
             "host_step_threads": int(st.get("host_step_threads", 0)),
             "cpu_block_steps_per_step": st.get("cpu_block_steps", 0) / n,
-            "cpu_block_step_ms": st.get("cpu_block_step_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
-            "cpu_block_refill_ms": st.get("cpu_block_refill_time_s", 0.0) / max(1, st.get("cpu_block_steps", 0)) * 1e3,
+            "cpu_block_step_ms": st.get("cpu_block_step_time_s", 0.0) / blocks * 1e3,
+            "cpu_block_refill_ms": st.get("cpu_block_refill_time_s", 0.0) / blocks * 1e3,
             "early_block_steps_per_step": st.get("early_block_steps", 0) / n,
             "worker_busy_ms": st.get("worker_task_time_s", 0.0) / n * 1e3,
             "worker_overlap_ms": st.get("worker_overlap_s", 0.0) / n * 1e3,

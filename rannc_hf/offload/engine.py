@@ -234,6 +234,7 @@ class OffloadEngine(_ResidencyMixin, _GradientMixin, _StepMixin, _StateMixin):
         self.step_in_backward = bool(step_in_backward) and self.async_step
         self._early = self.step_in_backward   # this pass steps blocks during backward (begin_pass decides)
         self.gpu_step_rest = bool(gpu_step_rest) and self.async_step
+        self.rest_first = bool(env_flag("RANNC_HF_OFFLOAD_REST_FIRST"))   # the step order before the 17th session
 
         block_lists, rest_list = self._partition(blocks, rest)
         if optimizer is not None:

@@ -128,9 +128,12 @@ class _StateMixin:
             inner.load_state_dict({"state": local, "param_groups": groups})
             g = self.groups[gi]
             if (not self.step_on_cpu or g.device_step) and self.cuda:  # state lives on the device
-                state_to_device_(inner, lambda v: v.to(self.device))
+                state_to_device_(inner, self._to_device)
             elif g.stream_step and self.cuda:   # state streamed in each step, step counts kept on the device
-                state_to_device_(inner, lambda v: v.to(self.device), steps_only=True)
+                state_to_device_(inner, self._to_device, steps_only=True)
+
+    def _to_device(self, v: torch.Tensor) -> torch.Tensor:
+        return v.to(self.device)
 
     def stats(self) -> dict:
         """Counters: bytes copied each way, copy and stall time, resident peak, step time."""

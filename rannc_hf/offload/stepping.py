@@ -122,8 +122,7 @@ class _StepMixin:
         on_cpu = [g for g in self.blocks if not (g.device_step or g.stream_step)]
         # the GPU pipe first (its copies and kernels are queued in microseconds), so that it runs while the worker
         # steps the rest group on the CPU; RANNC_HF_OFFLOAD_REST_FIRST=1 restores the old order to compare
-        rest_first = bool(env_flag("RANNC_HF_OFFLOAD_REST_FIRST"))
-        order = [self.rest] + on_cpu + on_gpu if rest_first else on_gpu + [self.rest] + on_cpu
+        order = [self.rest] + on_cpu + on_gpu if self.rest_first else on_gpu + [self.rest] + on_cpu
         for g in order:
             gi = g.index
             inner = self._inner[gi]
