@@ -56,8 +56,13 @@ def _scheduler(args, optimizer):
 
 
 def _pin_memory(args) -> bool:
-    """Pinned batches and non-blocking copies on a GPU: a pageable copy makes the host wait for the device."""
-    return bool(getattr(args, "dataloader_pin_memory", True)) and torch.cuda.is_available()
+    """Pinned batches and non-blocking copies, on a GPU and only when asked (``--dataloader_pin_memory``).
+
+    Off by default: the DataLoader's pin-memory thread is one more Python thread beside an offload engine's step
+    worker, and on an H200 host it took the GPT recipe's CPU-stepped blocks from 14.6-18.1 ms to 28.4-29.0 (loop:
+    382-397 ms a step unpinned, 397-408 pinned; RanncTrainer 387 and 386: next72-73), while the pageable copy of a
+    batch of token ids costs nothing measurable (BERT-large: 120.5 ms pinned against 121.8)."""
+    return bool(getattr(args, "dataloader_pin_memory", False)) and torch.cuda.is_available()
 
 
 def _num_workers(args) -> int:

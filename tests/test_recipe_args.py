@@ -95,3 +95,22 @@ def test_loop_adamw_kernel_matches_the_trainers_default(monkeypatch, flags, gpu,
     if "--no-adam_fused" in flags:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)   # the arguments would pick a CUDA device
         assert _trainer_args(args).optim == "adamw_torch"
+
+
+@pytest.mark.parametrize("flags,pinned", [([], False), (["--dataloader_pin_memory"], True),
+                                          (["--no-dataloader_pin_memory"], False)])
+def test_batches_are_pinned_only_when_asked(monkeypatch, flags, pinned):
+    """Pinning is off by default (its thread slows an offload engine's CPU step); asked for, both paths pin and
+    copy without blocking."""
+    import torch
+    from common import parse_args
+    from loop import _pin_memory, _trainer_args
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = parse_args("gpt", ["--model_config", "gpt2-tiny"] + flags)
+    assert _pin_memory(args) is pinned
+    monkeypatch.setattr("loop._pin_memory", lambda a: pinned)   # the Trainer's arguments, built on the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    targs = _trainer_args(args)
+    assert targs.dataloader_pin_memory is pinned
+    assert targs.accelerator_config.non_blocking is pinned
