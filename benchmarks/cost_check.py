@@ -100,15 +100,17 @@ CASES = [
     Case("bert-recipe-24GiB-trainer", "bert-recipe", 32, 0.0955,
          "recipes_h200.json 'bert-large (Trainer, default plan)' (the same plan through RanncTrainer, next64; "
          "105.7 ms in next63 with the stock per-step NaN check)", {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_BERT),
-    Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1504,
+    Case("bert-recipe-24GiB-optimizer", "bert-recipe", 32, 0.1371,
          "recipes_h200.json 'bert-large (loop, offload optimizer, 2 collator workers)' (RANNC_HF_OFFLOAD=optimizer, "
-         "next63)", {"gpu_memory": "24GiB", "offload": "optimizer"}, unpriced_s=_CLIP_BERT),
-    Case("gpt2-recipe-24GiB-default", "gpt2-recipe", 8, 0.4551, "recipes_h200.json 'gpt2-1.3b (loop, default "
-         "plan)' (recipes/gpt/pretrain.py under rannc_1gpu_offload.yaml: offload all, 1 x 8, clipped; next71, the "
-         "current engine; 454.3 in next69, 447.1 in next70, 446.3 in next67, 575.5 in next65)", {"gpu_memory": "24GiB"},
-         unpriced_s=_CLIP_1_3B),
-    Case("gpt2-recipe-24GiB-trainer", "gpt2-recipe", 8, 0.3728, "recipes_h200.json 'gpt2-1.3b (Trainer, default "
-         "plan)' (the same plan through RanncTrainer, next71; 385.3 in next69, 382.4 in next70, 394.4 in next67)",
+         "next73, the 0.5 ms switch interval; 150.4 ms in next63)", {"gpu_memory": "24GiB", "offload": "optimizer"},
+         unpriced_s=_CLIP_BERT),
+    Case("gpt2-recipe-24GiB-default", "gpt2-recipe", 8, 0.4123, "recipes_h200.json 'gpt2-1.3b (loop, default "
+         "plan)' (recipes/gpt/pretrain.py under rannc_1gpu_offload.yaml: offload all, 1 x 8, clipped, unpinned "
+         "batches; next74; 381.8 unpinned and 397.3 pinned in next73, 396.9 and 407.8 in next72)",
+         {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_1_3B),
+    Case("gpt2-recipe-24GiB-trainer", "gpt2-recipe", 8, 0.4490, "recipes_h200.json 'gpt2-1.3b (Trainer, default "
+         "plan)' (the same plan through RanncTrainer, unpinned batches, next74, a slower host than the call "
+         "before: 387.4 in next73, 385.9 pinned in next72, 372.8 in next71)",
          {"gpu_memory": "24GiB"}, unpriced_s=_CLIP_1_3B),
     Case("gpt2-2.7b-pp2-12GiB", "gpt2-2.7b", 16, 2.295, "multi_gpu_offload_pp2_h200.json next30_off12",
          {"num_stages": 2, "gpu_memory": "12GiB"}, gpus=2),
