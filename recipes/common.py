@@ -163,8 +163,8 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
     r.add_argument("--dataloader_pin_memory", action=argparse.BooleanOptionalAction, default=False,
                    help="collate into pinned host memory and copy batches to the GPU without stopping the host "
                         "(default off: a batch of token ids is a few hundred KB, and the pin-memory thread that "
-                        "pinning adds halves the offload engine's CPU step; GPT-2 1.3B with offload on an H200: "
-                        "382-397 ms a step unpinned, 397-408 pinned)")
+                        "pinning adds doubles the time of the offload engine's CPU step; GPT-2 1.3B with offload "
+                        "on an H200: 382-397 ms a step unpinned, 397-408 pinned)")
     return p
 
 
