@@ -3,7 +3,7 @@
 # block-step counters are wall times, and an evaluation that starts while the last step's CPU-stepped blocks run
 # (it compiles its forward again) lengthened them by ~19 s once. With an evaluation every 10 steps the summary's
 # block mean should rise well above the 14.6-21.7 ms of runs without one (next73-74); if it does not, the
-# explanation is wrong. Then the same with the stats taken as they are now and the loop's default otherwise.
+# explanation is wrong. The second job, in the same call, runs without an evaluation.
 source "$(dirname "$0")/lib.sh"
 R="recipes/gpt/pretrain.py --model_config gpt2-1.3b --seq_len 1024 --per_device_batch_size 8 --rannc_config recipes/configs/rannc_1gpu_offload.yaml --log_every 10 --eval_batches 1 --no_plot --max_steps 40"
 job gpt_eval10 0 0-15 230 python3 $R --eval_every 10 --output_dir /tmp/recipes/gpt-eval10; wait
