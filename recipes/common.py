@@ -143,7 +143,8 @@ def build_parser(kind: Kind, description: Optional[str] = None) -> argparse.Argu
     r.add_argument("--trainer", action="store_true", help="run through RanncTrainer instead of the RanncAccelerator loop")
     r.add_argument("--log_every", type=int, default=10, help="steps between loss logs")
     r.add_argument("--eval_every", type=int, default=100, help="steps between validation runs (0: only at the end)")
-    r.add_argument("--eval_batches", type=int, default=10, help="validation batches per evaluation")
+    r.add_argument("--eval_batches", type=int, default=10,
+                   help="validation batches per evaluation (the first ones; per data-parallel replica in the loop)")
     r.add_argument("--save_every", type=int, default=0, help="steps between checkpoints (0: only at the end)")
     r.add_argument("--resume", default="auto",
                    help="auto: continue from the newest verified checkpoint in output_dir/checkpoints; "
@@ -181,7 +182,8 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise DataFileNotFoundError(f"--tokenizer {args.tokenizer!r} does not exist; omit it to train one")
     if args.rannc_config and not os.path.isfile(args.rannc_config):
         raise DataFileNotFoundError(f"--rannc_config {args.rannc_config!r} does not exist; see recipes/configs/rannc_*.yaml")
-    for name in ("seq_len", "per_device_batch_size", "max_steps", "gradient_accumulation_steps", "log_every"):
+    for name in ("seq_len", "per_device_batch_size", "max_steps", "gradient_accumulation_steps", "log_every",
+                 "eval_batches"):
         if getattr(args, name) < 1:
             raise DataError(f"--{name} must be >= 1, got {getattr(args, name)}")
     for name in ("profile_steps", "profile_start", "dataloader_num_workers"):

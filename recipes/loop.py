@@ -288,6 +288,14 @@ def evaluate(model, eval_dl, accelerator, max_batches: int) -> float:
     return float(torch.stack(losses).mean()) if losses else float("nan")
 
 
+def eval_subset(validation, args):
+    """The validation rows RanncTrainer evaluates: the first ``--eval_batches`` batches, as the loop's ``evaluate``
+    reads on one replica (RanncTrainer runs its whole evaluation set on every replica; the loop's replicas each
+    read their own shard, so with data parallelism the loop sees ``dp`` times as many rows)."""
+    rows = args.eval_batches * args.per_device_batch_size
+    return validation.select(range(rows)) if len(validation) > rows else validation
+
+
 def train_with_trainer(args) -> dict:
     """The same job through :class:`rannc_hf.RanncTrainer` (``--trainer``)."""
     from transformers import set_seed
@@ -306,8 +314,9 @@ def train_with_trainer(args) -> dict:
     collate = make_collator(tokenizer, "clm" if args.kind == "gpt" else "mlm", seq_len=args.seq_len, seed=args.seed)
     targs = _trainer_args(args)
     profiler = _step_profiler(args)
+    eval_data = eval_subset(data["validation"], args)
     trainer = RanncTrainer(model=model, args=targs, train_dataset=data["train"],
-                           eval_dataset=data["validation"], data_collator=collate, processing_class=tokenizer,
+                           eval_dataset=eval_data, data_collator=collate, processing_class=tokenizer,
                            callbacks=[profiler] if profiler is not None else None)
     trainer.train()
     metrics = trainer.evaluate()
@@ -318,7 +327,8 @@ def train_with_trainer(args) -> dict:
             json.dump(history, f, indent=1)
         if not args.no_plot:
             plot_loss_curve(history, os.path.join(args.output_dir, "loss.png"))
-        print(f"final eval_loss {metrics.get('eval_loss', float('nan')):.4f}; checkpoint: {args.output_dir}")
+        print(f"final eval_loss {metrics.get('eval_loss', float('nan')):.4f} over {len(eval_data)} validation "
+              f"sequences; checkpoint: {args.output_dir}")
     return {"history": history}
 
 

@@ -64,6 +64,18 @@ def test_trainer_path_with_workers_and_profile(tmp_path):
     assert len(losses) == 3 and losses[-1] < losses[0], losses
     assert "over 2 training step(s), 3..4" in (out / "profile" / "steps_3-4.txt").read_text()
     assert (out / "profile" / "steps_3-4.json.gz").exists()
+    from common import parse_args
+    rows = 4 * parse_args("gpt", []).per_device_batch_size   # --eval_batches 4, as the loop reads them
+    assert f"over {rows} validation sequences" in proc.stdout, proc.stdout[-2000:]
+
+
+def test_eval_batches_below_one_is_refused():
+    from common import parse_args
+
+    from rannc_hf.data.pipeline import DataError
+
+    with pytest.raises(DataError, match="--eval_batches must be >= 1, got 0"):
+        parse_args("gpt", ["--eval_batches", "0"])
 
 
 @pytest.mark.parametrize("flag", ["--profile_steps", "--profile_start", "--dataloader_num_workers"])
