@@ -248,8 +248,9 @@ def train(args) -> dict:
     bar.close()
     if profiler is not None:
         profiler.on_train_end(targs, None, None)   # the run ended inside the profiled window: keep what was traced
-    # the summary covers training, as RanncTrainer's does (its evaluation comes after): the final evaluation's
-    # block fetches (GPT-2 1.3B, 4 batches: 10.6 GB) had been counted in the offload means
+    # the summary covers training, as RanncTrainer's does (its evaluation comes after): taken after the final
+    # evaluation it counted that evaluation's block fetches, and the wall time of the last step's CPU-stepped blocks
+    # while the evaluation started (GPT-2 1.3B on an H200: 79 ms a block instead of 34; docs/offload.md)
     stats.finish(targs, SimpleNamespace(global_step=step, is_world_process_zero=accelerator.is_main_process))
     final_eval = evaluate(model, eval_dl, accelerator, args.eval_batches)
     history.append({"step": step, "eval_loss": final_eval})

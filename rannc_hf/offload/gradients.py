@@ -309,7 +309,8 @@ class _GradientMixin:
     def _note_worker_task(self, t0: float, t1: float) -> None:
         """Count a step-worker task that ran from ``t0`` to ``t1`` (perf_counter): its time, the thread that ran it,
         and any overlap with tasks that finished before it, which one worker thread cannot have (a check on the
-        counters themselves: the GPT recipe's loop reported more worker time than wall time)."""
+        counters themselves: the GPT recipe's loop once reported more worker time than wall time, because its
+        summary was taken after an evaluation that lengthened the last step's block steps)."""
         self._worker_idents.add(threading.get_ident())
         if t0 < self._last_task_end:
             self._stats["worker_overlap_s"] += min(t1, self._last_task_end) - t0
